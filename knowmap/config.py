@@ -38,7 +38,8 @@ class ScienceWorldConfig(_Section):
     split: Literal["train", "dev", "test"] = "train"
     step_limit: int = Field(default=100, ge=1, le=10_000)
     simplifications: str = Field(default="", description="comma-separated, e.g. 'easy' or 'openDoors,openContainers'")
-    java_heap: str = Field(default="512m", pattern=r"^\d+[mMgG]$", description="JVM -Xmx; the heap grows to 2.5 GB uncapped")
+    java_heap: str = Field(default="512m", pattern=r"^\d+[mMgG]$",
+                           description="JVM -Xmx; the heap grows to 2.5 GB uncapped")
 
     @field_validator("simplifications")
     @classmethod

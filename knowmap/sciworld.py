@@ -6,6 +6,7 @@ needed (expert replay) :meth:`ScienceWorld.step` takes the cheap path (``env.ser
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -81,10 +82,8 @@ class ScienceWorld:
         if self._closed:
             return
         self._closed = True
-        try:
+        with contextlib.suppress(Exception):  # the JVM may already be gone; nothing is left to release
             self._env.close()
-        except Exception:  # noqa: BLE001 - the JVM may already be gone; nothing is left to release
-            pass
 
     def __enter__(self) -> ScienceWorld:
         return self
@@ -146,10 +145,13 @@ class ScienceWorld:
         """Back to the first move; step 0 is the ``look around`` of the reset."""
         self._require_loaded()
         self._env.server.reset()
-        self._env.lastStepScore = 0
         self._step = 0
-        obs = str(self._env.server.freeActionLook())
-        return StepRecord(step=0, action="look around", observation=obs, score=self._score(), look=obs,
+        # As ScienceWorld's own reset does: a real "look around" step, which also recomputes the score (the
+        # score read before any step is stale, e.g. 100 after gold-path generation).
+        obs = str(self._env.server.step("look around"))
+        score = self._score()
+        self._env.lastStepScore = score
+        return StepRecord(step=0, action="look around", observation=obs, score=score, look=obs,
                           inventory=str(self._env.server.freeActionInventory()))
 
     @property

@@ -1,0 +1,160 @@
+"""Build both knowledge bases from expert (gold) trajectories, in one process.
+
+For every (task, variation) of the configured split: replay the gold path in ScienceWorld, ingest every step's
+observation into a fresh :class:`EnvironmentKB` (one per episode, snapshotted under ``<data_dir>/env_kb``),
+segment the trajectory into sub-goals, and add it to the :class:`ExperienceKB` (Milvus). The Ray layer runs the
+same steps through a pool of actors; this is the single-process path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from knowmap.config import KnowMapConfig
+from knowmap.environment_kb import EnvironmentKB
+from knowmap.schemas import Split, Subgoal, Trajectory
+from knowmap.sciworld import ScienceWorld
+from knowmap.segmentation import SubgoalSegmenter
+
+
+class EpisodeSpec(BaseModel):
+    """One episode to play: which task and variation of which split."""
+
+    task: str
+    variation: int = Field(ge=0)
+    split: Split = "train"
+
+
+class EpisodeSummary(BaseModel):
+    episode_id: str
+    task: str
+    variation: int
+    steps: int
+    final_score: float
+    facts: int
+    current_facts: int
+    subgoals: int
+    seconds: float
+
+
+class BuildSummary(BaseModel):
+    """What ``build-kb`` did: counts, and where it stored the KBs."""
+
+    episodes: int = 0
+    steps: int = 0
+    facts: int = 0
+    subgoals: int = 0
+    env_kb_dir: str = ""
+    experience_store: str = ""
+    experience_collection: str = ""
+    experience_rows: int = 0
+    seconds: float = 0.0
+    per_episode: list[EpisodeSummary] = Field(default_factory=list)
+
+
+def resolve_tasks(tasks: list[str], env: ScienceWorld) -> list[str]:
+    """``["all"]`` means all 30 ScienceWorld tasks; otherwise each name is checked against ScienceWorld."""
+    if [t.strip() for t in tasks] == ["all"]:
+        return env.task_names
+    return [env.check_task(t.strip()) for t in tasks if t.strip()]
+
+
+def episode_specs(config: KnowMapConfig, env: ScienceWorld) -> list[EpisodeSpec]:
+    """The first ``variations`` variations of the split for each configured task."""
+    sw = config.scienceworld
+    specs = []
+    for task in resolve_tasks(sw.tasks, env):
+        for variation in env.variations(task, sw.split)[: sw.variations]:
+            specs.append(EpisodeSpec(task=task, variation=variation, split=sw.split))
+    return specs
+
+
+def build_env_kb(trajectory: Trajectory, extractor: object | None = None) -> EnvironmentKB:
+    """A fresh env KB with every step of ``trajectory`` ingested, in order."""
+    kb = EnvironmentKB(trajectory.episode_id, extractor=extractor)
+    for record in trajectory.steps:
+        kb.ingest(record.as_observation())
+    return kb
+
+
+def process_trajectory(trajectory: Trajectory, env_kb_dir: Path,
+                       segmenter: SubgoalSegmenter) -> tuple[EnvironmentKB, list[Subgoal]]:
+    """Env KB (snapshotted to ``env_kb_dir``) and sub-goals of one finished trajectory."""
+    kb = build_env_kb(trajectory)
+    kb.save(env_kb_dir / f"{trajectory.episode_id}.json")
+    return kb, segmenter.segment(trajectory, kb)
+
+
+@contextmanager
+def open_experience_kb(config: KnowMapConfig) -> Iterator[object]:
+    """The experiential KB of ``config``: its Milvus store opened, closed (and its file lock released) after."""
+    from knowmap.embedder import Embedder
+    from knowmap.experience_kb import ExperienceKB
+    from knowmap.vectorstore import VectorStore
+
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = VectorStore(config.store_uri, token=config.store.token, flat_max_rows=config.store.flat_max_rows,
+                        hnsw_m=config.store.hnsw_m, hnsw_ef_construction=config.store.hnsw_ef_construction,
+                        hnsw_ef=config.store.hnsw_ef)
+    try:
+        embedder = Embedder(config.models.embedder, device=config.models.device,
+                            batch_size=config.models.batch_size)
+        yield ExperienceKB(store, embedder, collection_prefix=config.store.collection_prefix)
+    finally:
+        store.close()
+
+
+def build_knowledge_bases(
+    config: KnowMapConfig,
+    on_episode: Callable[[EpisodeSummary, int, int], None] | None = None,
+) -> BuildSummary:
+    """Replay gold paths for the configured tasks and variations and build both KBs.
+
+    Args:
+        config: tasks, variations and split under ``config.scienceworld``; the data dir and store.
+        on_episode: called after each episode with its summary, its 1-based number and the total (progress).
+
+    Returns:
+        counts of episodes, steps, facts and sub-goals, and where the KBs are stored.
+
+    Raises:
+        UnknownTaskError, VariationOutOfRangeError: a task or variation is not valid for the split.
+    """
+    started = time.perf_counter()
+    sw = config.scienceworld
+    env_kb_dir = config.data_dir / "env_kb"
+    env_kb_dir.mkdir(parents=True, exist_ok=True)
+    segmenter = SubgoalSegmenter()
+    summary = BuildSummary(env_kb_dir=str(env_kb_dir), experience_store=config.store_uri)
+    with ScienceWorld(step_limit=sw.step_limit, simplifications=sw.simplifications,
+                      java_heap=sw.java_heap) as env, open_experience_kb(config) as experience:
+        specs = episode_specs(config, env)  # validates every task before any work is done
+        for number, spec in enumerate(specs, start=1):
+            t0 = time.perf_counter()
+            trajectory = env.play_gold(spec.task, spec.variation, spec.split, look=True)
+            kb, subgoals = process_trajectory(trajectory, env_kb_dir, segmenter)
+            experience.add_trajectory(trajectory, subgoals)
+            episode = EpisodeSummary(
+                episode_id=trajectory.episode_id, task=spec.task, variation=spec.variation,
+                steps=len(trajectory.steps) - 1, final_score=trajectory.final_score, facts=len(kb),
+                current_facts=len(kb.current()), subgoals=len(subgoals), seconds=time.perf_counter() - t0,
+            )
+            summary.per_episode.append(episode)
+            summary.episodes += 1
+            summary.steps += episode.steps
+            summary.facts += episode.facts
+            summary.subgoals += episode.subgoals
+            (env_kb_dir / f"{trajectory.episode_id}.trajectory.json").write_text(trajectory.model_dump_json())
+            if on_episode is not None:
+                on_episode(episode, number, len(specs))
+        summary.experience_collection = experience.collection
+        summary.experience_rows = experience.count()
+    summary.seconds = time.perf_counter() - started
+    (config.data_dir / "build_summary.json").write_text(json.dumps(summary.model_dump(mode="json"), indent=2))
+    return summary
