@@ -1,0 +1,40 @@
+# The two commands of the README. Both work on a fresh machine: they create .venv, install, then run.
+#   make run   - set up and run the main job on embedded defaults (no keys, no network)
+#   make test  - set up and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test setup java lint bench clean
+
+run: setup
+	$(BIN)/knowmap build-kb
+
+test: setup
+	$(BIN)/python -m pytest
+
+setup: $(STAMP) java
+
+# torch is pinned and installed first: an unpinned torch would pull several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# ScienceWorld runs a JVM; install Java only where it is missing.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+	  echo "java not found: installing openjdk-17-jre-headless with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; }
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/extraction_coverage.py
+
+clean:
+	rm -rf $(VENV) knowmap-data .pytest_cache
