@@ -8,6 +8,7 @@ same steps through a pool of actors; this is the single-process path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -18,17 +19,10 @@ from pydantic import BaseModel, Field
 
 from knowmap.config import KnowMapConfig
 from knowmap.environment_kb import EnvironmentKB
-from knowmap.schemas import Split, Subgoal, Trajectory
+from knowmap.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.schemas import Subgoal, Trajectory
 from knowmap.sciworld import ScienceWorld
 from knowmap.segmentation import SubgoalSegmenter
-
-
-class EpisodeSpec(BaseModel):
-    """One episode to play: which task and variation of which split."""
-
-    task: str
-    variation: int = Field(ge=0)
-    split: Split = "train"
 
 
 class EpisodeSummary(BaseModel):
@@ -132,29 +126,30 @@ def build_knowledge_bases(
     env_kb_dir.mkdir(parents=True, exist_ok=True)
     segmenter = SubgoalSegmenter()
     summary = BuildSummary(env_kb_dir=str(env_kb_dir), experience_store=config.store_uri)
-    with ScienceWorld(step_limit=sw.step_limit, simplifications=sw.simplifications,
-                      java_heap=sw.java_heap) as env, open_experience_kb(config) as experience:
-        specs = episode_specs(config, env)  # validates every task before any work is done
-        for number, spec in enumerate(specs, start=1):
-            t0 = time.perf_counter()
-            trajectory = env.play_gold(spec.task, spec.variation, spec.split, look=True)
-            kb, subgoals = process_trajectory(trajectory, env_kb_dir, segmenter)
-            experience.add_trajectory(trajectory, subgoals)
-            episode = EpisodeSummary(
-                episode_id=trajectory.episode_id, task=spec.task, variation=spec.variation,
-                steps=len(trajectory.steps) - 1, final_score=trajectory.final_score, facts=len(kb),
-                current_facts=len(kb.current()), subgoals=len(subgoals), seconds=time.perf_counter() - t0,
-            )
-            summary.per_episode.append(episode)
-            summary.episodes += 1
-            summary.steps += episode.steps
-            summary.facts += episode.facts
-            summary.subgoals += episode.subgoals
-            (env_kb_dir / f"{trajectory.episode_id}.trajectory.json").write_text(trajectory.model_dump_json())
-            if on_episode is not None:
-                on_episode(episode, number, len(specs))
-        summary.experience_collection = experience.collection
-        summary.experience_rows = experience.count()
+    runner = EpisodeRunner(step_limit=sw.step_limit, simplifications=sw.simplifications, java_heap=sw.java_heap)
+    with contextlib.closing(runner):
+        specs = episode_specs(config, runner.env)  # validates every task before any work is done
+        with open_experience_kb(config) as experience:
+            for number, spec in enumerate(specs, start=1):
+                t0 = time.perf_counter()
+                trajectory = runner.run(spec)
+                kb, subgoals = process_trajectory(trajectory, env_kb_dir, segmenter)
+                experience.add_trajectory(trajectory, subgoals)
+                episode = EpisodeSummary(
+                    episode_id=trajectory.episode_id, task=spec.task, variation=spec.variation,
+                    steps=len(trajectory.steps) - 1, final_score=trajectory.final_score, facts=len(kb),
+                    current_facts=len(kb.current()), subgoals=len(subgoals), seconds=time.perf_counter() - t0,
+                )
+                summary.per_episode.append(episode)
+                summary.episodes += 1
+                summary.steps += episode.steps
+                summary.facts += episode.facts
+                summary.subgoals += episode.subgoals
+                (env_kb_dir / f"{trajectory.episode_id}.trajectory.json").write_text(trajectory.model_dump_json())
+                if on_episode is not None:
+                    on_episode(episode, number, len(specs))
+            summary.experience_collection = experience.collection
+            summary.experience_rows = experience.count()
     summary.seconds = time.perf_counter() - started
     (config.data_dir / "build_summary.json").write_text(json.dumps(summary.model_dump(mode="json"), indent=2))
     return summary

@@ -35,7 +35,7 @@ def _java_options(java_heap: str) -> Iterator[None]:
                 os.environ["JAVA_TOOL_OPTIONS"] = old
 
 
-def episode_id(task: str, variation: int, split: str, source: str = "expert", policy: str = "gold",
+def episode_id(task: str, variation: int, split: str, source: str = "expert", policy: str = "expert",
                seed: int = 0) -> str:
     """The stable id of an episode: the same spec always gives the same id (retries stay idempotent)."""
     return f"{task}-{split}-{variation}-{source}-{policy}-{seed}-" + stable_id(task, variation, split, source,
