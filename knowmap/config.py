@@ -89,6 +89,12 @@ class RayConfig(_Section):
     num_workers: int = Field(default=0, ge=0, description="rollout actors; 0 = number of cores")
     num_cpus_per_agent: float = Field(default=1.0, gt=0)
     max_restarts: int = Field(default=3, ge=-1)
+    max_task_retries: int = Field(default=3, ge=-1, description="retries of a call whose actor died; -1 = until "
+                                  "max_restarts runs out (only for actors whose calls are safe to repeat)")
+    env_kb_num_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved per env-KB actor; 0 so that the "
+                                   "many light env KBs never wait for cores the agent actors hold")
+    env_kb_snapshot_every: int = Field(default=200, ge=1, description="env-KB writes between snapshots; at most "
+                                       "this many logged writes are replayed when an env KB reopens")
     max_episode_retries: int = Field(default=2, ge=0)
 
 
