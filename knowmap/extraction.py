@@ -6,8 +6,10 @@ an :class:`~knowmap.schemas.Observation`: the action's feedback (with the action
 leaves out, e.g. what a thermometer was used on), the ``look around`` and the inventory.
 
 Names are entity names: lower-case, without articles, ``a substance called water`` -> ``water``,
-``liquid chocolate`` -> ``chocolate`` (its state becomes a ``state_of_matter`` fact). Inverse facts are not
-emitted: a look-around gives (kitchen, contains, sink), never (sink, location, kitchen); the KB derives those.
+``liquid chocolate`` -> ``chocolate`` (its state becomes a ``state_of_matter`` fact). Power states are
+``activated`` or ``deactivated``, whichever word ScienceWorld used ("turned on", "on", "activated"). Inverse
+facts are not emitted: a look-around gives (kitchen, contains, sink), never (sink, location, kitchen); the KB
+derives those.
 
 ``Extraction.full_sets`` lists the set-valued keys whose *whole* set was observed (a listed container, a room's
 doors, an emptied cup), so the KB may replace that set; a key there with no triples is an observed empty set.
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from knowmap.extraction_patterns import (
     AGENT,
     DOOR,
+    POWER_STATES,
     FactSink,
     clean_name,
     describe,
@@ -138,8 +141,10 @@ def _feedback(text: str, action: str, sink: FactSink) -> None:
         if name == "door" and (door := _ACTION_DOOR.match(action)):
             name = clean_name(door.group(1))
         state = m.group(2)
-        relation = Relation.OPEN_STATE if state in ("open", "closed") else Relation.POWER_STATE
-        sink.add(name, relation, state)
+        if state in ("open", "closed"):
+            sink.add(name, Relation.OPEN_STATE, state)
+        else:
+            sink.add(name, Relation.POWER_STATE, POWER_STATES[state])
     elif kind == "focus":
         sink.add(AGENT, Relation.FOCUS, entity(m.group(1), sink))
     elif kind == "measure":

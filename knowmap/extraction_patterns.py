@@ -161,8 +161,11 @@ _NAME_END = re.compile(
     r"| \(on fire\)|\.(?:\s|$)| ?its (?:anode|cathode|terminal \d+) is connected to: "
 )
 _S = r"\.?\s*"  # a clause that is a new sentence may or may not follow the previous one's period
-_POWER = {"turned on": "on", "turned off": "off", "on": "on", "off": "off", "activated": "activated",
-          "deactivated": "deactivated"}
+# One word per power state: looks say "turned on" (sink), "on" (light bulb) or "activated" (stopwatch) while the
+# feedback of the same step says "The sink is now activated."; mixed words would make the KB record a change
+# at every step. The canonical words are the actions' own (activate, deactivate).
+POWER_STATES = {"turned on": "activated", "turned off": "deactivated", "on": "activated", "off": "deactivated",
+                "activated": "activated", "deactivated": "deactivated"}
 _CLAUSES: list[tuple[str, re.Pattern[str]]] = [
     ("containing", re.compile(r" \(containing ")),
     ("which", re.compile(r", which is (turned on|turned off|on|off|activated|deactivated|open|closed|flushing)")),
@@ -222,7 +225,7 @@ def describe(text: str, sink: FactSink) -> str:
             elif state == "flushing":
                 sink.add(name, Relation.PROPERTY, "flushing")
             else:
-                sink.add(name, Relation.POWER_STATE, _POWER[state])
+                sink.add(name, Relation.POWER_STATE, POWER_STATES[state])
         elif kind == "reading":
             sink.add(name, Relation.READING, m.group(1))
         elif kind == "ticks":
