@@ -172,7 +172,7 @@ class ScienceWorld:
 
         Args:
             valid_actions: also build the list of valid actions (costly: ~53 ms on this CPU).
-            look: also record a free ``look around`` of the room after the step.
+            look: also record a free ``look around`` of the room and the inventory after the step.
         """
         self._require_loaded()
         obs = str(self._env.server.step(action))
@@ -190,6 +190,7 @@ class ScienceWorld:
             reward=reward,
             done=done,
             look=str(self._env.server.freeActionLook()) if look else None,
+            inventory=str(self._env.server.freeActionInventory()) if look else None,
             valid_actions=list(self._env.get_valid_action_object_combinations()) if valid_actions else None,
         )
 

@@ -1,4 +1,8 @@
-"""Fixtures for the Ray tier: one small local Ray for the whole session (starting one takes seconds)."""
+"""Fixtures for the Ray tier: one small local Ray, started on first use and shut down at the session's end.
+
+A module may stop it to start a multi-node ``ray.cluster_utils.Cluster`` of its own; the next test that asks for
+``ray_local`` starts a local Ray again.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,23 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local() -> Iterator[None]:
-    """A local Ray with 2 CPUs and no dashboard, started once per session and shut down at its end.
+    """A local Ray with 2 CPUs and no dashboard (started once, reused by every later test).
 
-    Tests that use it isolate their named actors with their own namespace (see ``ray_config`` fixtures).
+    Tests that use it isolate their named actors with their own namespace (see ``make_config``).
     """
     import ray
 
-    if ray.is_initialized():  # started by the caller (e.g. a debugging session): leave it to them
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        yield
-    finally:
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shutdown_ray_at_end() -> Iterator[None]:
+    yield
+    import ray
+
+    if ray.is_initialized():
         ray.shutdown()

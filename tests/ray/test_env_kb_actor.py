@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb, list_env_kbs, retire_env_kb
 from ray.exceptions import RayActorError
 
+from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb, list_env_kbs, retire_env_kb
 from knowmap.build import build_env_kb
 from knowmap.config import KnowMapConfig
 from knowmap.durable_kb import InvalidEnvIdError
