@@ -322,7 +322,7 @@ class VectorStore:
                     return self._exact_search(name, queries, k, expr)
                 ef = min(ef, _GRAPH_EF_MAX)
         results = self._search(name, queries, k, expr, ef=ef)
-        short = [i for i, hits in enumerate(results) if len(hits) < k]
+        short, want = [i for i, hits in enumerate(results) if len(hits) < k], k
         if short:  # the graph walk missed matching rows, or they are fewer than k
             want = min(k, self._count(name, expr))
             short = [i for i in short if len(results[i]) < want]

@@ -2,7 +2,8 @@
 
 The two acceptance proofs: recall@10 against exact NumPy search is >= 0.99 in both index regimes (FLAT, and HNSW
 forced by a small ``flat_max_rows``), and a filtered search returns exactly ``min(k, matching rows)`` hits, both for
-a filter that matches a handful of rows (where plain HNSW comes back short) and for one that matches many.
+a filter that matches a handful of rows (where plain HNSW comes back short; the store scores them exactly) and for
+one that matches many (HNSW with ef widened by the filter's selectivity).
 """
 
 from __future__ import annotations
