@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from knowmap.config import KnowMapConfig
 from knowmap.durable_kb import DurableEnvironmentKB, list_env_kbs, validate_env_id
@@ -30,8 +31,8 @@ from knowmap.environment_kb import Encoder
 from knowmap.errors import KnowMapError
 from knowmap.schemas import Observation, Trajectory, Triple
 
-__all__ = ["EnvKBActor", "actor_name", "env_kb_directory", "get_or_create_env_kb", "list_env_kbs",
-           "retire_env_kb"]
+__all__ = ["EnvKBActor", "actor_name", "create_env_kb_slot", "env_kb_directory", "get_or_create_env_kb",
+           "list_env_kbs", "retire_env_kb"]
 
 
 class EnvKBActor:
@@ -44,7 +45,21 @@ class EnvKBActor:
     """
 
     def __init__(self, env_id: str, directory: str, snapshot_every: int = 200) -> None:
+        self._directory, self._snapshot_every = directory, snapshot_every
         self._kb = DurableEnvironmentKB(env_id, directory, snapshot_every=snapshot_every)
+
+    @ray.method(max_task_retries=0)
+    def switch(self, env_id: str) -> None:
+        """Close (snapshot) the KB this actor holds and open the one of ``env_id`` (a no-op if already open).
+
+        A rollout slot's env-KB actor (:func:`create_env_kb_slot`) serves one episode after another this way,
+        instead of paying for a new worker process per episode (~0.5 s of CPU each, measured).
+        """
+        validate_env_id(env_id)
+        if self._kb.env_id == env_id and not self._kb.stats()["closed"]:
+            return
+        self._kb.close()
+        self._kb = DurableEnvironmentKB(env_id, self._directory, snapshot_every=self._snapshot_every)
 
     @ray.method(max_task_retries=0)  # writes are resent in order by the writer (see the module docstring)
     def ingest(self, observation: Observation | Mapping[str, Any]) -> int:
@@ -127,6 +142,20 @@ def get_or_create_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any])
                    max_task_retries=config.ray.max_task_retries, max_concurrency=1)
     return ray.remote(EnvKBActor).options(**options).remote(
         env_id, str(env_kb_directory(config)), config.ray.env_kb_snapshot_every)
+
+
+def create_env_kb_slot(env_id: str, config: KnowMapConfig) -> ray.actor.ActorHandle:
+    """An unnamed env-KB actor owned by the calling actor (a rollout agent), holding ``env_id`` first.
+
+    It shares its owner's fate and moves from episode to episode with :meth:`EnvKBActor.switch`; while an
+    episode runs, its KB is held (locked) here, and afterwards :func:`get_or_create_env_kb` serves it by id.
+    """
+    _require_ray()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(EnvKBActor).options(
+        num_cpus=config.ray.env_kb_num_cpus, max_restarts=config.ray.max_restarts, scheduling_strategy=here,
+        max_task_retries=config.ray.max_task_retries, max_concurrency=1,
+    ).remote(validate_env_id(env_id), str(env_kb_directory(config)), config.ray.env_kb_snapshot_every)
 
 
 def retire_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any],

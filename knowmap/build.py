@@ -151,5 +151,10 @@ def build_knowledge_bases(
             summary.experience_collection = experience.collection
             summary.experience_rows = experience.count()
     summary.seconds = time.perf_counter() - started
+    return write_summary(config, summary)
+
+
+def write_summary(config: KnowMapConfig, summary: BuildSummary) -> BuildSummary:
+    """Write ``<data_dir>/build_summary.json`` and return the summary."""
     (config.data_dir / "build_summary.json").write_text(json.dumps(summary.model_dump(mode="json"), indent=2))
     return summary

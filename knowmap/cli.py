@@ -42,13 +42,14 @@ def build_kb(
     tasks: Annotated[str | None, typer.Option(help="Comma-separated ScienceWorld tasks, or 'all' for all 30.")] = None,
     variations: Annotated[int | None, typer.Option(min=1, help="Variations per task, from the split's start.")] = None,
     split: Annotated[str | None, typer.Option(help="train, dev or test (build KBs from train).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Agent actors in the Ray rollout pool; default ray.num_workers or the number of cores; "
+                    "0 = no Ray, one env in this process.")] = None,
     config_file: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """Replay gold trajectories and build one env KB per episode and the experiential KB."""
     from tqdm import tqdm
-
-    from knowmap.build import build_knowledge_bases
 
     sw: dict[str, Any] = {}
     if tasks is not None:
@@ -67,7 +68,12 @@ def build_kb(
         bar.update(1)
 
     try:
-        summary = build_knowledge_bases(config, on_episode=progress)
+        if workers == 0:
+            from knowmap.build import build_knowledge_bases
+
+            summary = build_knowledge_bases(config, on_episode=progress)
+        else:
+            summary = _build_on_ray(config, workers, progress)
     finally:
         bar.close()
     typer.echo(f"episodes   {summary.episodes}")
@@ -78,6 +84,22 @@ def build_kb(
     typer.echo(f"experience {summary.experience_store}  collection {summary.experience_collection} "
                f"({summary.experience_rows} rows)")
     typer.echo(f"summary    {config.data_dir / 'build_summary.json'}  ({summary.seconds:.1f} s)")
+
+
+def _build_on_ray(config: KnowMapConfig, workers: int | None, progress: Any) -> Any:
+    import ray
+
+    from knowmap.actors.experience import release_experience_kb
+    from knowmap.actors.runtime import build_with_pool
+
+    local = not config.ray.address
+    try:
+        return build_with_pool(config, workers, on_episode=progress)
+    finally:
+        if local and ray.is_initialized():
+            # A local Ray ends with this command: release the Milvus Lite file and stop the cluster.
+            release_experience_kb(config)
+            ray.shutdown()
 
 
 @app.command("config")

@@ -112,6 +112,12 @@ class KnowMapConfig(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # Absolute, so that actors (whose working directory may differ) write to the same place.
+        return value.expanduser().absolute()
+
     @classmethod
     def settings_customise_sources(
         cls,

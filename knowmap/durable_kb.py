@@ -117,6 +117,7 @@ class DurableEnvironmentKB:
         self.directory = Path(directory) / env_id
         self._extractor = extractor
         self._closed = False
+        self._ingest_seconds = 0.0  # time spent in ingest() since this KB was opened (for benchmarks)
         self._broken = ""  # set when memory and log may disagree; writes are refused until reopened
         self.directory.mkdir(parents=True, exist_ok=True)
         _fsync_dir(self.directory.parent)
@@ -144,15 +145,19 @@ class DurableEnvironmentKB:
             KnowMapError: the observation is malformed, its step is earlier than the last ingested step, or
                 the KB is closed.
         """
-        self._check_writable()
-        obs = _validated(Observation, observation, "observation")
-        record = {"op": "observation", "observation": obs.model_dump(mode="json")}
-        if self._is_retry(record):
-            return 0
-        self._check_step(obs.step)
-        extraction = self._extract(obs)
-        full_sets = _full_sets(extraction.full_sets)
-        return self._write(record, lambda: self._kb.ingest_triples(obs.step, extraction.triples, full_sets))
+        started = time.perf_counter()
+        try:
+            self._check_writable()
+            obs = _validated(Observation, observation, "observation")
+            record = {"op": "observation", "observation": obs.model_dump(mode="json")}
+            if self._is_retry(record):
+                return 0
+            self._check_step(obs.step)
+            extraction = self._extract(obs)
+            full_sets = _full_sets(extraction.full_sets)
+            return self._write(record, lambda: self._kb.ingest_triples(obs.step, extraction.triples, full_sets))
+        finally:
+            self._ingest_seconds += time.perf_counter() - started
 
     def ingest_triples(self, step: int, triples: Sequence[Triple | Mapping[str, Any]],
                        full_sets: Iterable[Sequence[str]] = ()) -> int:
@@ -292,7 +297,8 @@ class DurableEnvironmentKB:
         return {"env_id": self.env_id, "directory": str(self.directory), "facts": len(self._kb),
                 "current_facts": len(self._kb.current()), "last_step": self._kb.last_step, "seq": self._seq,
                 "snapshot_seq": self._snapshot_seq, "writes_since_snapshot": self._since_snapshot,
-                "snapshot_every": self.snapshot_every, "closed": self._closed}
+                "snapshot_every": self.snapshot_every, "closed": self._closed,
+                "ingest_seconds": self._ingest_seconds}
 
     # -- internals -------------------------------------------------------------------------------------------
     @property

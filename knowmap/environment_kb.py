@@ -89,6 +89,9 @@ class EnvironmentKB:
         self.last_step = step
         changes = 0
         triples = list(triples)
+        observed: dict[tuple[str, Relation], set[str]] = {}
+        for t in triples:
+            observed.setdefault(t.key, set()).add(t.object)
         for subject, relation in full_sets:
             relation = Relation(relation)
             if CARDINALITY[relation] is not Cardinality.SET:
@@ -96,7 +99,7 @@ class EnvironmentKB:
                 raise KnowMapError(f"full set given for single-valued relation {relation.value!r}; "
                                    f"set-valued relations: {allowed}")
             key = (subject.strip().lower(), relation)
-            keep = {t.object for t in triples if t.key == key}
+            keep = observed.get(key, set())
             for obj in list(self._open.get(key, {})):
                 if obj not in keep:
                     changes += self._close(key, obj, step)

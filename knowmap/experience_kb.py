@@ -204,9 +204,7 @@ def _item(hit: Hit) -> KnowledgeItem:
                           score_after=goal.get("score_after"))
     else:
         provenance.update(final_score=meta.get("final_score"))
-    # KnowledgeItem.kind knows env facts and sub-goals; a trajectory summary is experiential knowledge too, so it
-    # travels as "subgoal" with its row kind in provenance["kind"].
-    return KnowledgeItem(id=hit.id, kind="subgoal", text=hit.text, score=hit.score, provenance=provenance)
+    return KnowledgeItem(id=hit.id, kind=hit.kind, text=hit.text, score=hit.score, provenance=provenance)
 
 
 def _clip(text: str) -> str:

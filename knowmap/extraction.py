@@ -17,6 +17,7 @@ doors, an emptied cup), so the KB may replace that set; a key there with no trip
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Protocol, runtime_checkable
 
@@ -182,8 +183,19 @@ class RuleBasedExtractor:
         for extra in (observation.look, observation.inventory):
             if extra and extra.strip() not in seen:
                 seen.add(extra.strip())
-                listing(extra, sink)
+                triples, full_sets = _listing_facts(extra)
+                sink.triples.update(dict.fromkeys(triples))
+                sink.full_sets.update(dict.fromkeys(full_sets))
         return Extraction(triples=list(sink.triples), full_sets=list(sink.full_sets))
+
+
+@functools.lru_cache(maxsize=1024)
+def _listing_facts(text: str) -> tuple[tuple[Triple, ...], tuple[tuple[str, Relation], ...]]:
+    """A listing's facts, cached: an agent sees the same room and inventory text step after step, and parsing a
+    room is most of an ingest's cost. Pure in ``text``; triples are frozen, so sharing them is safe."""
+    sink = FactSink()
+    listing(text, sink)
+    return tuple(sink.triples), tuple(sink.full_sets)
 
 
 # -- per-line coverage (for the benchmark) --------------------------------------------------------------------------

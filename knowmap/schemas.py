@@ -214,13 +214,17 @@ class Subgoal(BaseModel):
         """The text that is embedded for retrieval: description, actions and the facts it relied on."""
         parts = [self.description, "Actions: " + "; ".join(self.actions)]
         if self.facts:
-            parts.append("Facts: " + "; ".join(f.text() for f in self.facts))
+            # The first facts only: the embedder reads 256 tokens, and a room's full contents would crowd out
+            # the actions (and cost embedding time) without helping retrieval.
+            parts.append("Facts: " + "; ".join(f.text() for f in self.facts[:MAX_TEXT_FACTS]))
         if self.reflection:
             parts.append("Reflection: " + self.reflection)
         return "\n".join(parts)
 
 
-KnowledgeKind = Literal["env_fact", "subgoal"]
+MAX_TEXT_FACTS = 12
+
+KnowledgeKind = Literal["env_fact", "subgoal", "trajectory"]
 
 
 class KnowledgeItem(BaseModel):

@@ -124,7 +124,9 @@ class SubgoalSegmenter:
                         objects.append(name)
             facts: list[Triple] = []
             if env_kb is not None and objects:
-                facts = [f.triple() for f in env_kb.about(objects, step=seg[-1].step)]
+                about = env_kb.about(objects, step=seg[-1].step)
+                # Facts about the touched objects themselves first, then those that merely mention them.
+                facts = [f.triple() for f in sorted(about, key=lambda f: f.subject not in objects)]
             before, after = steps[first - 1].score, seg[-1].score
             description, reflection = self.writer.write(trajectory.task_description, seg, objects, facts,
                                                         before, after)

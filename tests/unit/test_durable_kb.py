@@ -13,8 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from knowmap.actors.env_kb import EnvKBActor
 
+from knowmap.actors.env_kb import EnvKBActor
 from knowmap.build import build_env_kb
 from knowmap.durable_kb import (
     DurableEnvironmentKB,

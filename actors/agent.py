@@ -1,0 +1,111 @@
+"""The agent actor: one ScienceWorld env (one JVM) and a policy, streaming what it sees into the KBs.
+
+:class:`AgentWorker` is a plain class (it runs in-process in tests and with zero workers); the pool applies
+``ray.remote`` with options from config. Each step's observation goes to the episode's env-KB actor as it is
+seen (one env-KB actor per agent, next to it, switched from episode to episode: an actor per episode would cost
+a worker process each); the finished trajectory and its sub-goals go to the shared experiential-KB actor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+import ray
+from pydantic import BaseModel
+
+from knowmap.config import KnowMapConfig
+from knowmap.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.schemas import StepRecord, Trajectory
+
+
+class EpisodeResult(BaseModel):
+    """What the pool returns for one episode: a value, also when the episode failed (``error`` set)."""
+
+    spec: EpisodeSpec
+    episode_id: str = ""
+    ok: bool = True
+    error: str = ""
+    attempts: int = 1
+    steps: int = 0
+    final_score: float = 0.0
+    facts: int = 0
+    current_facts: int = 0
+    subgoals: int = 0
+    seconds: float = 0.0
+    env_seconds: float = 0.0  # stepping the env, the policy and handing observations off
+    ingest_seconds: float = 0.0  # the env-KB actor's own time spent ingesting (log, fsync, extraction, apply)
+    node: str = ""
+    pid: int = 0
+
+
+class AgentWorker:
+    """Plays episodes and feeds both KBs.
+
+    Args:
+        config: the ``KnowMapConfig`` as ``model_dump()``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = KnowMapConfig.model_validate(config)
+        sw = self.config.scienceworld
+        self.runner = EpisodeRunner(step_limit=sw.step_limit, simplifications=sw.simplifications,
+                                    java_heap=sw.java_heap)
+        self.env_kb: ray.actor.ActorHandle | None = None  # this slot's env-KB actor, created at first use
+
+    def ping(self) -> dict[str, Any]:
+        return {"node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname(),
+                "pid": os.getpid()}
+
+    def run_episode(self, spec: dict[str, Any] | EpisodeSpec, feed_kbs: bool = True) -> EpisodeResult:
+        """Play one episode and store it in both KBs; an error comes back as a result, not an exception.
+
+        Args:
+            feed_kbs: False plays the episode without touching the KBs (to measure rollout alone).
+        """
+        from knowmap.actors.env_kb import create_env_kb_slot
+        from knowmap.actors.experience import get_experience_kb
+
+        spec = EpisodeSpec.model_validate(spec)
+        result = EpisodeResult(spec=spec, **self.ping())
+        started = time.perf_counter()
+        pending: list[ray.ObjectRef] = []
+
+        def on_step(trajectory: Trajectory, record: StepRecord) -> None:
+            if not pending:  # step 0: open this episode's env KB in the slot actor
+                if self.env_kb is None:
+                    self.env_kb = create_env_kb_slot(trajectory.episode_id, self.config)
+                ray.get(self.env_kb.switch.remote(trajectory.episode_id))
+                ray.get(self.env_kb.reset.remote())  # a retried episode starts its env KB again from step 0
+            pending.append(self.env_kb.ingest.remote(record.as_observation().model_dump()))
+
+        try:
+            trajectory = self.runner.run(spec, on_step=on_step if feed_kbs else None)
+            result.episode_id = trajectory.episode_id
+            result.steps = len(trajectory.steps) - 1
+            result.final_score = trajectory.final_score
+            result.env_seconds = time.perf_counter() - started
+            if not feed_kbs:
+                result.seconds = time.perf_counter() - started
+                return result
+            ray.get(pending)  # every observation acknowledged before the episode counts as done
+            assert self.env_kb is not None
+            subgoals = ray.get(self.env_kb.segment.remote(trajectory.model_dump()))
+            ray.get(get_experience_kb(self.config).add_trajectory.remote(trajectory.model_dump(), subgoals))
+            # The episode is over: snapshot and release its env KB; get_or_create_env_kb serves it by id.
+            stats = ray.get(self.env_kb.close.remote())
+            result.ingest_seconds = float(stats.get("ingest_seconds", 0.0))
+            result.facts = int(stats.get("facts", 0))
+            result.current_facts = int(stats.get("current_facts", 0))
+            result.subgoals = len(subgoals)
+        except Exception as e:  # noqa: BLE001 - the pool wants every failure as a value
+            result.ok = False
+            result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,77 @@
+"""The pool on a local multi-node cluster (``ray.cluster_utils.Cluster``): placement and losing a node."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from knowmap.actors.experience import get_experience_kb, release_experience_kb
+from knowmap.actors.pool import RolloutPool
+from knowmap.config import KnowMapConfig
+from knowmap.rollout import EpisodeSpec
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and two worker nodes of one CPU each; any local Ray of other tests is stopped first."""
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    ray.init(address=cluster.address)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def make_config(tmp_path: Path, step_limit: int = 100) -> KnowMapConfig:
+    return KnowMapConfig(data_dir=tmp_path, scienceworld={"step_limit": step_limit},
+                         ray={"namespace": f"test-{uuid.uuid4().hex[:8]}", "num_workers": 2, "num_cpus_per_agent": 1,
+                              "max_restarts": 3})
+
+
+def test_actors_spread_over_nodes_and_survive_losing_one(cluster: Cluster, tmp_path: Path) -> None:
+    config = make_config(tmp_path, step_limit=60)
+    # The experiential KB (which owns the Milvus Lite file) goes on the head before the worker nodes join.
+    ray.get(get_experience_kb(config).info.remote())
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+
+    pool = RolloutPool(config)
+    try:
+        placed = ray.get([a.ping.remote() for a in pool.actors])
+        assert len({p["node"] for p in placed}) == 2, placed  # one CPU per node: two nodes host agents
+
+        # Random-policy episodes take seconds each; remove a worker node that hosts an agent mid-rollout.
+        victim = next(n for n in workers if n.node_id in {p["node"] for p in placed})
+        specs = [EpisodeSpec(task=t, variation=v, policy="random") for t in ("boil", "melt") for v in (0, 1)]
+        removed = threading.Event()
+
+        def remove_node_mid_rollout() -> None:
+            time.sleep(1.5)
+            cluster.remove_node(victim)
+            removed.set()
+
+        remover = threading.Thread(target=remove_node_mid_rollout)
+        remover.start()
+        results = pool.run(specs)
+        remover.join()
+    finally:
+        pool.shutdown()
+
+    assert removed.is_set()
+    assert [r.spec for r in results] == specs
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert any(r.attempts > 1 for r in results), "removing the node should have interrupted an episode"
+    experience = get_experience_kb(config)
+    rows = {r.episode_id: ray.get(experience.count.remote(kind="trajectory", episode_id=r.episode_id))
+            for r in results}
+    assert rows == {r.episode_id: 1 for r in results}  # every episode exactly once
+    assert release_experience_kb(config)
