@@ -17,6 +17,7 @@ from typing import Any
 import ray
 from pydantic import BaseModel
 
+from knowmap.build import save_trajectory
 from knowmap.config import KnowMapConfig
 from knowmap.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.schemas import StepRecord, Trajectory
@@ -95,6 +96,7 @@ class AgentWorker:
             assert self.env_kb is not None
             subgoals = ray.get(self.env_kb.segment.remote(trajectory.model_dump()))
             ray.get(get_experience_kb(self.config).add_trajectory.remote(trajectory.model_dump(), subgoals))
+            save_trajectory(self.config, trajectory)
             # The episode is over: snapshot and release its env KB; get_or_create_env_kb serves it by id.
             stats = ray.get(self.env_kb.close.remote())
             result.ingest_seconds = float(stats.get("ingest_seconds", 0.0))

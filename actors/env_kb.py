@@ -120,7 +120,7 @@ def actor_name(env_id: str) -> str:
 
 def env_kb_directory(config: KnowMapConfig) -> Path:
     """Where env KBs live: ``<data_dir>/env_kb``, absolute (actors may run in another working directory)."""
-    return (config.data_dir / "env_kb").resolve()
+    return config.env_kb_dir.resolve()
 
 
 def get_or_create_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any]) -> ray.actor.ActorHandle:

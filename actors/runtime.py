@@ -46,7 +46,7 @@ def build_with_pool(
     init_ray(config)
     experience = get_experience_kb(config)
     pool = RolloutPool(config, num_workers)
-    summary = BuildSummary(env_kb_dir=str(config.data_dir / "env_kb"), experience_store=config.store_uri)
+    summary = BuildSummary(env_kb_dir=str(config.env_kb_dir), experience_store=config.store_uri)
     count = {"n": 0}
 
     def report(result) -> None:  # noqa: ANN001 - EpisodeResult
@@ -58,11 +58,7 @@ def build_with_pool(
                                  final_score=result.final_score, facts=result.facts,
                                  current_facts=result.current_facts,
                                  subgoals=result.subgoals, seconds=result.seconds)
-        summary.per_episode.append(episode)
-        summary.episodes += 1
-        summary.steps += episode.steps
-        summary.facts += episode.facts
-        summary.subgoals += episode.subgoals
+        summary.add(episode)
         if on_episode is not None:
             on_episode(episode, count["n"], len(specs))
 

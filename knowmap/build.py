@@ -1,15 +1,17 @@
 """Build both knowledge bases from expert (gold) trajectories, in one process.
 
 For every (task, variation) of the configured split: replay the gold path in ScienceWorld, ingest every step's
-observation into a fresh :class:`EnvironmentKB` (one per episode, snapshotted under ``<data_dir>/env_kb``),
-segment the trajectory into sub-goals, and add it to the :class:`ExperienceKB` (Milvus). The Ray layer runs the
-same steps through a pool of actors; this is the single-process path.
+observation into the episode's durable env KB (``<data_dir>/env_kb/<episode_id>/``), segment the trajectory into
+sub-goals, add it to the :class:`ExperienceKB` (Milvus) and keep it under ``<data_dir>/trajectories``. The Ray
+layer (``knowmap.actors.runtime.build_with_pool``) does the same through a pool of actors, with the same layout
+on disk; this is the single-process path (``build-kb --workers 0``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,9 +20,10 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from knowmap.config import KnowMapConfig
+from knowmap.durable_kb import DurableEnvironmentKB
 from knowmap.environment_kb import EnvironmentKB
 from knowmap.rollout import EpisodeRunner, EpisodeSpec
-from knowmap.schemas import Subgoal, Trajectory
+from knowmap.schemas import Trajectory
 from knowmap.sciworld import ScienceWorld
 from knowmap.segmentation import SubgoalSegmenter
 
@@ -51,6 +54,14 @@ class BuildSummary(BaseModel):
     seconds: float = 0.0
     per_episode: list[EpisodeSummary] = Field(default_factory=list)
 
+    def add(self, episode: EpisodeSummary) -> None:
+        """Count a finished episode."""
+        self.per_episode.append(episode)
+        self.episodes += 1
+        self.steps += episode.steps
+        self.facts += episode.facts
+        self.subgoals += episode.subgoals
+
 
 def resolve_tasks(tasks: list[str], env: ScienceWorld) -> list[str]:
     """``["all"]`` means all 30 ScienceWorld tasks; otherwise each name is checked against ScienceWorld."""
@@ -77,12 +88,14 @@ def build_env_kb(trajectory: Trajectory, extractor: object | None = None) -> Env
     return kb
 
 
-def process_trajectory(trajectory: Trajectory, env_kb_dir: Path,
-                       segmenter: SubgoalSegmenter) -> tuple[EnvironmentKB, list[Subgoal]]:
-    """Env KB (snapshotted to ``env_kb_dir``) and sub-goals of one finished trajectory."""
-    kb = build_env_kb(trajectory)
-    kb.save(env_kb_dir / f"{trajectory.episode_id}.json")
-    return kb, segmenter.segment(trajectory, kb)
+def save_trajectory(config: KnowMapConfig, trajectory: Trajectory) -> Path:
+    """Write ``<data_dir>/trajectories/<episode_id>.json`` atomically (a retried episode replaces its file)."""
+    config.trajectories_dir.mkdir(parents=True, exist_ok=True)
+    path = config.trajectories_dir / f"{trajectory.episode_id}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(trajectory.model_dump_json())
+    os.replace(tmp, path)
+    return path
 
 
 @contextmanager
@@ -122,10 +135,8 @@ def build_knowledge_bases(
     """
     started = time.perf_counter()
     sw = config.scienceworld
-    env_kb_dir = config.data_dir / "env_kb"
-    env_kb_dir.mkdir(parents=True, exist_ok=True)
     segmenter = SubgoalSegmenter()
-    summary = BuildSummary(env_kb_dir=str(env_kb_dir), experience_store=config.store_uri)
+    summary = BuildSummary(env_kb_dir=str(config.env_kb_dir), experience_store=config.store_uri)
     runner = EpisodeRunner(step_limit=sw.step_limit, simplifications=sw.simplifications, java_heap=sw.java_heap)
     with contextlib.closing(runner):
         specs = episode_specs(config, runner.env)  # validates every task before any work is done
@@ -133,19 +144,21 @@ def build_knowledge_bases(
             for number, spec in enumerate(specs, start=1):
                 t0 = time.perf_counter()
                 trajectory = runner.run(spec)
-                kb, subgoals = process_trajectory(trajectory, env_kb_dir, segmenter)
+                with DurableEnvironmentKB(trajectory.episode_id, config.env_kb_dir,
+                                          snapshot_every=config.ray.env_kb_snapshot_every) as kb:
+                    kb.reset()  # a rebuilt episode starts its env KB again from step 0
+                    for record in trajectory.steps:
+                        kb.ingest(record.as_observation())
+                    subgoals = segmenter.segment(trajectory, kb.kb)
+                    facts, current = len(kb), len(kb.current())
                 experience.add_trajectory(trajectory, subgoals)
+                save_trajectory(config, trajectory)
                 episode = EpisodeSummary(
                     episode_id=trajectory.episode_id, task=spec.task, variation=spec.variation,
-                    steps=len(trajectory.steps) - 1, final_score=trajectory.final_score, facts=len(kb),
-                    current_facts=len(kb.current()), subgoals=len(subgoals), seconds=time.perf_counter() - t0,
+                    steps=len(trajectory.steps) - 1, final_score=trajectory.final_score, facts=facts,
+                    current_facts=current, subgoals=len(subgoals), seconds=time.perf_counter() - t0,
                 )
-                summary.per_episode.append(episode)
-                summary.episodes += 1
-                summary.steps += episode.steps
-                summary.facts += episode.facts
-                summary.subgoals += episode.subgoals
-                (env_kb_dir / f"{trajectory.episode_id}.trajectory.json").write_text(trajectory.model_dump_json())
+                summary.add(episode)
                 if on_episode is not None:
                     on_episode(episode, number, len(specs))
             summary.experience_collection = experience.collection

@@ -80,7 +80,8 @@ def build_kb(
     typer.echo(f"steps      {summary.steps}")
     typer.echo(f"facts      {summary.facts}  (env KBs, open and closed)")
     typer.echo(f"sub-goals  {summary.subgoals}")
-    typer.echo(f"env KBs    {summary.env_kb_dir}/<episode_id>.json")
+    typer.echo(f"env KBs    {summary.env_kb_dir}/<episode_id>/  (snapshot + write-ahead log)")
+    typer.echo(f"trajectory {config.trajectories_dir}/<episode_id>.json")
     typer.echo(f"experience {summary.experience_store}  collection {summary.experience_collection} "
                f"({summary.experience_rows} rows)")
     typer.echo(f"summary    {config.data_dir / 'build_summary.json'}  ({summary.seconds:.1f} s)")

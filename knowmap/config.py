@@ -130,6 +130,16 @@ class KnowMapConfig(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
     @property
+    def env_kb_dir(self) -> Path:
+        """Where env KBs live, one folder (snapshot + log) per env id: ``<data_dir>/env_kb``."""
+        return self.data_dir / "env_kb"
+
+    @property
+    def trajectories_dir(self) -> Path:
+        """Where finished trajectories are kept as JSON, one file per episode: ``<data_dir>/trajectories``."""
+        return self.data_dir / "trajectories"
+
+    @property
     def store_uri(self) -> str:
         """The Milvus URI in force: the configured one, or a Milvus Lite file under the data dir."""
         return self.store.uri or str(self.data_dir / "experience.db")

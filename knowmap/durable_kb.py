@@ -150,12 +150,14 @@ class DurableEnvironmentKB:
             self._check_writable()
             obs = _validated(Observation, observation, "observation")
             record = {"op": "observation", "observation": obs.model_dump(mode="json")}
-            if self._is_retry(record):
+            resent, digest = self._resent(record)
+            if resent:
                 return 0
             self._check_step(obs.step)
             extraction = self._extract(obs)
             full_sets = _full_sets(extraction.full_sets)
-            return self._write(record, lambda: self._kb.ingest_triples(obs.step, extraction.triples, full_sets))
+            return self._write(record, lambda: self._kb.ingest_triples(obs.step, extraction.triples, full_sets),
+                               digest)
         finally:
             self._ingest_seconds += time.perf_counter() - started
 
@@ -183,10 +185,11 @@ class DurableEnvironmentKB:
         sets = _full_sets(full_sets)
         record = {"op": "triples", "step": step, "triples": [[t.subject, t.relation.value, t.object] for t in checked],
                   "full_sets": [list(s) for s in sets]}
-        if self._is_retry(record):
+        resent, digest = self._resent(record)
+        if resent:
             return 0
         self._check_step(step)
-        return self._write(record, lambda: self._kb.ingest_triples(step, checked, sets))
+        return self._write(record, lambda: self._kb.ingest_triples(step, checked, sets), digest)
 
     def reset(self) -> None:
         """Forget every fact (durably): the env instance starts again from step 0, e.g. a retried episode."""
@@ -339,10 +342,10 @@ class DurableEnvironmentKB:
                 self._seq, self._since_snapshot = seq, self._since_snapshot + 1
             self._remember(record)
 
-    def _remember(self, record: dict[str, Any]) -> None:
+    def _remember(self, record: dict[str, Any], digest: str | None = None) -> None:
         if record["op"] == "reset":  # writes before a reset are history, not candidates for a resend
             self._recent.clear()
-        self._recent.append(_digest(record))
+        self._recent.append(digest or _digest(record))
 
     def _read_log(self, path: Path, *, strict: bool) -> list[dict[str, Any]]:
         """Records of a log in order. ``strict``: drop (and cut off) a torn last line, raise on damage before it;
@@ -400,8 +403,10 @@ class DurableEnvironmentKB:
             self._extractor = RuleBasedExtractor()
         return self._extractor.extract(observation)
 
-    def _is_retry(self, record: dict[str, Any]) -> bool:
-        return _digest(record) in self._recent
+    def _resent(self, record: dict[str, Any]) -> tuple[bool, str]:
+        """Whether ``record`` repeats a recent write, and its digest (for :meth:`_write` to remember)."""
+        digest = _digest(record)
+        return digest in self._recent, digest
 
     def _check_step(self, step: int) -> None:
         if step < self._kb.last_step:
@@ -414,7 +419,7 @@ class DurableEnvironmentKB:
         if self._broken:
             raise KnowMapError(f"env KB {self.env_id!r} refuses writes: {self._broken}; open it again")
 
-    def _write(self, record: dict[str, Any], apply: Callable[[], int]) -> int:
+    def _write(self, record: dict[str, Any], apply: Callable[[], int], digest: str | None = None) -> int:
         """Log ``record`` durably, then ``apply`` it; undo the log append if either step fails."""
         self._check_writable()
         seq = self._seq + 1
@@ -439,7 +444,7 @@ class DurableEnvironmentKB:
                 self._broken = f"reloading after a failed write failed ({e})"
             raise
         self._seq, self._since_snapshot = seq, self._since_snapshot + 1
-        self._remember(record)
+        self._remember(record, digest)
         if self._since_snapshot >= self.snapshot_every:
             self._snapshot_quietly()
         return changes
@@ -461,8 +466,8 @@ class DurableEnvironmentKB:
 def _encode(record: dict[str, Any]) -> bytes:
     body = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     crc = f"{zlib.crc32(body.encode()):08x}"
-    return (json.dumps({**record, "crc": crc}, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-            + "\n").encode()
+    # The checksum goes last; _decode pops it and re-serialises the rest sorted, so key order does not matter.
+    return (body[:-1] + f',"crc":"{crc}"}}\n').encode()
 
 
 def _decode(raw: bytes) -> tuple[dict[str, Any] | None, str]:

@@ -6,13 +6,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from knowmap.build import build_knowledge_bases, open_experience_kb
 from knowmap.config import load_config
-from knowmap.environment_kb import EnvironmentKB
+from knowmap.durable_kb import DurableEnvironmentKB, list_env_kbs
 from knowmap.schemas import Trajectory
 
 pytestmark = pytest.mark.integration
@@ -39,18 +38,18 @@ def test_counts_and_progress(built) -> None:
     assert summary.experience_rows == summary.subgoals + summary.episodes
 
 
-def test_env_kb_snapshots_hold_each_episode(built) -> None:
+def test_env_kbs_and_trajectories_on_disk_hold_each_episode(built) -> None:
     config, summary, _ = built
+    assert sorted(list_env_kbs(summary.env_kb_dir)) == sorted(e.episode_id for e in summary.per_episode)
     for episode in summary.per_episode:
-        kb = EnvironmentKB.load(Path(summary.env_kb_dir) / f"{episode.episode_id}.json")
-        assert kb.env_id == episode.episode_id
-        assert len(kb) == episode.facts and len(kb.current()) == episode.current_facts
-        trajectory = Trajectory.model_validate_json(
-            (Path(summary.env_kb_dir) / f"{episode.episode_id}.trajectory.json").read_text())
-        assert kb.last_step == trajectory.steps[-1].step
-    boil = EnvironmentKB.load(Path(summary.env_kb_dir) / f"{summary.per_episode[0].episode_id}.json")
-    assert any(f.subject == "agent" and f.object == "kitchen" for f in boil.current())
-    assert len(boil.history("metal pot", "location")) >= 2
+        with DurableEnvironmentKB(episode.episode_id, summary.env_kb_dir) as kb:
+            assert len(kb) == episode.facts and len(kb.current()) == episode.current_facts
+            trajectory = Trajectory.model_validate_json(
+                (config.trajectories_dir / f"{episode.episode_id}.json").read_text())
+            assert kb.last_step == trajectory.steps[-1].step == episode.steps
+    with DurableEnvironmentKB(summary.per_episode[0].episode_id, summary.env_kb_dir) as boil:
+        assert any(f.subject == "agent" and f.object == "kitchen" for f in boil.current())
+        assert len(boil.history("metal pot", "location")) >= 2
 
 
 def test_experience_kb_search_is_filtered_by_task(built) -> None:
@@ -62,14 +61,17 @@ def test_experience_kb_search_is_filtered_by_task(built) -> None:
         assert anywhere[0].provenance["task"] == "boil"
 
 
-def test_cli_prints_counts_and_rejects_unknown_task(tmp_path) -> None:
+def test_cli_builds_through_the_ray_pool_and_rejects_bad_input(tmp_path) -> None:
     knowmap = [sys.executable, "-m", "knowmap.cli"]
     env = {**os.environ, "KNOWMAP_DATA_DIR": str(tmp_path)}
-    done = subprocess.run([*knowmap, "build-kb", "--tasks", "find-living-thing", "--variations", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([*knowmap, "build-kb", "--tasks", "find-living-thing,melt", "--variations", "1",
+                           "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "episodes   1" in done.stdout and "sub-goals" in done.stdout
-    assert json.loads((tmp_path / "build_summary.json").read_text())["episodes"] == 1
+    assert "episodes   2" in done.stdout and "sub-goals" in done.stdout
+    summary = json.loads((tmp_path / "build_summary.json").read_text())
+    assert summary["episodes"] == 2 and summary["experience_rows"] == summary["subgoals"] + 2
+    assert sorted(list_env_kbs(tmp_path / "env_kb")) == sorted(e["episode_id"] for e in summary["per_episode"])
+    assert len(list((tmp_path / "trajectories").glob("*.json"))) == 2
     bad = subprocess.run([*knowmap, "build-kb", "--tasks", "boyl"], capture_output=True, text=True, env=env,
                          timeout=120)
     assert bad.returncode == 2
