@@ -237,6 +237,25 @@ class KnowledgeItem(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
+PairKind = Literal["env", "experience", "joint"]
+
+
+class TrainingPair(BaseModel):
+    """One InfoNCE example for the retriever: a query, its positive, and hard negatives (may be empty).
+
+    ``env``: query = task + context, positive = a fact about an object the expert touched next.
+    ``experience``: positive = a similar sub-goal of another trajectory. ``joint``: an experience query with env
+    facts injected. Built from train-split trajectories only.
+    """
+
+    kind: PairKind
+    query: str = Field(min_length=1)
+    positive: str = Field(min_length=1)
+    negatives: list[str] = Field(default_factory=list)
+    task: str
+    episode_id: str
+
+
 def stable_id(*parts: object) -> str:
     """A short deterministic id from its parts (sha1 hex, 20 chars): the same inputs always give the same id."""
     digest = hashlib.sha1("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
