@@ -58,8 +58,9 @@ class AgentWorker:
         self.env_kb: ray.actor.ActorHandle | None = None  # this slot's env-KB actor, created at first use
 
     def ping(self) -> dict[str, Any]:
+        """Where this agent runs: node id, process id and its JVM's process id."""
         return {"node": ray.get_runtime_context().get_node_id() if ray.is_initialized() else socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "jvm_pid": self.runner.env.jvm_pid}
 
     def run_episode(self, spec: dict[str, Any] | EpisodeSpec, feed_kbs: bool = True) -> EpisodeResult:
         """Play one episode and store it in both KBs; an error comes back as a result, not an exception.
@@ -71,7 +72,8 @@ class AgentWorker:
         from knowmap.actors.experience import get_experience_kb
 
         spec = EpisodeSpec.model_validate(spec)
-        result = EpisodeResult(spec=spec, **self.ping())
+        self.runner.ensure_env()  # a JVM that died in an earlier episode is replaced before this one
+        result = EpisodeResult(spec=spec, node=self.ping()["node"], pid=os.getpid())
         started = time.perf_counter()
         pending: list[ray.ObjectRef] = []
 

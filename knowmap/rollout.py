@@ -44,12 +44,21 @@ class EpisodeRunner:
 
     def __init__(self, step_limit: int = 100, simplifications: str = "", java_heap: str = "512m",
                  look_every_step: bool = True) -> None:
-        self.env = ScienceWorld(step_limit=step_limit, simplifications=simplifications, java_heap=java_heap)
+        self._env_args = {"step_limit": step_limit, "simplifications": simplifications, "java_heap": java_heap}
+        self.env = ScienceWorld(**self._env_args)
         self.step_limit = step_limit
         self.look_every_step = look_every_step
 
     def close(self) -> None:
         self.env.close()
+
+    def ensure_env(self) -> bool:
+        """Start a new JVM if this runner's has died; returns True if it had to."""
+        if self.env.alive:
+            return False
+        self.env.close()
+        self.env = ScienceWorld(**self._env_args)
+        return True
 
     def run(self, spec: EpisodeSpec, *, policy: Policy | None = None,
             on_step: Callable[[Trajectory, StepRecord], None] | None = None,

@@ -85,6 +85,16 @@ class ScienceWorld:
         with contextlib.suppress(Exception):  # the JVM may already be gone; nothing is left to release
             self._env.close()
 
+    @property
+    def jvm_pid(self) -> int:
+        """The process id of this env's JVM."""
+        return int(self._env._gateway.java_process.pid)
+
+    @property
+    def alive(self) -> bool:
+        """False once the env is closed or its JVM has exited (crashed, killed, out of memory)."""
+        return not self._closed and self._env._gateway.java_process.poll() is None
+
     def __enter__(self) -> ScienceWorld:
         return self
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -108,3 +110,21 @@ def test_invalid_episode_is_a_result_not_an_exception(tmp_path: Path, configs) -
         pool.shutdown()
     assert not results[0].ok and results[0].attempts == 1  # not retried: retrying cannot help
     assert "VariationOutOfRangeError" in results[0].error and "train variations are 0-13" in results[0].error
+
+
+def test_a_jvm_that_dies_mid_episode_is_replaced_and_the_episode_retried(tmp_path: Path, configs) -> None:
+    config = configs(tmp_path, step_limit=60)
+    specs = [spec.model_copy(update={"policy": "random"}) for spec in SPECS[:2]]
+    pool = RolloutPool(config, num_workers=1)
+    try:
+        jvm_pid = ray.get(pool.actors[0].ping.remote())["jvm_pid"]
+        killer = threading.Timer(1.5, os.kill, args=(jvm_pid, signal.SIGKILL))
+        killer.start()
+        results = pool.run(specs)
+        killer.join()
+        assert ray.get(pool.actors[0].ping.remote())["jvm_pid"] != jvm_pid  # the agent started a new JVM
+    finally:
+        pool.shutdown()
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert results[0].attempts == 2 and results[1].attempts == 1
+    assert trajectory_rows(config, results) == {r.episode_id: 1 for r in results}
