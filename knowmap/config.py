@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from knowmap.errors import ConfigError
@@ -98,6 +98,42 @@ class RayConfig(_Section):
     max_episode_retries: int = Field(default=2, ge=0)
 
 
+class TrainingConfig(_Section):
+    """Retriever fine-tuning (InfoNCE embedder, BCE reranker) on Ray Train: what to train and on what workers."""
+
+    epochs: int = Field(default=3, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=2, le=65_536, description="pairs per optimiser step over all "
+                            "workers; each worker takes batch_size / num_workers")
+    lr: float = Field(default=2e-5, gt=0, le=1.0)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1, description="share of the steps with a linear LR warm-up")
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    temperature: float = Field(default=0.05, gt=0, le=1, description="InfoNCE temperature; scale = 1/temperature")
+    max_negatives: int = Field(default=1, ge=0, le=64, description="hard negatives per query, besides in-batch ones")
+    gather_across_workers: bool = Field(default=True, description="InfoNCE over the whole global batch (as one "
+                                        "process would), not only each worker's share")
+    max_seq_length: int = Field(default=128, ge=8, le=8192)
+    theta: float = Field(default=0.7, ge=-1, le=1, description="similarity above which two sub-goals form an "
+                         "experience pair")
+    seed: int = 0
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    backend: Literal["gloo", "nccl"] = "gloo"
+    max_failures: int = Field(default=1, ge=-1, description="worker-group restarts from the last checkpoint")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    storage_path: str = Field(default="", description="Ray Train checkpoints; empty = beside the output dir; on a "
+                              "cluster a shared path or a URI (s3://...)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ValueError("backend 'nccl' needs use_gpu=true; use 'gloo' for CPU workers")
+        return self
+
+
 class KnowMapConfig(BaseSettings):
     """The whole configuration. Defaults run end to end on one machine with no keys and no network."""
 
@@ -111,6 +147,7 @@ class KnowMapConfig(BaseSettings):
     store: StoreConfig = Field(default_factory=StoreConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     @field_validator("data_dir")
     @classmethod
