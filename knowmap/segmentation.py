@@ -63,7 +63,7 @@ def action_objects(action: str, known: set[str] | None = None) -> list[str]:
     if known:
         found: list[str] = []
         taken = text
-        for name in sorted(known, key=len, reverse=True):
+        for name in sorted(known, key=lambda n: (-len(n), n)):  # ties by name: never by hash order
             if len(name) < 2:
                 continue
             pattern = re.compile(rf"(?<![\w]){re.escape(name)}(?![\w])")
