@@ -19,9 +19,9 @@ def init_ray(config: KnowMapConfig, **kwargs: object) -> None:
     """
     if ray.is_initialized():
         return
-    address = config.ray.address or None
-    ray.init(address=address, namespace=config.ray.namespace, include_dashboard=False if address is None else None,
-             log_to_driver=True, **kwargs)
+    # The dashboard stays on: it serves the state API that Ray Train's controller polls (without it, the log
+    # fills with "State API may be temporarily unavailable"), and users watch jobs there.
+    ray.init(address=config.ray.address or None, namespace=config.ray.namespace, log_to_driver=True, **kwargs)
 
 
 def build_with_pool(

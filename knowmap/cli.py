@@ -103,6 +103,73 @@ def _build_on_ray(config: KnowMapConfig, workers: int | None, progress: Any) -> 
             ray.shutdown()
 
 
+@app.command("train")
+def train(
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated train tasks to replay; default: the trajectories "
+                                                   "build-kb stored, else scienceworld.tasks.")] = None,
+    variations: Annotated[int | None, typer.Option(min=1, help="Train variations per task (with --tasks).")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Training epochs (default training.epochs).")] = None,
+    reranker: Annotated[bool, typer.Option(help="Also train the cross-encoder reranker.")] = True,
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Fine-tune the embedder (InfoNCE) and the reranker on KnowMap pairs from train-split trajectories."""
+    from knowmap.train.pipeline import train_retriever
+
+    config = _config(config_file, data_dir)
+    if epochs is not None:
+        config.training.epochs = epochs  # validated on assignment
+
+    def progress(model: str, metrics: dict[str, Any]) -> None:
+        typer.echo(f"{model:<9} epoch {metrics.get('epoch')}: loss {metrics.get('loss', float('nan')):.4f}  "
+                   f"{metrics.get('samples_per_s', 0.0):.1f} samples/s", err=True)
+
+    report = train_retriever(config, tasks=_split_tasks(tasks), variations=variations, reranker=reranker,
+                             on_epoch=progress)
+    typer.echo(f"episodes   {report['episodes']} (train split; tasks: {', '.join(report['train_tasks'])})")
+    typer.echo("pairs      " + ", ".join(f"{k} {v}" for k, v in report["pairs"].items()))
+    for model in ("embedder", "reranker"):
+        if model in report:
+            last = report[model]["history"][-1] if report[model]["history"] else {}
+            typer.echo(f"{model:<10} {report[model]['model_dir']}  (final loss {last.get('loss', float('nan')):.4f})")
+    typer.echo(f"curves     {config.data_dir / 'training'}/loss_*.png")
+
+
+@app.command("eval-retrieval")
+def eval_retrieval(
+    split: Annotated[str, typer.Option(help="dev (model selection) or test (reporting).")] = "dev",
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks; default scienceworld.tasks.")] = None,
+    variations: Annotated[int, typer.Option(min=1, help="Variations per task, from the split's start.")] = 2,
+    out: Annotated[Path, typer.Option(help="JSON results; a bar chart is written beside it (.png).")] = Path(
+        "retrieval_eval.json"),
+    embedder: Annotated[str, typer.Option(help="Fine-tuned embedder dir; default the newest from `train`.")] = "",
+    reranker: Annotated[str, typer.Option(help="Reranker dir; default the newest from `train`.")] = "",
+    kinds: Annotated[str, typer.Option(help="Comma-separated: env, experience, joint.")] = "env,experience",
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Recall@1/5/10, MRR and nDCG@10 of BM25, base and fine-tuned embedders, with and without the reranker."""
+    from knowmap.train.pipeline import evaluate_split, results_table
+
+    if split not in ("dev", "test"):
+        raise KnowMapError(f"--split must be dev or test, got {split!r} (train data is what the models learnt from)")
+    config = _config(config_file, data_dir)
+    results = evaluate_split(config, split=split, tasks=_split_tasks(tasks) or config.scienceworld.tasks,
+                             variations=variations, out=out, embedder=embedder, reranker=reranker,
+                             kinds=[k for k in kinds.split(",") if k.strip()])
+    protocol = results["protocol"]
+    typer.echo(results_table(results))
+    typer.echo(f"split {split}; tasks {', '.join(protocol['tasks'])}; {len(protocol['episodes'])} episodes")
+    if protocol["unseen_tasks"]:
+        typer.echo(f"unseen tasks (never in training data): {', '.join(protocol['unseen_tasks'])}; their numbers "
+                   f"are under 'unseen' in {out}")
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _split_tasks(tasks: str | None) -> list[str] | None:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
 @app.command("config")
 def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the configuration in force (defaults, file, KNOWMAP_* env vars) as JSON."""

@@ -113,7 +113,7 @@ class TrainingConfig(_Section):
     gather_across_workers: bool = Field(default=True, description="InfoNCE over the whole global batch (as one "
                                         "process would), not only each worker's share")
     max_seq_length: int = Field(default=128, ge=8, le=8192)
-    theta: float = Field(default=0.7, ge=-1, le=1, description="similarity above which two sub-goals form an "
+    theta: float = Field(default=0.8, ge=-1, le=1, description="similarity above which two sub-goals form an "
                          "experience pair")
     seed: int = 0
     num_workers: int = Field(default=2, ge=1)

@@ -1,0 +1,150 @@
+"""The retriever jobs behind ``knowmap train`` and ``knowmap eval-retrieval``.
+
+``train_retriever``: train-split episodes -> KnowMap pairs (base embedder) -> InfoNCE embedder and BCE reranker on
+Ray Train -> models under ``<data_dir>/models`` (recorded in ``models/latest.json``) with loss curves and the
+pair counts under ``<data_dir>/training``.
+
+``evaluate_split``: a dev or test split's episodes -> Recall@k, MRR, nDCG@10 for BM25, the base and the
+fine-tuned embedder, each with and without the reranker -> JSON and a bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from knowmap.config import KnowMapConfig
+from knowmap.embedder import Embedder, default_embedder_path
+from knowmap.errors import KnowMapError
+from knowmap.train.data import Episode, collect_episodes, load_episodes
+
+LATEST = "latest.json"
+
+
+def episode_cache(config: KnowMapConfig) -> Path:
+    return config.data_dir / "episode_cache"
+
+
+def train_episodes(config: KnowMapConfig, tasks: Sequence[str] | None, variations: int | None) -> list[Episode]:
+    """Train-split episodes: those build-kb stored (no tasks given), else gold replays of ``tasks`` (cached)."""
+    if tasks is None and config.trajectories_dir.is_dir():
+        episodes = load_episodes(config.trajectories_dir, "train")
+        if episodes:
+            return episodes
+    sw = config.scienceworld
+    return collect_episodes(list(tasks or sw.tasks), "train", variations or sw.variations,
+                            cache_dir=episode_cache(config), step_limit=sw.step_limit,
+                            simplifications=sw.simplifications, java_heap=sw.java_heap)
+
+
+def latest_models(config: KnowMapConfig) -> dict[str, Any]:
+    """``models/latest.json``: the newest fine-tuned embedder and reranker paths and their training tasks."""
+    path = config.data_dir / "models" / LATEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
+                    reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
+                    ) -> dict[str, Any]:
+    """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
+
+    Returns:
+        the report written to ``<data_dir>/training/report.json``: pair counts, model dirs, loss histories.
+
+    Raises:
+        KnowMapError: no train-split episodes, or no pairs could be built from them.
+    """
+    import ray
+
+    from knowmap.actors.runtime import init_ray
+    from knowmap.train.embedder_trainer import plot_loss, train_embedder
+    from knowmap.train.pairs import build_pairs
+    from knowmap.train.reranker_trainer import train_reranker
+
+    episodes = train_episodes(config, tasks, variations)
+    if not episodes:
+        raise KnowMapError("no train-split episodes: run `knowmap build-kb --split train` first, or pass --tasks")
+    base_path = config.models.embedder or default_embedder_path()
+    base = Embedder(base_path, device=config.models.device, batch_size=config.models.batch_size)
+    pairset = build_pairs(episodes, base, theta=config.training.theta,
+                          max_negatives=max(1, config.training.max_negatives), seed=config.training.seed)
+    pairs = pairset.pairs()
+    if not pairs:
+        raise KnowMapError(f"no training pairs from {len(episodes)} episodes; add tasks or variations")
+    out = config.data_dir / "training"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
+    models = config.data_dir / "models"
+    started_ray = not ray.is_initialized()
+    init_ray(config)
+    try:
+        report: dict[str, Any] = {"episodes": len(episodes), "train_tasks": sorted({e.task for e in episodes}),
+                                  "pairs": pairset.counts, "data_hash": pairset.data_hash}
+        emb = train_embedder(pairs, base_model=str(base_path),
+                             output_dir=str(models / f"embedder-{pairset.data_hash[:12]}"), config=config.training,
+                             on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
+        plot_loss(emb.history, out / "loss_embedder.png")
+        report["embedder"] = {"model_dir": emb.model_dir, "history": emb.history, "epochs_run": emb.epochs_run}
+        if reranker:
+            rer = train_reranker(pairs, base_model=str(config.models.reranker or base_path),
+                                 output_dir=str(models / f"reranker-{pairset.data_hash[:12]}"), config=config.training,
+                                 on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
+            plot_loss(rer.history, out / "loss_reranker.png")
+            report["reranker"] = {"model_dir": rer.model_dir, "history": rer.history, "epochs_run": rer.epochs_run}
+    finally:
+        if started_ray and not config.ray.address:
+            ray.shutdown()
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    latest = {"embedder": report["embedder"]["model_dir"], "train_tasks": report["train_tasks"],
+              "reranker": report.get("reranker", {}).get("model_dir", "")}
+    (models / LATEST).write_text(json.dumps(latest, indent=2))
+    return report
+
+
+def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
+                   out: Path, embedder: str = "", reranker: str = "",
+                   kinds: Sequence[str] = ("env", "experience")) -> dict[str, Any]:
+    """Evaluate retrieval on ``split`` (dev or test) for BM25, base, fine-tuned, each with and without reranker.
+
+    Args:
+        embedder, reranker: model dirs; empty = the newest from ``knowmap train`` (``models/latest.json``), if any.
+        out: the JSON to write; a bar chart is written beside it (``.png``).
+
+    Raises:
+        KnowMapError: ``split`` is train (evaluation is on held-out data).
+    """
+    from knowmap.reranker import Reranker
+    from knowmap.train.evaluate import evaluate_retrieval, plot_metrics
+
+    if split == "train":
+        raise KnowMapError("evaluate on held-out data: --split dev (model selection) or test (reporting), not train")
+    latest = latest_models(config)
+    embedder = embedder or latest.get("embedder", "")
+    reranker = reranker or latest.get("reranker", "")
+    sw = config.scienceworld
+    episodes = collect_episodes(list(tasks), split, variations, cache_dir=episode_cache(config),
+                                step_limit=sw.step_limit, simplifications=sw.simplifications, java_heap=sw.java_heap)
+    systems = {"base": Embedder(config.models.embedder or default_embedder_path(), device=config.models.device)}
+    if embedder:
+        systems["finetuned"] = Embedder(embedder, device=config.models.device)
+    results = evaluate_retrieval(episodes, embedders=systems, reranker=Reranker(reranker) if reranker else None,
+                                 kinds=kinds, train_tasks=latest.get("train_tasks", []),
+                                 theta=config.training.theta)
+    results["protocol"].update(embedder=embedder or None, reranker=reranker or None, variations=variations)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot_metrics(results, out.with_suffix(".png"))
+    return results
+
+
+def results_table(results: dict[str, Any], metrics: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr",
+                                                                      "ndcg@10")) -> str:
+    """A plain-text table: one row per (kind, system), one column per metric (over all queries)."""
+    lines = [f"{'kind':<11} {'system':<18}" + "".join(f"{m:>10}" for m in metrics)]
+    for kind, block in results["kinds"].items():
+        for system, report in block["systems"].items():
+            row = report["all"]
+            lines.append(f"{kind:<11} {system:<18}" + "".join(f"{row.get(m, float('nan')):>10.3f}" for m in metrics))
+    return "\n".join(lines)
