@@ -8,6 +8,7 @@ a worker process each); the finished trajectory and its sub-goals go to the shar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import ray
 from pydantic import BaseModel
+from ray.exceptions import RayActorError
 
 from knowmap.build import save_trajectory
 from knowmap.config import KnowMapConfig
@@ -106,6 +108,11 @@ class AgentWorker:
             result.current_facts = int(stats.get("current_facts", 0))
             result.subgoals = len(subgoals)
         except Exception as e:  # noqa: BLE001 - the pool wants every failure as a value
+            if isinstance(e, RayActorError) and self.env_kb is not None:
+                # The env-KB actor died (and may be out of restarts): end it, and start a fresh one next episode.
+                with contextlib.suppress(Exception):
+                    ray.kill(self.env_kb, no_restart=True)
+                self.env_kb = None
             result.ok = False
             result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
         result.seconds = time.perf_counter() - started
