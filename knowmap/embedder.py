@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 DEFAULT_EMBEDDER_NAME = "all_minilm_l6_v2"
 # Files that do not change what the model computes: model cards, git metadata, exported copies of the same
 # weights for other runtimes (the OpenVINO export encodes within 1e-4 cosine of torch).
-_IGNORED_SUFFIXES = (".md", ".gitattributes", ".gitignore", ".lock")
+# knowmap_model.json (training metadata) records the fingerprint, so it cannot be part of it.
+_IGNORED_SUFFIXES = (".md", ".gitattributes", ".gitignore", ".lock", "knowmap_model.json")
 _IGNORED_DIRS = {"openvino", "onnx", ".git", ".cache", "__pycache__"}
 _FULL_HASH_MAX_BYTES = 4 << 20  # hash smaller files whole; sample larger ones (weights) at fixed offsets
 _SAMPLE_BYTES = 64 << 10
@@ -156,7 +157,8 @@ def model_fingerprint(name_or_path: str) -> str:
 
     Small files (configs, tokenizer) are hashed whole; large weight files by their size plus fixed samples (head,
     tail and evenly spaced chunks), which differ after any fine-tuning step and cost O(1) even for a 2 GB model.
-    Model cards and exported copies for other runtimes (``openvino/``, ``onnx/``) are left out.
+    Model cards, KnowMap's own metadata file and exported copies for other runtimes (``openvino/``, ``onnx/``) are
+    left out.
 
     Args:
         name_or_path: a model directory, or a hub name (then the name itself is hashed).
