@@ -11,7 +11,6 @@ import contextlib
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -127,8 +126,3 @@ def _retryable(error: str) -> bool:
     permanent = ("UnknownTaskError", "VariationOutOfRangeError", "ValidationError", "KnowMapError")
     return not error.startswith(permanent)
 
-
-def results_table(results: list[EpisodeResult]) -> list[dict[str, Any]]:
-    return [{"episode": r.spec.label(), "ok": r.ok, "steps": r.steps, "score": r.final_score,
-             "facts": r.facts, "subgoals": r.subgoals, "attempts": r.attempts, "node": r.node[:8]}
-            for r in results]
