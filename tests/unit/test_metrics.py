@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
+from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
 from knowmap.train.data import load_episodes
 from knowmap.train.evaluate import evaluate_retrieval, plot_metrics
@@ -17,19 +15,6 @@ from knowmap.train.metrics import BM25Retriever, evaluate_rankings, ndcg_at_k, r
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"
 RANKING = ["a", "b", "c", "d", "e"]
 RELEVANT = {"a", "c"}  # relevant at ranks 1 and 3
-
-
-class HashingEncoder:
-    """A deterministic stand-in embedder: hashed bag of words, L2-normalised (no model needed)."""
-
-    dim = 128
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"[a-z0-9]+", text.lower()):
-                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 class OverlapReranker:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
 import knowmap.train.data as data
 from knowmap.errors import KnowMapError, UnknownTaskError
@@ -19,19 +18,6 @@ from knowmap.train.pairs import KINDS, PairSet, build_pairs, eval_queries, subgo
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"
 THETA = 0.5  # the stand-in encoder's scale: gives experience positives between the two fixture tasks
-
-
-class HashingEncoder:
-    """A deterministic stand-in embedder: hashed bag of words, L2-normalised (no model needed)."""
-
-    dim = 128
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in re.findall(r"[a-z0-9]+", text.lower()):
-                out[i, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 @pytest.fixture(scope="module")
