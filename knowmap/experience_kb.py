@@ -112,8 +112,12 @@ class ExperienceKB:
             ValueError: an unknown kind or source.
             VectorStoreError: the search failed.
         """
+        return self.search_vector(self.embedder.encode([query])[0], k, task=task, kind=kind, source=source)
+
+    def search_vector(self, vector: Any, k: int = 5, *, task: str | None = None, kind: str | None = "subgoal",
+                      source: str | None = None) -> list[KnowledgeItem]:
+        """As :meth:`search`, for a query already embedded by this KB's embedder (a unit vector ``(dim,)``)."""
         filters = self._filters(task=task, kind=kind, source=source)
-        vector = self.embedder.encode([query])  # (1, dim)
         return [_item(hit) for hit in self.store.search(self.collection, vector, k, filters)[0]]
 
     def count(self, **filters: str | None) -> int:

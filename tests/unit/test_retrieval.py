@@ -1,0 +1,80 @@
+"""The retrieval pipeline's logic with a hashing encoder: ranking, enrichment, reranking, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from knowmap.errors import KnowMapError
+from knowmap.retrieval import Retriever, enrich_query
+from knowmap.schemas import Fact, KnowledgeItem, Relation
+from tests.unit.doubles import HashingEncoder
+
+FACTS = {
+    "env-a": [Fact(subject="stove", relation=Relation.LOCATION, object="kitchen", valid_from=0),
+              Fact(subject="pot", relation=Relation.CONTAINS, object="water", valid_from=1),
+              Fact(subject="thermometer", relation=Relation.LOCATION, object="kitchen", valid_from=0)],
+    "env-b": [Fact(subject="seed", relation=Relation.LOCATION, object="greenhouse", valid_from=0)],
+}
+
+
+class RecordingExperience:
+    """Returns fixed sub-goals and records the query vectors it was given."""
+
+    def __init__(self, encoder: HashingEncoder) -> None:
+        self.encoder, self.queries = encoder, []
+
+    def __call__(self, vector: np.ndarray, k: int, task: str | None) -> list[KnowledgeItem]:
+        self.queries.append((vector, k, task))
+        items = [KnowledgeItem(id=f"g{i}", kind="subgoal", text=t, score=1.0 - i / 10)
+                 for i, t in enumerate(["heat the pot on the stove", "plant the seed", "read the thermometer"])]
+        return items[:k]
+
+
+def make(rerank=None) -> tuple[Retriever, RecordingExperience]:
+    encoder = HashingEncoder()
+    experience = RecordingExperience(encoder)
+    retriever = Retriever(encoder.encode, env_facts=lambda env_id, step: FACTS.get(env_id, []),
+                          experience=experience, rerank=rerank, rerank_candidates=3)
+    return retriever, experience
+
+
+def test_env_facts_ranked_by_similarity_and_only_of_that_env() -> None:
+    retriever, _ = make()
+    items = retriever.retrieve("where is the stove", env_id="env-a", k=1, kbs=["env"])
+    assert len(items) == 1 and items[0].provenance["subject"] == "stove"
+    assert all(i.provenance["env_id"] == "env-a" for i in items)
+    other = retriever.retrieve("where is the stove", env_id="env-b", k=5, kbs=["env"])
+    assert [i.provenance["subject"] for i in other] == ["seed"]
+
+
+def test_experience_query_is_enriched_with_the_env_facts() -> None:
+    retriever, experience = make()
+    items = retriever.retrieve("boil water", env_id="env-a", task="boil", k=2)
+    kinds = [i.kind for i in items]
+    assert kinds == ["env_fact", "env_fact", "subgoal", "subgoal"]
+    vector, k, task = experience.queries[-1]
+    env_texts = [i.text for i in items if i.kind == "env_fact"]
+    expected = HashingEncoder().encode([enrich_query("boil water", env_texts)])[0]
+    assert np.allclose(vector, expected) and k == 2 and task == "boil"
+
+
+def test_rerank_reorders_candidates_and_says_so() -> None:
+    def by_length(query: str, texts: list[str]) -> list[float]:
+        return [-len(t) for t in texts]
+
+    retriever, _ = make(rerank=by_length)
+    items = retriever.retrieve("boil water", k=2, kbs=["experience"], rerank=True)
+    assert [i.text for i in items] == ["plant the seed", "read the thermometer"]
+    assert all(i.provenance["ranker"] == "reranker" for i in items)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"query": "  "}, "empty"), ({"query": "x", "k": 0}, "k must be"),
+    ({"query": "x", "kbs": ["web"]}, "unknown KB"), ({"query": "x", "rerank": True}, "no reranker"),
+])
+def test_bad_requests_say_what_is_allowed(kwargs, message) -> None:
+    retriever, _ = make()
+    query = kwargs.pop("query")
+    with pytest.raises(KnowMapError, match=message):
+        retriever.retrieve(query, **kwargs)
