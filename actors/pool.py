@@ -24,11 +24,14 @@ _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 def default_workers(config: KnowMapConfig) -> int:
-    """``ray.num_workers`` if set, else the cluster's CPUs (or this machine's cores before Ray starts)."""
+    """``ray.num_workers`` if set, else as many agents as the cluster's CPUs (and ``ray.agent_resources``) fit,
+    or this machine's cores before Ray starts."""
     if config.ray.num_workers:
         return config.ray.num_workers
     if ray.is_initialized():
-        return max(1, int(ray.cluster_resources().get("CPU", 1) // config.ray.num_cpus_per_agent))
+        available = ray.cluster_resources()
+        asks = {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
+        return max(1, min(int(available.get(name, 0) // amount) for name, amount in asks.items() if amount > 0))
     return os.cpu_count() or 1
 
 
@@ -48,6 +51,7 @@ class RolloutPool:
         self._payload = config.model_dump(mode="json")
         self._actor_cls = ray.remote(AgentWorker).options(
             num_cpus=config.ray.num_cpus_per_agent,
+            resources=dict(config.ray.agent_resources),
             max_restarts=config.ray.max_restarts,
             # Bound the JVM heap; it grows to 2.5 GB after a few tasks unless capped.
             runtime_env={"env_vars": {"JAVA_TOOL_OPTIONS": f"-Xmx{config.scienceworld.java_heap}"}},

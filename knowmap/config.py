@@ -96,6 +96,9 @@ class RayConfig(_Section):
     env_kb_snapshot_every: int = Field(default=200, ge=1, description="env-KB writes between snapshots; at most "
                                        "this many logged writes are replayed when an env KB reopens")
     max_episode_retries: int = Field(default=2, ge=0)
+    agent_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each agent "
+                                              "actor asks for, e.g. {rollout: 1} to keep rollouts on the CPU "
+                                              "rollout nodes of a cluster (cluster/README.md)")
 
 
 class TrainingConfig(_Section):
@@ -119,6 +122,8 @@ class TrainingConfig(_Section):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each "
+                                               "training worker asks for, e.g. {trainer: 1} for the GPU nodes")
     backend: Literal["gloo", "nccl"] = "gloo"
     max_failures: int = Field(default=1, ge=-1, description="worker-group restarts from the last checkpoint")
     checkpoints_to_keep: int = Field(default=2, ge=1)
@@ -132,6 +137,43 @@ class TrainingConfig(_Section):
         if self.backend == "nccl" and not self.use_gpu:
             raise ValueError("backend 'nccl' needs use_gpu=true; use 'gloo' for CPU workers")
         return self
+
+
+class ServeConfig(_Section):
+    """The retrieval service on Ray Serve: where it listens, who may call it, request limits, replicas.
+
+    Authentication is on by default: with no ``api_keys`` configured, ``knowmap serve`` generates one key and keeps
+    it in ``<data_dir>/serve/api_key`` (mode 0600), so the service is never left open by accident.
+    """
+
+    host: str = Field(default="127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes the API to the network")
+    port: int = Field(default=8000, ge=1, le=65_535)
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = a generated key "
+                                "kept in <data_dir>/serve/api_key")
+    api_key_file: str = Field(default="", description="file holding accepted keys, one a line; empty = "
+                              "<data_dir>/serve/api_key")
+    public_docs: bool = Field(default=False, description="serve /docs and /openapi.json without a key (the API's "
+                              "description only, never data)")
+    max_texts: int = Field(default=256, ge=1, le=100_000, description="texts (or documents) per request")
+    max_text_chars: int = Field(default=8_192, ge=16, le=1_000_000, description="characters per text")
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="request body size")
+    max_k: int = Field(default=100, ge=1, le=10_000, description="items per KB a retrieve may ask for")
+    max_trajectory_steps: int = Field(default=2_000, ge=1)
+    rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="embedder hits per KB the reranker "
+                                   "re-orders")
+    embedder_replicas: int = Field(default=1, ge=1)
+    reranker_replicas: int = Field(default=1, ge=1)
+    retriever_replicas: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1)
+    embedder_num_cpus: float = Field(default=1.0, ge=0)
+    reranker_num_cpus: float = Field(default=0.5, ge=0)
+    retriever_num_cpus: float = Field(default=0.0, ge=0)
+    ingress_num_cpus: float = Field(default=0.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per embedder and reranker replica")
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="requests the embedder/reranker batch "
+                                "together (@serve.batch); 1 = no batching")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=10)
+    max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
 
 
 class KnowMapConfig(BaseSettings):
@@ -148,6 +190,7 @@ class KnowMapConfig(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("data_dir")
     @classmethod

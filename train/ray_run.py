@@ -166,7 +166,8 @@ def _train(task: TrainingTask, pairs: Sequence[TrainingPair], *, base_model: str
                            "training": config.model_dump(), "run_id": run_id, "identity": identity},
         torch_config=TorchConfig(backend=config.backend),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker,
+                                                           **config.worker_resources}),
         run_config=RunConfig(
             name=name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=config.checkpoints_to_keep),
