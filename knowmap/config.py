@@ -176,6 +176,22 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
 
 
+class RetrainConfig(_Section):
+    """Continuous retraining: when to retrain the retriever and how a new model earns promotion."""
+
+    every: int = Field(default=20, ge=1, description="new trajectories in the experiential KB that start a cycle")
+    gate_tasks: list[str] = Field(default_factory=list, description="tasks the gate evaluates on; empty = "
+                                  "scienceworld.tasks")
+    gate_variations: int = Field(default=2, ge=1, description="the first N dev variations of each gate task; "
+                                 "never used for training, so the gate judges on held-out episodes")
+    min_gain: float = Field(default=0.0, ge=0, description="the candidate's mean nDCG@10 must beat the serving "
+                            "model's by more than this")
+    kinds: list[Literal["env", "experience"]] = Field(default_factory=lambda: ["env", "experience"], min_length=1)
+    reranker: bool = Field(default=True, description="train a reranker with each candidate")
+    poll_seconds: float = Field(default=30.0, gt=0, description="how often the watching controller counts "
+                                "trajectories")
+
+
 class KnowMapConfig(BaseSettings):
     """The whole configuration. Defaults run end to end on one machine with no keys and no network."""
 
@@ -190,6 +206,7 @@ class KnowMapConfig(BaseSettings):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("data_dir")

@@ -256,6 +256,43 @@ class TrainingPair(BaseModel):
     episode_id: str
 
 
+class ServingModels(BaseModel):
+    """The retrieval models in service: what ``GET /v1/models`` and ``knowmap retrain status`` report."""
+
+    embedder: str = Field(description="model dir or name; empty = the packaged base MiniLM")
+    reranker: str = ""
+    ndcg: dict[str, float] = Field(default_factory=dict, description="nDCG@10 per KB kind on the gate's dev set")
+    since: str = Field(default="", description="ISO time it started serving")
+
+
+class RetrainDecision(BaseModel):
+    """One retrain cycle: what was trained, how candidate and serving model scored, and whether it was promoted."""
+
+    at: str
+    trigger: str = Field(description="'new-trajectories' (K reached) or 'manual'")
+    trajectories: int = Field(ge=0, description="trajectories in the experiential KB when the cycle started")
+    train_episodes: int = Field(ge=0)
+    candidate: ServingModels
+    serving: ServingModels
+    candidate_ndcg: dict[str, float]
+    serving_ndcg: dict[str, float]
+    gate_episodes: list[str] = Field(default_factory=list, description="dev episodes the gate evaluated on")
+    promoted: bool
+    reason: str
+    seconds: float = 0.0
+
+
+class RetrainStatus(BaseModel):
+    """The retrain controller's state, persisted in ``<data_dir>/retrain/state.json``."""
+
+    serving: ServingModels
+    previous: ServingModels | None = Field(default=None, description="kept for rollback")
+    trajectories_at_last_cycle: int = 0
+    retrain_every: int = 0
+    last_decision: RetrainDecision | None = None
+    history: list[RetrainDecision] = Field(default_factory=list)
+
+
 def stable_id(*parts: object) -> str:
     """A short deterministic id from its parts (sha1 hex, 20 chars): the same inputs always give the same id."""
     digest = hashlib.sha1("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()

@@ -47,11 +47,19 @@ def latest_models(config: KnowMapConfig) -> dict[str, Any]:
 
 def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
-                    ) -> dict[str, Any]:
+                    episodes: Sequence[Episode] | None = None, record_latest: bool = True,
+                    out_name: str = "training") -> dict[str, Any]:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
+    Args:
+        episodes: train on these (the retrain controller passes expert and agent episodes); default: the
+            train-split episodes of :func:`train_episodes`.
+        record_latest: point ``models/latest.json`` at the new models (the retrain controller does that itself,
+            and only for a model it promotes).
+        out_name: the folder under the data dir for pairs, loss curves and the report.
+
     Returns:
-        the report written to ``<data_dir>/training/report.json``: pair counts, model dirs, loss histories.
+        the report written to ``<data_dir>/<out_name>/report.json``: pair counts, model dirs, loss histories.
 
     Raises:
         KnowMapError: no train-split episodes, or no pairs could be built from them.
@@ -63,7 +71,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     from knowmap.train.pairs import build_pairs
     from knowmap.train.reranker_trainer import train_reranker
 
-    episodes = train_episodes(config, tasks, variations)
+    episodes = list(episodes) if episodes is not None else train_episodes(config, tasks, variations)
     if not episodes:
         raise KnowMapError("no train-split episodes: run `knowmap build-kb --split train` first, or pass --tasks")
     base_path = config.models.embedder or default_embedder_path()
@@ -73,7 +81,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     pairs = pairset.pairs()
     if not pairs:
         raise KnowMapError(f"no training pairs from {len(episodes)} episodes; add tasks or variations")
-    out = config.data_dir / "training"
+    out = config.data_dir / out_name
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
     models = config.data_dir / "models"
@@ -97,10 +105,20 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
         if started_ray and not config.ray.address:
             ray.shutdown()
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    latest = {"embedder": report["embedder"]["model_dir"], "train_tasks": report["train_tasks"],
-              "reranker": report.get("reranker", {}).get("model_dir", "")}
-    (models / LATEST).write_text(json.dumps(latest, indent=2))
+    if record_latest:
+        record_latest_models(config, report["embedder"]["model_dir"], report.get("reranker", {}).get("model_dir", ""),
+                             report["train_tasks"])
     return report
+
+
+def record_latest_models(config: KnowMapConfig, embedder: str, reranker: str, train_tasks: Sequence[str]) -> None:
+    """Point ``models/latest.json`` (what Serve, the agents and evaluation use by default) at these models."""
+    models = config.data_dir / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    latest = {"embedder": embedder, "reranker": reranker, "train_tasks": sorted(train_tasks)}
+    tmp = models / (LATEST + ".tmp")
+    tmp.write_text(json.dumps(latest, indent=2))
+    tmp.replace(models / LATEST)  # atomic: a reader sees the old or the new pair, never half of each
 
 
 def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,

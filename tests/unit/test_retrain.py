@@ -1,0 +1,109 @@
+"""The retrain controller's logic: the gate, when a cycle starts, the order of promotion, persisted state.
+
+Training and evaluation are replaced by fixed scores here; the real thing (Ray Train on real pairs, real
+evaluation) is tested in tests/ray/test_retrain_gate.py.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from knowmap.actors.retrain import RetrainController, decide
+from knowmap.config import load_config
+from knowmap.errors import KnowMapError
+from knowmap.schemas import ServingModels
+
+
+def test_gate_promotes_only_a_better_mean() -> None:
+    promote, reason = decide({"env": 0.6, "experience": 0.5}, {"env": 0.5, "experience": 0.5})
+    assert promote and "0.550 vs serving 0.500" in reason
+    promote, reason = decide({"env": 0.6, "experience": 0.3}, {"env": 0.5, "experience": 0.5})
+    assert not promote and "kept the serving model" in reason
+    assert not decide({"env": 0.52}, {"env": 0.5}, min_gain=0.05)[0]  # a gain within the margin is not enough
+    with pytest.raises(KnowMapError, match="same KB kinds"):
+        decide({"env": 0.6}, {"experience": 0.5})
+
+
+class Scripted(RetrainController):
+    """The controller with training and evaluation replaced by scripted candidates and scores."""
+
+    def __init__(self, config, scores, **kwargs) -> None:
+        self.scores, self.trained = list(scores), 0
+        super().__init__(config, **kwargs)
+
+    def gate_episodes(self):
+        return [SimpleNamespace(task="boil", split="dev", episode_id="boil-dev-0", trajectory=SimpleNamespace(
+            variation=0))]
+
+    def training_episodes(self, held_out):
+        assert held_out == {("boil", "dev", 0)}
+        return ["episode"] * 3
+
+    def _train(self, episodes):
+        self.trained += 1
+        return ServingModels(embedder=f"/models/embedder-{self.trained}", reranker=f"/models/reranker-{self.trained}")
+
+    def _evaluate(self, gate, models):
+        candidate, serving = self.scores.pop(0)
+        return {"candidate": {"env": candidate}, "serving": {"env": serving}}
+
+
+@pytest.fixture
+def setup(tmp_path):
+    config = load_config(data_dir=tmp_path, retrain={"every": 3, "kinds": ["env"]})
+    calls: list[tuple[str, str]] = []
+    box = {"count": 0}
+    make = lambda scores: Scripted(  # noqa: E731
+        config, scores, count_trajectories=lambda: box["count"],
+        reindex=lambda path: calls.append(("reindex", path)), swap=lambda m: calls.append(("swap", m.embedder)))
+    return config, calls, box, make
+
+
+def test_a_cycle_starts_after_k_new_trajectories_and_promotes_a_better_model(setup) -> None:
+    config, calls, box, make = setup
+    controller = make([(0.7, 0.5)])
+    box["count"] = 2
+    assert controller.maybe_retrain() is None and controller.trained == 0
+    box["count"] = 3
+    decision = controller.maybe_retrain()
+    assert decision["promoted"] and decision["trigger"] == "new-trajectories"
+    # The new collection is complete before the service switches to it.
+    assert calls == [("reindex", "/models/embedder-1"), ("swap", "/models/embedder-1")]
+    status = controller.status()
+    assert status["serving"]["embedder"] == "/models/embedder-1" and status["previous"]["embedder"] == ""
+    assert status["trajectories_at_last_cycle"] == 3 and controller.pending() == 0
+    assert (config.data_dir / "models" / "latest.json").read_text().count("/models/embedder-1") == 1
+
+
+def test_a_worse_candidate_is_rejected_and_the_reason_kept_across_restarts(setup) -> None:
+    config, calls, box, make = setup
+    box["count"] = 5
+    controller = make([(0.4, 0.5)])
+    decision = controller.retrain()
+    assert not decision["promoted"] and "kept the serving model" in decision["reason"] and calls == []
+    reopened = make([])
+    assert reopened.status()["last_decision"]["reason"] == decision["reason"]
+    assert reopened.status()["serving"]["embedder"] == "" and reopened.pending() == 0
+
+
+def test_rollback_serves_the_previous_model_again(setup) -> None:
+    _, calls, box, make = setup
+    box["count"] = 3
+    controller = make([(0.7, 0.5)])
+    with pytest.raises(KnowMapError, match="nothing to roll back"):
+        controller.rollback()
+    controller.retrain()
+    status = controller.rollback()
+    assert status["serving"]["embedder"] == "" and status["previous"]["embedder"] == "/models/embedder-1"
+    assert calls[-2:] == [("reindex", ""), ("swap", "")]
+
+
+def test_a_corrupt_state_file_is_an_error_not_a_fresh_start(setup) -> None:
+    config, _, _, make = setup
+    path = config.data_dir / "retrain" / "state.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    with pytest.raises(KnowMapError, match="corrupt"):
+        make([])
