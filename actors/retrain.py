@@ -225,7 +225,7 @@ class RetrainController:
         from knowmap.train.pipeline import train_retriever
 
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
-                                 record_latest=False, out_name="retrain")
+                                 record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}")
         return ServingModels(embedder=report["embedder"]["model_dir"],
                              reranker=report.get("reranker", {}).get("model_dir", ""))
 

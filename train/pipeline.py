@@ -48,7 +48,7 @@ def latest_models(config: KnowMapConfig) -> dict[str, Any]:
 def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
-                    out_name: str = "training") -> dict[str, Any]:
+                    out_name: str = "training", tag: str = "") -> dict[str, Any]:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
     Args:
@@ -57,6 +57,8 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
         record_latest: point ``models/latest.json`` at the new models (the retrain controller does that itself,
             and only for a model it promotes).
         out_name: the folder under the data dir for pairs, loss curves and the report.
+        tag: appended to the model dirs (``embedder-<data hash>-<tag>``), so that two models trained on the same
+            data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
 
     Returns:
         the report written to ``<data_dir>/<out_name>/report.json``: pair counts, model dirs, loss histories.
@@ -85,19 +87,20 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
     models = config.data_dir / "models"
+    suffix = pairset.data_hash[:12] + (f"-{tag}" if tag else "")
     started_ray = not ray.is_initialized()
     init_ray(config)
     try:
         report: dict[str, Any] = {"episodes": len(episodes), "train_tasks": sorted({e.task for e in episodes}),
                                   "pairs": pairset.counts, "data_hash": pairset.data_hash}
         emb = train_embedder(pairs, base_model=str(base_path),
-                             output_dir=str(models / f"embedder-{pairset.data_hash[:12]}"), config=config.training,
+                             output_dir=str(models / f"embedder-{suffix}"), config=config.training,
                              on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
         plot_loss(emb.history, out / "loss_embedder.png")
         report["embedder"] = {"model_dir": emb.model_dir, "history": emb.history, "epochs_run": emb.epochs_run}
         if reranker:
             rer = train_reranker(pairs, base_model=str(config.models.reranker or base_path),
-                                 output_dir=str(models / f"reranker-{pairset.data_hash[:12]}"), config=config.training,
+                                 output_dir=str(models / f"reranker-{suffix}"), config=config.training,
                                  on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
             plot_loss(rer.history, out / "loss_reranker.png")
             report["reranker"] = {"model_dir": rer.model_dir, "history": rer.history, "epochs_run": rer.epochs_run}

@@ -1,0 +1,51 @@
+"""The promotion gate on real models: real training on Ray Train (2 workers), real evaluation on a dev episode.
+
+A candidate trained with a learning rate far too high for a transformer (1e-2) is worse than the base model and
+is rejected; when that ruined model is what serves, a sanely trained candidate beats it and is promoted.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from knowmap.actors.retrain import RetrainController
+from knowmap.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"
+
+
+def test_gate_rejects_a_worse_model_and_promotes_a_better_one(tmp_path: Path) -> None:
+    (tmp_path / "trajectories").mkdir()
+    for path in FIXTURES.glob("*.json"):
+        shutil.copy(path, tmp_path / "trajectories" / path.name)
+    base = dict(data_dir=tmp_path, retrain={"every": 1, "gate_tasks": ["boil"], "gate_variations": 1,
+                                            "kinds": ["env"], "reranker": False})
+    swaps: list[str] = []
+
+    def controller(lr: float) -> RetrainController:
+        config = load_config(**base, training={"epochs": 1, "batch_size": 8, "max_seq_length": 48, "lr": lr,
+                                               "warmup_ratio": 0.0, "max_failures": 0})
+        return RetrainController(config, count_trajectories=lambda: 2, reindex=lambda path: None,
+                                 swap=lambda models: swaps.append(models.embedder))
+
+    ruined = controller(lr=1e-2).retrain()
+    assert not ruined["promoted"], ruined["reason"]
+    assert ruined["candidate_ndcg"]["env"] < ruined["serving_ndcg"]["env"]
+    assert ruined["gate_episodes"] and all("-dev-" in e for e in ruined["gate_episodes"])
+    assert swaps == []
+
+    # Now the ruined model serves (as if an earlier, ungated deployment had put it there).
+    sane = controller(lr=2e-5)
+    sane.state.serving = sane.state.serving.model_copy(update={"embedder": ruined["candidate"]["embedder"]})
+    decision = sane.retrain()
+    assert decision["promoted"], decision["reason"]
+    assert decision["candidate_ndcg"]["env"] > decision["serving_ndcg"]["env"]
+    assert swaps == [decision["candidate"]["embedder"]]
+    status = RetrainController(sane.config, count_trajectories=lambda: 2).status()  # reloaded from disk
+    assert status["serving"]["embedder"] == decision["candidate"]["embedder"]
+    assert status["previous"]["embedder"] == ruined["candidate"]["embedder"]
+    assert [d["promoted"] for d in status["history"]] == [False, True]
