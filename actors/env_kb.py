@@ -86,6 +86,10 @@ class EnvKBActor:
     def history(self, subject: str, relation: str) -> list[dict[str, Any]]:
         return [f.model_dump(mode="json") for f in self._kb.history(subject, relation)]
 
+    def all_facts(self) -> list[dict[str, Any]]:
+        """Every fact the KB ever held, open and closed, oldest first, with their step ranges."""
+        return list(self._kb.kb.to_dict()["facts"])
+
     def about(self, objects: list[str], step: int | None = None) -> list[dict[str, Any]]:
         return [f.model_dump(mode="json") for f in self._kb.about(objects, step)]
 

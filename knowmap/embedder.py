@@ -73,8 +73,10 @@ class Embedder:
     def __init__(self, name_or_path: str = "", device: str = "cpu", batch_size: int = 64) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name = _slug(name_or_path) if name_or_path else DEFAULT_EMBEDDER_NAME
         self.name_or_path = str(name_or_path) if name_or_path else default_embedder_path()
+        # The packaged MiniLM keeps its name when given by path (the retrieval service passes paths), so that
+        # both spellings name the same collection.
+        self.name = DEFAULT_EMBEDDER_NAME if _is_default(self.name_or_path) else _slug(name_or_path)
         self.device = device
         self.batch_size = batch_size
         self._model = _load(self.name_or_path, device)
@@ -143,6 +145,13 @@ def _load(name_or_path: str, device: str) -> SentenceTransformer:
             "No model hub is reachable here: pass a local model directory (or leave models.embedder empty for "
             "the packaged MiniLM), and check that the device exists"
         ) from e
+
+
+def _is_default(name_or_path: str) -> bool:
+    try:
+        return os.path.realpath(name_or_path) == os.path.realpath(default_embedder_path())
+    except EmbedderError:
+        return False
 
 
 def _slug(name_or_path: str) -> str:

@@ -1,0 +1,193 @@
+"""Wire schemas of the retrieval service's HTTP API, version 1 (``/v1``), shared by server, client and tests.
+
+Why a module beside :mod:`knowmap.schemas`: that module holds the domain types every layer passes around (facts,
+observations, trajectories, knowledge items); this one holds only the request and response bodies of the public
+API, built from those types. Together they would pass 500 lines, and external agents read this one as the API's
+contract. Limits that depend on the deployment (texts per request, characters per text) are checked by the
+routes from ``config.serve``; the bounds here are the ones every deployment shares.
+
+``/v1/embeddings`` follows OpenAI's wire format (``input`` a string or a list of strings, ``encoding_format``
+``float`` or ``base64``: the ``openai`` Python client asks for base64 by default), so
+``openai.OpenAI(base_url=.../v1).embeddings.create(...)`` works unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from knowmap.schemas import Fact, KnowledgeItem, Observation, Trajectory
+
+API_VERSION = "v1"
+ENV_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+KBKind = Literal["env", "experience"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+# -- errors ----------------------------------------------------------------------------------------------------
+ErrorType = Literal["unauthorized", "invalid_request", "too_large", "not_found", "conflict", "unavailable",
+                    "internal_error"]
+
+
+class ErrorDetail(BaseModel):
+    type: ErrorType = Field(description="machine-readable kind of error")
+    message: str = Field(description="what was wrong and how to fix it")
+    code: str | None = Field(default=None, description="finer cause, e.g. 'too_many_texts', 'text_too_long'")
+    param: str | None = Field(default=None, description="the offending field, e.g. 'input[3]' or 'body.k'")
+    errors: list[dict[str, Any]] | None = Field(default=None, description="each validation error, for 422")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status: ``{"error": {"type", "message", "code", "param"}}`` (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+# -- embeddings (OpenAI-compatible) ----------------------------------------------------------------------------
+class EmbeddingRequest(_Request):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields a future API adds (e.g. user)
+
+    input: str | list[str] = Field(description="one text or a list of texts")
+    model: str = Field(default="", max_length=512, description="ignored: the deployed embedder answers "
+                       "(GET /v1/models names it); kept for OpenAI compatibility")
+    encoding_format: Literal["float", "base64"] = Field(default="float", description="base64 = little-endian "
+                                                        "float32 bytes, as OpenAI")
+    dimensions: int | None = Field(default=None, ge=1, description="must equal the model's dimension if given")
+    user: str | None = Field(default=None, max_length=512)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str = Field(description="the embedder version that produced the vectors")
+    usage: EmbeddingUsage = Field(default_factory=EmbeddingUsage)
+
+
+# -- rerank ----------------------------------------------------------------------------------------------------
+class RerankRequest(_Request):
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(min_length=1)
+    top_n: int | None = Field(default=None, ge=1, description="return only the best top_n; None = all")
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="position in the request's documents")
+    score: float = Field(description="relevance in [0, 1], higher is better")
+    document: str
+
+
+class RerankResponse(BaseModel):
+    model: str = Field(description="the reranker version")
+    results: list[RerankResult] = Field(description="best first")
+
+
+# -- retrieve --------------------------------------------------------------------------------------------------
+class RetrieveRequest(_Request):
+    query: str = Field(min_length=1, description="the situation: task, current sub-goal, recent observation")
+    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, description="whose env facts to search; "
+                               "without it only experience is searched")
+    task: str | None = Field(default=None, max_length=128, description="restrict experience to this "
+                             "ScienceWorld task; None = all tasks")
+    k: int = Field(default=5, ge=1, description="items per KB (at most serve.max_k)")
+    kbs: list[KBKind] = Field(default_factory=lambda: ["env", "experience"], min_length=1, max_length=2)
+    rerank: bool = Field(default=False, description="re-order each KB's candidates with the cross-encoder")
+    as_of_step: int | None = Field(default=None, ge=0, description="env facts as of this step; None = now")
+
+
+class RetrieveResponse(BaseModel):
+    items: list[KnowledgeItem] = Field(description="env facts first, then sub-goals, each best first; "
+                                       "provenance says where each came from and which ranker scored it")
+    embedder: str = Field(description="the embedder version used for this request")
+    reranker: str | None = Field(default=None, description="the reranker version, if reranking was done")
+
+
+# -- env KBs ---------------------------------------------------------------------------------------------------
+class ObservationsRequest(_Request):
+    observations: list[Observation] = Field(min_length=1, description="in step order; a step may not go back")
+
+
+class ObservationsResponse(BaseModel):
+    env_id: str
+    accepted: int = Field(description="observations applied")
+    changes: int = Field(description="facts opened or closed by them")
+    last_step: int
+    facts: int = Field(description="facts the env KB holds, open and closed")
+
+
+class FactsResponse(BaseModel):
+    env_id: str
+    as_of_step: int | None = None
+    facts: list[Fact]
+
+
+# -- trajectories ----------------------------------------------------------------------------------------------
+class TrajectoryRequest(_Request):
+    trajectory: Trajectory = Field(description="the finished episode; stored with source 'agent'")
+    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, description="the env KB the episode's "
+                               "observations went to: its facts are attached to the sub-goals")
+
+
+class TrajectoryResponse(BaseModel):
+    episode_id: str
+    subgoals: int
+    rows: int = Field(description="rows written to each embedder version's collection")
+
+
+# -- models and health -----------------------------------------------------------------------------------------
+class ModelInfo(BaseModel):
+    object: Literal["model"] = "model"
+    id: str = Field(description="the version: name and a fingerprint of the weights")
+    role: Literal["embedder", "reranker"]
+    path: str
+    dim: int | None = None
+    owned_by: str = "knowmap"
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+    experience_collections: list[str] = Field(default_factory=list, description="embedder versions whose "
+                                              "experiential collection is indexed")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    api_version: str = API_VERSION
+
+
+# -- between deployments (Ray calls inside the service, not HTTP) ----------------------------------------------
+class EncodedTexts(BaseModel):
+    """The embedder deployment's answer: vectors and the model that made them.
+
+    ``model`` is the model directory actually used: the one asked for if the replica holds it, else the current
+    one; ``current`` is the replica's current model, so callers move to a new version after a swap.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    vectors: Any = Field(description="numpy float32 (n, dim), unit rows")
+    model: str
+    version: str
+    current: str
+
+
+class ScoredDocuments(BaseModel):
+    """The reranker deployment's answer: one score per document, in input order."""
+
+    scores: list[float]
+    version: str

@@ -1,0 +1,214 @@
+"""The retrieval service's application: a typed app builder, starting the service, and swapping its models.
+
+:func:`build_app` wires Embedder and Reranker deployments, the Retriever (over them and the KB actors) and the
+FastAPI ingress, with replica counts and resources from ``config.serve``. Models travel as each deployment's
+``user_config``; :func:`swap_models` (what ``knowmap serve --embedder/--reranker`` and the retrain controller
+call) re-indexes the experiential KB for a new embedder, then redeploys the same app with the new
+``user_config``: Serve reconfigures the running replicas in place, and no request fails (see
+:mod:`knowmap.serve.retriever` for how requests stay on one model).
+
+Serve gives every ``serve.run`` a random code version unless one is set, and a new code version restarts every
+replica; only a change that keeps it (a ``user_config`` change) is the documented lightweight in-place update.
+So each deployment gets a version derived from its code and its constructor arguments: redeploying the same
+code and config with other models reconfigures, while changed code or config still restarts replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from knowmap.config import KnowMapConfig
+from knowmap.errors import KnowMapError
+
+APP_NAME = "knowmap"
+
+
+class ServeAppArgs(BaseModel):
+    """What :func:`build_app` needs: the config, the models, and the digests of the accepted API keys."""
+
+    config: dict[str, Any] = Field(description="KnowMapConfig.model_dump(mode='json')")
+    embedder: str = Field(default="", description="sentence-transformers model dir; '' = the packaged MiniLM")
+    reranker: str = Field(default="", description="CrossEncoder dir; '' = no reranker")
+    key_digests: list[str] = Field(min_length=1, description="SHA-256 digests of the accepted API keys")
+
+
+class ServiceInfo(BaseModel):
+    """Where a started service answers, and with which models."""
+
+    url: str
+    docs_url: str
+    key_file: str | None
+    api_key: str = Field(repr=False, description="one accepted key (for the caller's own client)")
+    embedder: str
+    reranker: str
+
+
+def resolve_models(config: KnowMapConfig, embedder: str | None = None, reranker: str | None = None,
+                   ) -> tuple[str, str]:
+    """The models to serve: explicit paths, else ``models.embedder``/``models.reranker``, else the newest trained
+    ones (``<data_dir>/models/latest.json``), else the packaged MiniLM and no reranker.
+
+    Raises:
+        KnowMapError: an explicit path is not a directory.
+    """
+    latest: dict[str, Any] = {}
+    path = config.data_dir / "models" / "latest.json"
+    if path.is_file():
+        latest = json.loads(path.read_text())
+    chosen = []
+    for given, configured, key in ((embedder, config.models.embedder, "embedder"),
+                                   (reranker, config.models.reranker, "reranker")):
+        value = given if given is not None else (configured or latest.get(key) or "")
+        if value and given is not None and not Path(value).is_dir():
+            raise KnowMapError(f"--{key} {value!r} is not a directory; pass a model directory `knowmap train` wrote")
+        chosen.append(str(Path(value).resolve()) if value and Path(value).is_dir() else value)
+    return chosen[0], chosen[1]
+
+
+def build_app(args: ServeAppArgs) -> Any:
+    """The Serve application: ``Ingress(Embedder, Reranker, Retriever(Embedder, Reranker))``.
+
+    Returns:
+        a bound application for ``serve.run``.
+    """
+    from knowmap.serve.api import Ingress
+    from knowmap.serve.deployments import EmbedderDeployment, RerankerDeployment
+    from knowmap.serve.retriever import RetrieverDeployment
+
+    config = KnowMapConfig.model_validate(args.config)
+    s, device = config.serve, config.models.device
+    batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+
+    def options(deployment: Any, replicas: int, cpus: float, gpus: float, init: Any, **extra: Any) -> Any:
+        version = _code_version(deployment.name, init, replicas, cpus, gpus)
+        return deployment.options(num_replicas=replicas, max_ongoing_requests=s.max_ongoing_requests,
+                                  ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
+                                  version=version, _internal=True, **extra)
+
+    model_init = (device, config.models.batch_size)
+    embedder = options(EmbedderDeployment, s.embedder_replicas, s.embedder_num_cpus, s.num_gpus, model_init,
+                       user_config={"model": args.embedder, **batching}).bind(*model_init)
+    reranker = options(RerankerDeployment, s.reranker_replicas, s.reranker_num_cpus, s.num_gpus, model_init,
+                       user_config={"model": args.reranker, **batching}).bind(*model_init)
+    retriever = options(RetrieverDeployment, s.retriever_replicas, s.retriever_num_cpus, 0.0,
+                        args.config).bind(embedder, reranker, args.config)
+    return options(Ingress, s.ingress_replicas, s.ingress_num_cpus, 0.0, [args.config, args.key_digests]).bind(
+        embedder, reranker, retriever, args.config, args.key_digests)
+
+
+def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranker: str | None = None,
+                  ) -> ServiceInfo:
+    """Start (or update) the service on this Ray cluster: Ray, the experiential-KB index, Serve's HTTP proxy on
+    ``serve.host:serve.port``, the app. Returns when it answers.
+
+    Args:
+        embedder, reranker: model dirs; None = :func:`resolve_models`' defaults; ``reranker=""`` = none.
+
+    Raises:
+        ConfigError: the API key file is readable by others.
+        EmbedderError, RerankerError: a model cannot be loaded.
+    """
+    from knowmap.actors.experience import get_experience_kb
+    from knowmap.actors.runtime import init_ray
+    from knowmap.serve.auth import digest, load_api_keys
+
+    keys, key_file = load_api_keys(config)
+    embedder, reranker = resolve_models(config, embedder, reranker)
+    init_ray(config)
+    ray.get(get_experience_kb(config).ensure_index.remote(embedder))  # its collection exists before traffic
+    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=embedder, reranker=reranker,
+                        key_digests=[digest(k) for k in keys])
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://{config.serve.host}:{config.serve.port}"
+    return ServiceInfo(url=url, docs_url=f"{url}/docs", key_file=str(key_file) if key_file else None,
+                       api_key=keys[0], embedder=embedder, reranker=reranker)
+
+
+def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker: str | None = None,
+                timeout_s: float = 600.0) -> dict[str, Any]:
+    """Hot-swap the running service's models without failing in-flight or new requests.
+
+    Order: (1) the experiential-KB actor builds the new embedder's collection (re-embedding every row; adds made
+    meanwhile reach both) and returns when it is complete; (2) the app is redeployed with the new models as
+    ``user_config``, which Serve applies to the running replicas in place (each loads the new model beside the
+    old one, then switches); (3) this waits until the embedder answers with the new model. The old collection
+    and, in each embedder replica, the old model are kept, so swapping back is quick (rollback).
+
+    Args:
+        config: the config the service was started with (same ``serve`` section and keys).
+        embedder: the new embedder dir; None = keep the current one.
+        reranker: the new reranker dir; None = keep the current one; "" = no reranker.
+        timeout_s: how long to wait for the replicas to switch.
+
+    Returns:
+        ``{"embedder": {"path", "version"}, "reranker": {...} | None, "index": {...}, "seconds": s}``.
+
+    Raises:
+        KnowMapError: the service is not running, a path is not a model directory, or the switch did not
+            complete within ``timeout_s``.
+        EmbedderError, RerankerError: a model cannot be loaded.
+    """
+    from knowmap.actors.experience import get_experience_kb
+    from knowmap.serve.auth import digest, load_api_keys
+
+    started = time.perf_counter()
+    embed_handle, rerank_handle = _handle("Embedder"), _handle("Reranker")
+    current_embedder = embed_handle.info.remote().result()["path"]
+    current_reranker = (rerank_handle.info.remote().result() or {}).get("path", "")
+    new_embedder, new_reranker = resolve_models(config, embedder, reranker)
+    new_embedder = new_embedder if embedder is not None else current_embedder
+    new_reranker = new_reranker if reranker is not None else current_reranker
+    index = ray.get(get_experience_kb(config).ensure_index.remote(new_embedder), timeout=timeout_s)
+    keys, _ = load_api_keys(config, generate=False)
+    args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=new_embedder, reranker=new_reranker,
+                        key_digests=[digest(k) for k in keys])
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + timeout_s
+    replicas = config.serve.embedder_replicas
+    while True:  # every replica answers with the new model (routing spreads these probes over replicas)
+        infos = [embed_handle.info.remote().result() for _ in range(4 * replicas)]
+        if all(i["version"] == index["version"] for i in infos):
+            break
+        if time.monotonic() > deadline:
+            raise KnowMapError(f"the embedder replicas did not switch to {new_embedder} within {timeout_s} s")
+        time.sleep(0.2)
+    return {"embedder": {"path": new_embedder, "version": index["version"]},
+            "reranker": rerank_handle.info.remote().result(), "index": index,
+            "seconds": time.perf_counter() - started}
+
+
+def stop_service() -> None:
+    """Delete the app and stop Serve (Ray keeps running; the KB actors are detached and stay)."""
+    serve.shutdown()
+
+
+def _handle(deployment: str) -> DeploymentHandle:
+    try:
+        return serve.get_deployment_handle(deployment, app_name=APP_NAME)
+    except Exception as e:  # noqa: BLE001 - Serve raises several kinds when no app or controller exists
+        raise KnowMapError(f"the retrieval service is not running on this Ray cluster ({e}); start it with "
+                           "`knowmap serve`") from e
+
+
+def _code_version(name: str, *parts: Any) -> str:
+    """A deployment version from the service's source files and the deployment's arguments (see module doc)."""
+    import knowmap
+    import knowmap.actors
+    import knowmap.serve
+
+    digest = hashlib.sha256(name.encode())
+    for package in (knowmap, knowmap.actors, knowmap.serve):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            digest.update(path.read_bytes())
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

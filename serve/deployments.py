@@ -1,0 +1,172 @@
+"""The retrieval service's model deployments: embedder and reranker, each batching over a pure function.
+
+Models are not constructor arguments but ``user_config`` (``{"model": path, "max_batch_size": n,
+"batch_wait_timeout_s": t}``): changing it is a lightweight Serve update that calls :meth:`reconfigure` on the
+running replicas, which load the new model in a thread while they keep answering with the old one, then switch.
+The embedder keeps the previous model too (``keep_models``), so a request that began on the old version can
+finish on it (see :class:`knowmap.serve.retriever.RetrieverDeployment`): no request fails during a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from knowmap.api_schemas import EncodedTexts, ScoredDocuments
+from knowmap.embedder import Embedder, default_embedder_path
+from knowmap.errors import KnowMapError
+from knowmap.reranker import Reranker
+
+logger = logging.getLogger("ray.serve")
+
+
+class RerankerUnavailableError(KnowMapError):
+    """Reranking was asked for but the service runs without a reranker."""
+
+
+# -- pure batch functions (tested without Ray) -----------------------------------------------------------------
+def encode_requests(encode: Any, requests: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    """Embed several requests' texts in one call and give each request its rows back.
+
+    Args:
+        encode: ``list[str] -> (n, dim)`` array.
+        requests: each request's texts.
+
+    Returns:
+        one ``(len(texts), dim)`` array per request, in order.
+    """
+    flat = [text for texts in requests for text in texts]
+    vectors = np.asarray(encode(flat), dtype=np.float32) if flat else np.zeros((0, 0), dtype=np.float32)
+    out, start = [], 0
+    for texts in requests:
+        out.append(vectors[start:start + len(texts)])
+        start += len(texts)
+    return out
+
+
+def score_requests(predict: Any, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+    """Score several ``(query, documents)`` requests with one cross-encoder call over all their pairs.
+
+    Args:
+        predict: ``list[(query, document)] -> list[float]``.
+
+    Returns:
+        one list of scores per request, in document order.
+    """
+    pairs = [(query, doc) for query, docs in requests for doc in docs]
+    scores = list(predict(pairs)) if pairs else []
+    out, start = [], 0
+    for _, docs in requests:
+        out.append([float(s) for s in scores[start:start + len(docs)]])
+        start += len(docs)
+    return out
+
+
+def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
+    if "max_batch_size" in user_config:
+        handler.set_max_batch_size(int(user_config["max_batch_size"]))
+    if "batch_wait_timeout_s" in user_config:
+        handler.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+
+# -- deployments -----------------------------------------------------------------------------------------------
+@serve.deployment(name="Embedder")
+class EmbedderDeployment:
+    """Sentence embeddings, batched across concurrent requests.
+
+    Args:
+        device: torch device for the models.
+        batch_size: texts per forward pass.
+        keep_models: models held at once (the current one and the ones before it), at least 2 so that requests
+            pinned to the previous version finish during a swap.
+    """
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64, keep_models: int = 2) -> None:
+        self._device, self._batch_size, self._keep = device, batch_size, max(2, keep_models)
+        self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
+        self._current = ""
+        self._swap = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``; loads a new model off the event loop."""
+        _batch_settings(self._encode_batch, user_config)
+        path = str(user_config.get("model") or "") or default_embedder_path()
+        async with self._swap:
+            if path not in self._models:
+                self._models[path] = await asyncio.to_thread(Embedder, path, self._device, self._batch_size)
+            self._models.move_to_end(path)
+            self._current = path
+            while len(self._models) > self._keep:
+                self._models.popitem(last=False)
+        logger.info("embedder now %s", self._models[path].version)
+
+    async def encode(self, texts: list[str], model: str | None = None) -> EncodedTexts:
+        """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
+        return await self._encode_batch((list(texts), model))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
+        current = self._current
+        chosen = [model if model in self._models else current for _, model in requests]
+        models = {path: self._models[path] for path in chosen}  # held here even if a swap evicts one meanwhile
+        results: list[EncodedTexts | None] = [None] * len(requests)
+        for path, embedder in models.items():  # normally one model; two only while a swap is under way
+            members = [i for i, p in enumerate(chosen) if p == path]
+            rows = await asyncio.to_thread(encode_requests, embedder.encode, [requests[i][0] for i in members])
+            for i, vectors in zip(members, rows, strict=True):
+                results[i] = EncodedTexts(vectors=vectors, model=path, version=embedder.version, current=current)
+        return results  # type: ignore[return-value]
+
+    async def info(self) -> dict[str, Any]:
+        """The current model: ``path``, ``version``, ``dim``; and every model held."""
+        embedder = self._models[self._current]
+        return {"path": self._current, "version": embedder.version, "dim": embedder.dim,
+                "held": [m.version for m in self._models.values()]}
+
+
+@serve.deployment(name="Reranker")
+class RerankerDeployment:
+    """Cross-encoder scores, batched across concurrent requests; ``model`` "" = no reranker."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
+        self._device, self._batch_size = device, batch_size
+        self._model: Reranker | None = None
+        self._swap = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        _batch_settings(self._score_batch, user_config)
+        path = str(user_config.get("model") or "")
+        async with self._swap:
+            if not path:
+                self._model = None
+            elif self._model is None or self._model.name_or_path != path:
+                # Loaded aside, then swapped in one assignment: a batch in flight keeps the model it started with.
+                self._model = await asyncio.to_thread(Reranker, path, self._device, self._batch_size)
+
+    async def score(self, query: str, documents: list[str]) -> ScoredDocuments:
+        """Relevance of each document to ``query``.
+
+        Raises:
+            RerankerUnavailableError: the service runs without a reranker.
+        """
+        if self._model is None:
+            raise RerankerUnavailableError("this service runs without a reranker: start it with "
+                                           "`knowmap serve --reranker PATH` (a directory `knowmap train` wrote)")
+        return await self._score_batch((query, list(documents)))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[ScoredDocuments]:
+        model = self._model
+        if model is None:
+            raise RerankerUnavailableError("the reranker was removed while this request waited; retry without rerank")
+        scores = await asyncio.to_thread(score_requests, model.predict, requests)
+        return [ScoredDocuments(scores=s, version=model.version) for s in scores]
+
+    async def info(self) -> dict[str, Any] | None:
+        return None if self._model is None else {"path": self._model.name_or_path, "version": self._model.version}

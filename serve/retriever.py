@@ -1,0 +1,233 @@
+"""The retriever deployment: :class:`knowmap.retrieval.Retriever` over the embedder and reranker deployments and
+the KB actors, plus the env-KB and trajectory operations of the API.
+
+Env facts come from the env-KB actor named ``envkb:<env_id>`` (:mod:`knowmap.actors.env_kb`): each env id has
+its own actor and files, so a request for one env id can only ever see that env's facts. Experience comes from
+the shared experiential-KB actor, searched in the collection of the embedder version that embedded the query.
+
+Hot swap without failed requests: every request is pinned to one embedder model. Its first call asks the
+embedder for the model this replica last saw as current; the embedder answers with that model if it still holds
+it (it keeps the previous one) and says which model is now current, which later requests then use. If a replica
+no longer holds the pinned model, the answer names the model it used instead and the request starts over on it.
+A request thus never mixes vectors of two models, and fact vectors are cached per model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import ray
+from ray import serve
+
+from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb
+from knowmap.actors.experience import get_experience_kb
+from knowmap.api_schemas import (
+    ObservationsRequest,
+    ObservationsResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+    TrajectoryRequest,
+    TrajectoryResponse,
+)
+from knowmap.config import KnowMapConfig
+from knowmap.durable_kb import validate_env_id
+from knowmap.errors import KnowMapError
+from knowmap.retrieval import Retriever
+from knowmap.schemas import Fact, KnowledgeItem, Subgoal
+
+_MAX_ENV_HANDLES = 1024
+_ATTEMPTS = 3
+
+
+class EnvNotFoundError(KnowMapError):
+    """No env KB exists for an env id."""
+
+
+class EpisodeConflictError(KnowMapError):
+    """A contributed trajectory would overwrite an expert episode."""
+
+
+class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an error
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.model = model
+
+
+@serve.deployment(name="Retriever")
+class RetrieverDeployment:
+    """Retrieval, env-KB reads and writes, and trajectory contributions, for the HTTP ingress.
+
+    Args:
+        embedder, reranker: handles of the model deployments.
+        config: ``KnowMapConfig.model_dump(mode="json")``: the store, data dir, namespace, ``serve`` limits.
+    """
+
+    def __init__(self, embedder: Any, reranker: Any, config: dict[str, Any]) -> None:
+        self._config = KnowMapConfig.model_validate(config)
+        self._embedder, self._reranker = embedder, reranker
+        self._experience = get_experience_kb(self._config)
+        self._lock = threading.Lock()
+        self._model: str | None = None  # the embedder model new requests are pinned to
+        self._retrievers: OrderedDict[str, Retriever] = OrderedDict()  # per model: each has its own fact cache
+        self._versions: dict[str, str] = {}  # model dir -> embedder version
+        self._env_handles: OrderedDict[str, Any] = OrderedDict()
+        self._reranker_version: str | None = None
+
+    # -- retrieval -------------------------------------------------------------------------------------------
+    async def retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
+        """Env facts, then experiential sub-goals, for the request (see :meth:`Retriever.retrieve`)."""
+        return await asyncio.to_thread(self._retrieve, request)
+
+    def _retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
+        model = self._model or self._embedder.info.remote().result()["path"]
+        for _ in range(_ATTEMPTS):
+            retriever = self._retriever_for(model)
+            try:
+                items = retriever.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
+                                           kbs=request.kbs, rerank=request.rerank, step=request.as_of_step)
+            except _ModelChanged as e:  # this replica's embedder no longer holds the pinned model
+                model = e.model
+                continue
+            return RetrieveResponse(items=items, embedder=self._versions[model],
+                                    reranker=self._reranker_version if request.rerank else None)
+        raise KnowMapError(f"the embedder changed model {_ATTEMPTS} times during one request; retry")
+
+    def _retriever_for(self, model: str) -> Retriever:
+        with self._lock:
+            retriever = self._retrievers.get(model)
+            if retriever is None:
+                retriever = Retriever(lambda texts: self._encode(texts, model), env_facts=self._env_facts,
+                                      experience=lambda v, k, task: self._search(v, k, task, model),
+                                      rerank=self._rerank,
+                                      rerank_candidates=self._config.serve.rerank_candidates)
+                self._retrievers[model] = retriever
+            self._retrievers.move_to_end(model)
+            while len(self._retrievers) > 3:
+                self._retrievers.popitem(last=False)
+            return retriever
+
+    def _encode(self, texts: list[str], model: str) -> Any:
+        encoded = self._embedder.encode.remote(texts, model).result()
+        self._versions[encoded.model] = encoded.version
+        self._model = encoded.current  # later requests start on the embedder's current model
+        if encoded.model != model:
+            raise _ModelChanged(encoded.model)
+        return encoded.vectors
+
+    def _search(self, vector: Any, k: int, task: str | None, model: str) -> list[KnowledgeItem]:
+        version = self._versions[model]
+        try:
+            rows = ray.get(self._experience.search_vector.remote(vector, k, task, version))
+        except KnowMapError as e:
+            if "ensure_index" not in str(e):
+                raise
+            # The experiential-KB actor restarted and holds only its configured version again: re-index, retry.
+            ray.get(self._experience.ensure_index.remote(model))
+            rows = ray.get(self._experience.search_vector.remote(vector, k, task, version))
+        return [KnowledgeItem.model_validate(r) for r in rows]
+
+    def _rerank(self, query: str, documents: list[str]) -> list[float]:
+        scored = self._reranker.score.remote(query, documents).result()
+        self._reranker_version = scored.version
+        return scored.scores
+
+    # -- env KBs ---------------------------------------------------------------------------------------------
+    def _env_exists(self, env_id: str) -> bool:
+        return env_id in self._env_handles or (env_kb_directory(self._config) / env_id).is_dir()
+
+    def _env(self, env_id: str, create: bool) -> Any:
+        validate_env_id(env_id)
+        with self._lock:
+            handle = self._env_handles.get(env_id)
+            if handle is not None:
+                self._env_handles.move_to_end(env_id)
+                return handle
+        if not create and not self._env_exists(env_id):
+            raise EnvNotFoundError(f"no env KB for env id {env_id!r}: POST /v1/envs/{env_id}/observations first")
+        handle = get_or_create_env_kb(env_id, self._config)
+        with self._lock:
+            self._env_handles[env_id] = handle
+            while len(self._env_handles) > _MAX_ENV_HANDLES:
+                self._env_handles.popitem(last=False)
+        return handle
+
+    def _env_call(self, env_id: str, method: str, *args: Any, create: bool = False) -> Any:
+        try:
+            return ray.get(getattr(self._env(env_id, create), method).remote(*args))
+        except ray.exceptions.RayActorError:  # retired or died for good: revive from disk once
+            with self._lock:
+                self._env_handles.pop(env_id, None)
+            return ray.get(getattr(self._env(env_id, create), method).remote(*args))
+
+    def _env_facts(self, env_id: str, step: int | None) -> list[Fact]:
+        if not self._env_exists(env_id):
+            return []  # an env that has sent nothing yet has no facts
+        rows = self._env_call(env_id, "current") if step is None else self._env_call(env_id, "as_of", step)
+        return [Fact.model_validate(r) for r in rows]
+
+    async def add_observations(self, env_id: str, request: ObservationsRequest) -> ObservationsResponse:
+        """Ingest observations into the env KB of ``env_id``, creating it on first use."""
+        def run() -> ObservationsResponse:
+            changes = 0
+            for observation in request.observations:  # in order: a KB only moves forward
+                changes += self._env_call(env_id, "ingest", observation.model_dump(), create=True)
+            stats = self._env_call(env_id, "stats")
+            return ObservationsResponse(env_id=env_id, accepted=len(request.observations), changes=changes,
+                                        last_step=stats["last_step"], facts=stats["facts"])
+        return await asyncio.to_thread(run)
+
+    async def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
+        """The env's facts now, or as of a step.
+
+        Raises:
+            EnvNotFoundError: no KB exists for ``env_id``.
+        """
+        def run() -> list[Fact]:
+            self._env(env_id, create=False)
+            return self._env_facts(env_id, as_of_step)
+        return await asyncio.to_thread(run)
+
+    async def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
+        """Every fact the env KB ever held, open and closed, with step ranges; optionally one subject/relation."""
+        def run() -> list[Fact]:
+            self._env(env_id, create=False)
+            if subject is not None and relation is not None:
+                rows = self._env_call(env_id, "history", subject, relation)
+            else:
+                rows = self._env_call(env_id, "all_facts")
+                if subject is not None:
+                    name = " ".join(subject.split()).lower()
+                    rows = [r for r in rows if r["subject"] == name]
+                if relation is not None:
+                    rows = [r for r in rows if r["relation"] == relation]
+            return [Fact.model_validate(r) for r in rows]
+        return await asyncio.to_thread(run)
+
+    # -- trajectories ----------------------------------------------------------------------------------------
+    async def add_trajectory(self, request: TrajectoryRequest) -> TrajectoryResponse:
+        """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in every version."""
+        def run() -> TrajectoryResponse:
+            trajectory = request.trajectory.model_copy(update={"source": "agent"})
+            episode = trajectory.episode_id
+            if ray.get(self._experience.count.remote(episode_id=episode, source="expert")):
+                raise EpisodeConflictError(f"episode id {episode!r} is an expert episode; contribute under "
+                                           "another id")
+            if request.env_id and self._env_exists(request.env_id):
+                goals = [Subgoal.model_validate(g) for g in
+                         self._env_call(request.env_id, "segment", trajectory.model_dump())]
+            else:
+                from knowmap.segmentation import SubgoalSegmenter
+
+                goals = SubgoalSegmenter().segment(trajectory)
+            goals = [g.model_copy(update={"source": "agent"}) for g in goals]
+            rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
+                                                                  [g.model_dump() for g in goals]))
+            return TrajectoryResponse(episode_id=episode, subgoals=len(goals), rows=rows)
+        return await asyncio.to_thread(run)
+
+    async def experience_versions(self) -> dict[str, Any]:
+        return await self._experience.versions.remote()
+
