@@ -7,7 +7,7 @@ retrieved knowledge, and returns one action string.
 from __future__ import annotations
 
 import random
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -22,6 +22,7 @@ class EpisodeContext(BaseModel):
     variation: int
     split: str
     task_description: str
+    episode_id: str = Field(default="", description="the episode (and its env KB) id")
     gold_actions: list[str] = Field(default_factory=list, description="only for policies with needs_gold")
     seed: int = 0
 
@@ -88,11 +89,32 @@ class RandomPolicy:
 
 
 POLICIES: dict[str, type] = {"expert": ExpertPolicy, "random": RandomPolicy}
+# The LLM agent (knowmap.llm_policy): "llm" (the configured knowledge mode) or "llm-<mode>" for the modes
+# none, kb-base, kb-finetuned. It needs an LLM and knowledge, so it is built with keyword arguments.
+LLM_POLICY_NAMES = ("llm", "llm-none", "llm-kb-base", "llm-kb-finetuned")
 
 
-def make_policy(name: str) -> Policy:
-    """A fresh policy by name; raises KnowMapError listing the known names."""
+def is_llm_policy(name: str) -> bool:
+    return name in LLM_POLICY_NAMES
+
+
+def make_policy(name: str, **kwargs: Any) -> Policy:
+    """A fresh policy by name; raises KnowMapError listing the known names.
+
+    Args:
+        **kwargs: for the LLM policies, :class:`knowmap.llm_policy.LLMPolicy`'s ``llm``, ``config`` and
+            ``knowledge`` (its mode comes from the name).
+    """
+    if is_llm_policy(name):
+        from knowmap.llm_policy import LLMPolicy, knowledge_mode
+
+        if kwargs.get("llm") is None:
+            raise KnowMapError(f"policy {name!r} needs an LLM: make_policy({name!r}, llm=LLMClient(...), ...)")
+        config = kwargs.get("config")
+        mode = knowledge_mode(name, config.knowledge if config is not None else "kb-base")
+        return LLMPolicy(mode=mode, **kwargs)
     try:
         return POLICIES[name]()
     except KeyError:
-        raise KnowMapError(f"unknown policy {name!r}; allowed: {', '.join(sorted(POLICIES))}") from None
+        allowed = ", ".join([*sorted(POLICIES), *LLM_POLICY_NAMES])
+        raise KnowMapError(f"unknown policy {name!r}; allowed: {allowed}") from None

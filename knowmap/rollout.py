@@ -83,7 +83,7 @@ class EpisodeRunner:
             first = first.model_copy(update={"valid_actions": self.env.valid_actions()})
         policy.begin(EpisodeContext(
             task=spec.task, variation=spec.variation, split=spec.split,
-            task_description=trajectory.task_description,
+            task_description=trajectory.task_description, episode_id=trajectory.episode_id,
             gold_actions=self.env.gold_actions() if policy.needs_gold else [], seed=spec.seed,
         ))
         record = first
