@@ -84,7 +84,7 @@ class RetrainController:
         self.config = config if isinstance(config, KnowMapConfig) else KnowMapConfig.model_validate(config)
         self._count = count_trajectories or self._count_in_kb
         self._reindex = reindex or self._reindex_in_kb
-        self._swap = swap or _swap_serve
+        self._swap = swap or (lambda models: _swap_serve(self.config, models))
         self._stop = threading.Event()
         self._cycle_lock = threading.Lock()  # one cycle at a time, whoever asks
         self.state = self._load()
@@ -226,8 +226,9 @@ class RetrainController:
 
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
                                  record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}")
+        # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report["embedder"]["model_dir"],
-                             reranker=report.get("reranker", {}).get("model_dir", ""))
+                             reranker=report.get("reranker", {}).get("model_dir", "") or self.state.serving.reranker)
 
     def _evaluate(self, gate: Sequence[Any], models: dict[str, str]) -> dict[str, dict[str, float]]:
         from knowmap.embedder import Embedder, default_embedder_path
@@ -262,11 +263,21 @@ class RetrainController:
         ray.get(get_experience_kb(self.config).ensure_index.remote(embedder, make_current=True))
 
 
-def _swap_serve(models: ServingModels) -> None:
-    """Hot-swap the running retrieval service, if one runs in this Ray cluster (nothing to do otherwise)."""
-    from knowmap.serve.app import swap_models
+def _swap_serve(config: KnowMapConfig, models: ServingModels) -> None:
+    """Hot-swap the running retrieval service, if one runs in this Ray cluster (nothing to do otherwise: a
+    service started later serves ``models/latest.json``, which promotion updates)."""
+    from ray import serve
 
-    swap_models(models.embedder, models.reranker)
+    from knowmap.serve.app import APP_NAME, swap_models
+
+    if not ray.is_initialized():
+        return
+    try:
+        running = APP_NAME in serve.status().applications
+    except Exception:  # noqa: BLE001 - no Serve controller in this cluster
+        running = False
+    if running:
+        swap_models(config, embedder=models.embedder, reranker=models.reranker)
 
 
 def _train_tasks(config: KnowMapConfig) -> list[str]:
