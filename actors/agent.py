@@ -21,6 +21,8 @@ from ray.exceptions import RayActorError
 
 from knowmap.build import save_trajectory
 from knowmap.config import KnowMapConfig
+from knowmap.llm_policy import LLMPolicy
+from knowmap.policy import is_llm_policy
 from knowmap.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.schemas import StepRecord, Trajectory
 
@@ -43,6 +45,13 @@ class EpisodeResult(BaseModel):
     ingest_seconds: float = 0.0  # the env-KB actor's own time spent ingesting (log, fsync, extraction, apply)
     node: str = ""
     pid: int = 0
+    # The LLM agent (policies llm-*): tokens, calls, replans, answers that named no valid action, the last plan.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    llm_calls: int = 0
+    replans: int = 0
+    invalid_answers: int = 0
+    plan: list[str] = []
 
 
 class AgentWorker:
@@ -58,6 +67,7 @@ class AgentWorker:
         self.runner = EpisodeRunner(step_limit=sw.step_limit, simplifications=sw.simplifications,
                                     java_heap=sw.java_heap)
         self.env_kb: ray.actor.ActorHandle | None = None  # this slot's env-KB actor, created at first use
+        self._llm_agent: Any = None  # LLM client and retrievers, created at the first LLM episode
 
     def ping(self) -> dict[str, Any]:
         """Where this agent runs: node id, process id and its JVM's process id."""
@@ -87,18 +97,23 @@ class AgentWorker:
                 ray.get(self.env_kb.reset.remote())  # a retried episode starts its env KB again from step 0
             pending.append(self.env_kb.ingest.remote(record.as_observation().model_dump()))
 
+        policy = None
         try:
-            trajectory = self.runner.run(spec, on_step=on_step if feed_kbs else None)
+            policy = self._llm_policy(spec.policy) if is_llm_policy(spec.policy) else None
+            trajectory = self.runner.run(spec, policy=policy, on_step=on_step if feed_kbs else None)
             result.episode_id = trajectory.episode_id
             result.steps = len(trajectory.steps) - 1
             result.final_score = trajectory.final_score
             result.env_seconds = time.perf_counter() - started
             if not feed_kbs:
+                _llm_stats(result, policy)
                 result.seconds = time.perf_counter() - started
                 return result
             ray.get(pending)  # every observation acknowledged before the episode counts as done
             assert self.env_kb is not None
             subgoals = ray.get(self.env_kb.segment.remote(trajectory.model_dump()))
+            if trajectory.source == "agent":  # successes and failures alike carry a reflection
+                subgoals = self._reflect(trajectory, subgoals, policy)
             ray.get(get_experience_kb(self.config).add_trajectory.remote(trajectory.model_dump(), subgoals))
             save_trajectory(self.config, trajectory)
             # The episode is over: snapshot and release its env KB; get_or_create_env_kb serves it by id.
@@ -115,8 +130,38 @@ class AgentWorker:
                 self.env_kb = None
             result.ok = False
             result.error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
+        _llm_stats(result, policy)
         result.seconds = time.perf_counter() - started
         return result
 
+    def _llm_policy(self, name: str) -> Any:
+        from knowmap.actors.experience import get_experience_kb
+        from knowmap.actors.llm_agent import LLMAgentResources
+
+        if self._llm_agent is None:
+            self._llm_agent = LLMAgentResources(self.config, lambda: self.env_kb, get_experience_kb(self.config))
+        return self._llm_agent.policy(name)
+
+    def _reflect(self, trajectory: Trajectory, subgoals: list[dict[str, Any]], policy: Any) -> list[dict[str, Any]]:
+        """Reflections written by the episode's LLM where there is one (and ``agent.llm_reflections``), else
+        derived from the score changes."""
+        from knowmap.reflection import reflect
+        from knowmap.schemas import Subgoal
+
+        llm = policy.llm if isinstance(policy, LLMPolicy) and self.config.agent.llm_reflections else None
+        goals = reflect(trajectory, [Subgoal.model_validate(g) for g in subgoals], llm)
+        return [g.model_dump(mode="json") for g in goals]
+
     def close(self) -> None:
         self.runner.close()
+
+
+def _llm_stats(result: EpisodeResult, policy: Any) -> None:
+    """Copy the LLM policy's episode statistics (tokens include the reflections written after the episode)."""
+    if not isinstance(policy, LLMPolicy):
+        return
+    usage = policy.usage_since_begin()
+    result.prompt_tokens, result.completion_tokens, result.llm_calls = (usage.prompt_tokens, usage.completion_tokens,
+                                                                        usage.calls)
+    result.replans, result.invalid_answers, result.plan = (policy.stats.replans, policy.stats.invalid_answers,
+                                                           policy.stats.plan)

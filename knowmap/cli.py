@@ -170,6 +170,143 @@ def _split_tasks(tasks: str | None) -> list[str] | None:
     return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
+# -- the LLM agent (issue 6) -----------------------------------------------------------------------------------
+llm_app = typer.Typer(help="The local LLM (SmolLM2-135M-Instruct on llama.cpp's OpenAI-compatible server).",
+                      no_args_is_help=True)
+app.add_typer(llm_app, name="llm")
+
+
+@llm_app.command("serve")
+def llm_serve(
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port on 127.0.0.1; 0 = a free one "
+                                                                    "(default llm.local_port).")] = None,
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Start the local llama.cpp server (n_ctx from llm.local_n_ctx, 2048) and print its base URL; Ctrl-C stops it."""
+    import time
+
+    from knowmap.local_llm import LocalLLMServer
+
+    config = _config(config_file, data_dir)
+    llm = config.llm if port is None else config.llm.model_copy(update={"local_port": port})
+    server = LocalLLMServer.from_config(llm)
+    try:
+        url = server.start(timeout_s=llm.local_start_timeout_s)
+        typer.echo(f"base_url {url}")
+        typer.echo(f"model    {server.model_alias}  ({server.model_path}, n_ctx {server.n_ctx})")
+        typer.echo(f"use it:  KNOWMAP_LLM__BASE_URL={url} knowmap eval ...   (Ctrl-C stops the server)")
+        while server.running:
+            time.sleep(1)
+        raise KnowMapError("the llama.cpp server exited")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@app.command("eval")
+def eval_agent(
+    split: Annotated[str, typer.Option(help="test (reporting) or dev (model selection).")] = "test",
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated tasks, or 'all'; default scienceworld.tasks.")
+                     ] = None,
+    variations: Annotated[int, typer.Option(min=1, help="Variations per task, from the split's start.")] = 1,
+    step_limit: Annotated[int | None, typer.Option(min=1, help="Moves per episode (default scienceworld.step_limit)."
+                                                   )] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated knowledge modes: none (few-shot baseline), kb-base, "
+                                            "kb-finetuned.")] = "none,kb-base,kb-finetuned",
+    workers: Annotated[int | None, typer.Option(min=1, help="Agent actors in the rollout pool.")] = None,
+    out: Annotated[Path, typer.Option(help="JSON results; a bar chart is written beside it (.png).")] = Path(
+        "agent_eval.json"),
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Score the LLM agent per task and mode on held-out variations, with the exact protocol and tokens used.
+
+    The LLM is llm.base_url (any OpenAI-compatible endpoint); when it is empty, the local SmolLM2 server is started
+    for the run and stopped afterwards.
+    """
+    from tqdm import tqdm
+
+    from knowmap.agent_eval import evaluate_agent, protocol_lines, results_table
+
+    config = _config(config_file, data_dir)
+    bar = tqdm(total=None, unit="episode", desc="eval", file=sys.stderr)
+
+    def progress(result: Any) -> None:
+        bar.set_postfix_str(f"{result.spec.policy} {result.spec.task}/{result.spec.variation}: "
+                            f"{result.final_score:g} in {result.steps} steps" + ("" if result.ok else " (failed)"))
+        bar.update(1)
+
+    try:
+        report = evaluate_agent(config, split=split, tasks=_split_tasks(tasks) or config.scienceworld.tasks,
+                                variations=variations, step_limit=step_limit,
+                                modes=[m.strip() for m in modes.split(",") if m.strip()], num_workers=workers,
+                                out=out, on_result=progress)
+    finally:
+        bar.close()
+    typer.echo(results_table(report))
+    typer.echo(protocol_lines(report))
+    typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@app.command("serve")
+def serve_command(
+    embedder: Annotated[str | None, typer.Option(help="Embedder model dir; default models.embedder, else the newest "
+                                                      "from `knowmap train`, else the packaged MiniLM.")] = None,
+    reranker: Annotated[str | None, typer.Option(help="Reranker model dir; default models.reranker, else the newest "
+                                                      "from `knowmap train`, else none; '' = none.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default serve.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default serve.port).")] = None,
+    detach: Annotated[bool, typer.Option(help="Return once the service runs (only with ray.address set: a local "
+                                              "Ray ends with this command).")] = False,
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Start the retrieval API on Ray Serve, or hot-swap the models of the one already running on the cluster."""
+    import time
+
+    from ray import serve
+
+    from knowmap.serve.app import APP_NAME, start_service, swap_models
+
+    config = _config(config_file, data_dir)
+    if host is not None:
+        config.serve.host = host
+    if port is not None:
+        config.serve.port = port
+    if detach and not config.ray.address:
+        raise KnowMapError("--detach needs a cluster (ray.address, e.g. KNOWMAP_RAY__ADDRESS=auto): a local Ray "
+                           "stops when this command ends")
+    if config.ray.address:
+        from knowmap.actors.runtime import init_ray
+
+        init_ray(config)
+        if APP_NAME in serve.status().applications:
+            result = swap_models(config, embedder=embedder, reranker=reranker)
+            typer.echo(f"swapped in {result['seconds']:.1f} s: embedder {result['embedder']['version']}, "
+                       f"reranker {(result['reranker'] or {}).get('version', 'none')}")
+            return
+    info = start_service(config, embedder=embedder, reranker=reranker)
+    typer.echo(f"retrieval API  {info.url}/v1   (OpenAPI docs {info.docs_url}, health {info.url}/healthz)")
+    typer.echo(f"API key        {info.key_file or 'serve.api_keys'}  (send `Authorization: Bearer <key>`)")
+    typer.echo(f"embedder       {info.embedder or 'packaged all-MiniLM-L6-v2'}")
+    typer.echo(f"reranker       {info.reranker or 'none'}")
+    if detach:
+        return
+    typer.echo("Ctrl-C stops the service")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        from knowmap.actors.experience import release_experience_kb
+
+        serve.shutdown()
+        release_experience_kb(config)
+
+
 @app.command("config")
 def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the configuration in force (defaults, file, KNOWMAP_* env vars) as JSON."""

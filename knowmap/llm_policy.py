@@ -9,12 +9,14 @@ caller built with the matching embedder).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
 
-from knowmap.config import AgentConfig
+from knowmap.config import AgentConfig, KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.llm import ChatModel, TokenUsage
 from knowmap.memory import KnowledgeAccess, Memory
@@ -41,6 +43,28 @@ def knowledge_mode(policy: str, default: str = "kb-base") -> KnowledgeMode:
     if not policy.startswith("llm-") or mode not in KNOWLEDGE_MODES:
         raise KnowMapError(f"unknown LLM policy {policy!r}; allowed: {', '.join(LLM_POLICY_NAMES)}")
     return mode  # type: ignore[return-value]
+
+
+def embedder_path(config: KnowMapConfig, mode: str) -> str:
+    """The embedder a knowledge mode retrieves with: ``kb-base`` = ``models.embedder`` (empty = the packaged
+    MiniLM); ``kb-finetuned`` = ``agent.finetuned_embedder``, else the newest from ``knowmap train``.
+
+    Raises:
+        KnowMapError: ``kb-finetuned`` and no fine-tuned embedder exists (the message says how to train one).
+    """
+    if mode == "kb-base":
+        return config.models.embedder
+    if mode != "kb-finetuned":
+        raise KnowMapError(f"mode {mode!r} retrieves nothing; embedders exist for kb-base and kb-finetuned")
+    path = config.agent.finetuned_embedder
+    latest = config.data_dir / "models" / "latest.json"
+    if not path and latest.is_file():
+        path = json.loads(latest.read_text()).get("embedder", "")
+    if not path or not Path(path).is_dir():
+        raise KnowMapError(f"kb-finetuned needs a fine-tuned embedder, and none was found (agent.finetuned_embedder "
+                           f"is empty and {latest} names {path or 'none'}): run `knowmap build-kb` and "
+                           "`knowmap train` first, or leave kb-finetuned out of --modes")
+    return str(path)
 
 
 class AgentStats(BaseModel):
@@ -122,6 +146,10 @@ class LLMPolicy:
             self.stats.invalid_answers += 1
         self.stats.usage = _minus(self.llm.usage, self._usage_start)
         return choice.action
+
+    def usage_since_begin(self) -> TokenUsage:
+        """Tokens and calls since :meth:`begin`, including any made afterwards with :attr:`llm` (reflections)."""
+        return _minus(self.llm.usage, self._usage_start)
 
 
 def _minus(now: TokenUsage, start: TokenUsage) -> TokenUsage:

