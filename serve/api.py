@@ -113,17 +113,32 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                                    "see the service log"))
 
 
-async def require_key(request: Request,
-                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    """401 unless the request carries an accepted bearer key; 413 if the declared body is over the limit."""
-    state = request.app.state
-    if not key_matches(credentials.credentials if credentials else None, state.key_digests):
-        raise APIError(401, "unauthorized", "missing or wrong API key: send `Authorization: Bearer <key>` (the key "
-                       "is in serve.api_keys or the key file `knowmap serve` printed)")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > state.config.serve.max_body_bytes:
-        raise APIError(413, "too_large", f"request body of {length} bytes is over serve.max_body_bytes "
-                       f"({state.config.serve.max_body_bytes})", code="body_too_large")
+_OPEN = {"/healthz"}
+_DOCS = {"/docs", "/openapi.json"}
+
+
+@app.middleware("http")
+async def guard(request: Request, call_next: Any) -> Any:
+    """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs
+    when ``serve.public_docs``), then 413 if the declared body is over ``serve.max_body_bytes``."""
+    state, path = request.app.state, request.url.path
+    if path in _OPEN or (path in _DOCS and state.config.serve.public_docs):
+        return await call_next(request)
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key_matches(presented.strip(), state.key_digests):
+        return _error(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
+                                       "`Authorization: Bearer <key>` (serve.api_keys, or the key file that "
+                                       "`knowmap serve` printed)"), {"WWW-Authenticate": "Bearer"})
+    length = request.headers.get("content-length", "")
+    limit = state.config.serve.max_body_bytes
+    if length.isdigit() and int(length) > limit:
+        return _error(413, ErrorDetail(type="too_large", message=f"request body of {length} bytes is over "
+                                       f"serve.max_body_bytes ({limit})", code="body_too_large"))
+    return await call_next(request)
+
+
+async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Declares bearer auth in the OpenAPI schema; the check itself is :func:`guard` (it runs first)."""
 
 
 Authorized = [Depends(require_key)]
@@ -185,17 +200,11 @@ class Ingress:
         return HealthResponse()
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi(self, request: Request,
-                      credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> JSONResponse:
-        if not self.config.serve.public_docs:
-            await require_key(request, credentials)
+    async def openapi(self) -> JSONResponse:
         return JSONResponse(app.openapi())
 
     @app.get("/docs", include_in_schema=False)
-    async def docs(self, request: Request,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Any:
-        if not self.config.serve.public_docs:
-            await require_key(request, credentials)
+    async def docs(self) -> Any:
         return get_swagger_ui_html(openapi_url="/openapi.json", title="KnowMap retrieval API")
 
     # -- models -----------------------------------------------------------------------------------------------

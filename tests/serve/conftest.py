@@ -7,6 +7,7 @@ sequence length, so its fingerprint and collection differ) for hot swaps; a cros
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -36,8 +37,11 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("models")
     base = Path(default_embedder_path())
     embedder_b = root / "minilm_b"
-    shutil.copytree(base, embedder_b, ignore=shutil.ignore_patterns("openvino", "onnx"))
+    # Links to the same weights, except one small config file: a distinct fingerprint (version) without copying.
+    shutil.copytree(base, embedder_b, ignore=shutil.ignore_patterns("openvino", "onnx"), copy_function=os.symlink)
     config = embedder_b / "sentence_bert_config.json"
+    config.unlink()
+    config.write_text((base / config.name).read_text())
     data = json.loads(config.read_text())
     data["max_seq_length"] = int(data.get("max_seq_length", 256)) - 1
     config.write_text(json.dumps(data))

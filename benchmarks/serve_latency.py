@@ -1,0 +1,273 @@
+"""Retrieval service latency and throughput: HTTP through Ray Serve against the same pipeline in-process.
+
+Three measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
+
+1. ``/v1/retrieve`` p50/p99 over HTTP (the typed client, one request at a time) against the same pipeline called
+   in-process: a :class:`knowmap.retrieval.Retriever` in this process with its own embedder and the same KB
+   actors (env KB and experiential KB). Goal: HTTP p50 <= 1.25 x in-process p50.
+2. ``/v1/embeddings`` throughput (one short text per request, 16 concurrent clients) with ``@serve.batch``
+   (``serve.max_batch_size``) against the same service with batching off (``max_batch_size`` 1). Goal >= 2x.
+3. ``/v1/retrieve`` p99 while the embedder is hot-swapped (re-index + in-place reconfigure) against steady
+   state, same load (2 concurrent clients). Goal: p99 during <= 2 x steady, and 0 failed requests.
+
+Everything runs on 127.0.0.1 in a local Ray (data in a temporary directory); loops are bounded by request counts.
+Prints a table and writes ``benchmarks/results/serve_latency.json`` (``metric``, ``value``, ``goal``, ``details``).
+
+    .venv/bin/python benchmarks/serve_latency.py [--requests 200] [--throughput-requests 40] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
+from knowmap.actors.experience import get_experience_kb, release_experience_kb  # noqa: E402
+from knowmap.config import KnowMapConfig  # noqa: E402
+from knowmap.embedder import Embedder, default_embedder_path  # noqa: E402
+from knowmap.retrieval import Retriever  # noqa: E402
+from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
+from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, start_service, swap_models  # noqa: E402
+from knowmap.serve.auth import digest  # noqa: E402
+from knowmap.serve.client import KnowMapClient  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_latency.json"
+FIXTURES = ROOT / "tests" / "fixtures"
+ENV_ID = "bench-boil-0"
+QUERIES = ["focus on the water", "heat the water on the stove", "where is the metal pot", "boil water",
+           "move the pot to the stove", "activate the stove", "what is in the kitchen", "use the thermometer"]
+GOALS = {"retrieve_p50_ratio": 1.25, "batching_throughput_ratio": 2.0, "swap_p99_ratio": 2.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def second_embedder(root: Path) -> str:
+    """The packaged MiniLM under another version: linked weights, one config value changed."""
+    base = Path(default_embedder_path())
+    target = root / "minilm_b"
+    shutil.copytree(base, target, ignore=shutil.ignore_patterns("openvino", "onnx"), copy_function=os.symlink)
+    config = target / "sentence_bert_config.json"
+    data = json.loads(config.read_text())
+    config.unlink()
+    data["max_seq_length"] = int(data.get("max_seq_length", 256)) - 1
+    config.write_text(json.dumps(data))
+    return str(target)
+
+
+def populate(client: KnowMapClient) -> None:
+    records = json.loads((FIXTURES / "observations.json").read_text())["records"]
+    observations = [{k: r[k] for k in ("step", "action", "text", "look", "inventory")} for r in records
+                    if r["task"] == "boil" and r["variation"] == 0]
+    client.add_observations(ENV_ID, observations)
+    for path in sorted((FIXTURES / "trajectories").glob("*.json")):
+        trajectory = json.loads(path.read_text())
+        trajectory["episode_id"] = "bench-" + trajectory["episode_id"]
+        client.add_trajectory(trajectory)
+
+
+def timed(fn: Any, n: int) -> list[float]:
+    """Latencies (ms) of ``n`` sequential calls ``fn(i)``, after 5 warm-up calls."""
+    for i in range(5):
+        fn(i)
+    out = []
+    for i in range(n):
+        start = time.perf_counter()
+        fn(i)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
+    """The same pipeline without HTTP or Serve: a local embedder, the same env-KB and experiential-KB actors."""
+    embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
+    env = get_or_create_env_kb(ENV_ID, config)
+    experience = get_experience_kb(config)
+
+    def env_facts(env_id: str, step: int | None) -> list[Fact]:
+        rows = ray.get(env.current.remote() if step is None else env.as_of.remote(step))
+        return [Fact.model_validate(r) for r in rows]
+
+    def search(vector: Any, k: int, task: str | None) -> list[KnowledgeItem]:
+        rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version))
+        return [KnowledgeItem.model_validate(r) for r in rows]
+
+    return Retriever(embedder.encode, env_facts=env_facts, experience=search), embedder.version
+
+
+def throughput(client_factory: Any, requests_per_client: int, concurrency: int = 16) -> dict[str, float]:
+    """Embedding requests/s with ``concurrency`` clients, each sending ``requests_per_client`` one-text requests."""
+    clients = [client_factory() for _ in range(concurrency)]
+    for c in clients:
+        c.embed(["warm up"])
+    barrier = threading.Barrier(concurrency)
+
+    def run(i: int) -> int:
+        barrier.wait()
+        for j in range(requests_per_client):
+            clients[i].embed([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"])
+        return requests_per_client
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        total = sum(pool.map(run, range(concurrency)))
+    seconds = time.perf_counter() - start
+    for c in clients:
+        c.close()
+    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds}
+
+
+def load_during(client_factory: Any, action: Any, clients: int = 2, min_requests: int = 100) -> dict[str, Any]:
+    """Retrieve latencies (ms) from ``clients`` concurrent loops while ``action()`` runs (at least
+    ``min_requests`` in all, and until it has returned); failures are counted, not raised."""
+    latencies: list[float] = []
+    failures: list[str] = []
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def loop(i: int) -> None:
+        with client_factory() as c:
+            j = 0
+            while not done.is_set() or len(latencies) < min_requests:
+                start = time.perf_counter()
+                try:
+                    c.retrieve(QUERIES[(i + j) % len(QUERIES)], env_id=ENV_ID, k=5)
+                    with lock:
+                        latencies.append((time.perf_counter() - start) * 1000)
+                except Exception as e:  # noqa: BLE001 - every failed request counts
+                    failures.append(repr(e))
+                j += 1
+                if len(latencies) > 20 * min_requests:  # bounded even if action() hangs
+                    break
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter()
+    result = action()
+    action_s = time.perf_counter() - start
+    done.set()
+    for t in threads:
+        t.join(timeout=300)
+    return {"latencies": latencies, "failures": failures, "action_s": action_s, "result": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=200, help="timed retrieve requests per side")
+    parser.add_argument("--throughput-requests", type=int, default=40, help="embedding requests per client")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="knowmap-serve-bench-"))
+    config = KnowMapConfig(data_dir=tmp / "data", ray={"namespace": "serve-bench"},
+                           serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25})
+    ray.init(num_cpus=2, include_dashboard=False, namespace="serve-bench")
+    try:
+        info = start_service(config, embedder="", reranker="")
+        client = KnowMapClient(info.url, info.api_key)
+        populate(client)
+
+        def new_client() -> KnowMapClient:
+            return KnowMapClient(info.url, info.api_key)
+
+        # 1. retrieve over HTTP vs in-process
+        retriever, _ = in_process_retriever(config)
+        local = timed(lambda i: retriever.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
+        http = timed(lambda i: client.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
+        retrieve = {"in_process_p50_ms": pct(local, 50), "in_process_p99_ms": pct(local, 99),
+                    "http_p50_ms": pct(http, 50), "http_p99_ms": pct(http, 99), "requests": args.requests}
+        retrieve["ratio"] = retrieve["http_p50_ms"] / retrieve["in_process_p50_ms"]
+
+        # 2. embeddings throughput at concurrency 16, batching on vs off (the same service, redeployed)
+        batched = throughput(new_client, args.throughput_requests)
+        unbatched_config = config.model_copy(deep=True)
+        unbatched_config.serve.max_batch_size = 1
+        keys = [digest(info.api_key)]
+        serve.run(build_app(ServeAppArgs(config=unbatched_config.model_dump(mode="json"), key_digests=keys)),
+                  name=APP_NAME, route_prefix="/")
+        unbatched = throughput(new_client, args.throughput_requests)
+        serve.run(build_app(ServeAppArgs(config=config.model_dump(mode="json"), key_digests=keys)),
+                  name=APP_NAME, route_prefix="/")
+        batching = {"batched": batched, "unbatched": unbatched, "max_batch_size": config.serve.max_batch_size,
+                    "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"]}
+
+        # 3. p99 during a hot swap vs steady, same load
+        steady = load_during(new_client, lambda: time.sleep(8.0))
+        embedder_b = second_embedder(tmp)
+        swap = load_during(new_client, lambda: swap_models(config, embedder=embedder_b))
+        swap_stats = {"steady_p50_ms": pct(steady["latencies"], 50), "steady_p99_ms": pct(steady["latencies"], 99),
+                      "swap_p50_ms": pct(swap["latencies"], 50), "swap_p99_ms": pct(swap["latencies"], 99),
+                      "steady_requests": len(steady["latencies"]), "swap_requests": len(swap["latencies"]),
+                      "failed_requests": len(steady["failures"]) + len(swap["failures"]),
+                      "failures": (steady["failures"] + swap["failures"])[:5], "swap_seconds": swap["action_s"],
+                      "reindexed_rows": swap["result"]["index"]["copied"]}
+        swap_stats["ratio"] = swap_stats["swap_p99_ms"] / swap_stats["steady_p99_ms"]
+        client.close()
+    finally:
+        serve.shutdown()
+        release_experience_kb(config)
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    checks = [
+        {"metric": "retrieve_p50_ratio", "baseline": retrieve["in_process_p50_ms"], "result": retrieve["http_p50_ms"],
+         "value": retrieve["ratio"], "goal": f"<= {GOALS['retrieve_p50_ratio']}",
+         "met": retrieve["ratio"] <= GOALS["retrieve_p50_ratio"]},
+        {"metric": "batching_throughput_ratio", "baseline": unbatched["requests_per_s"],
+         "result": batched["requests_per_s"], "value": batching["ratio"],
+         "goal": f">= {GOALS['batching_throughput_ratio']}",
+         "met": batching["ratio"] >= GOALS["batching_throughput_ratio"]},
+        {"metric": "swap_p99_ratio", "baseline": swap_stats["steady_p99_ms"], "result": swap_stats["swap_p99_ms"],
+         "value": swap_stats["ratio"], "goal": f"<= {GOALS['swap_p99_ratio']} and 0 failures",
+         "met": swap_stats["ratio"] <= GOALS["swap_p99_ratio"] and swap_stats["failed_requests"] == 0},
+    ]
+    print(f"\n{'measurement':<44}{'baseline':>12}{'result':>12}{'ratio':>9}  goal")
+    print(f"{'retrieve p50 ms (in-process -> HTTP)':<44}{retrieve['in_process_p50_ms']:>12.1f}"
+          f"{retrieve['http_p50_ms']:>12.1f}{retrieve['ratio']:>9.2f}  <= 1.25")
+    print(f"{'retrieve p99 ms (in-process -> HTTP)':<44}{retrieve['in_process_p99_ms']:>12.1f}"
+          f"{retrieve['http_p99_ms']:>12.1f}{retrieve['http_p99_ms'] / retrieve['in_process_p99_ms']:>9.2f}")
+    print(f"{'embeddings req/s at 16 (unbatched -> batched)':<44}{unbatched['requests_per_s']:>12.1f}"
+          f"{batched['requests_per_s']:>12.1f}{batching['ratio']:>9.2f}  >= 2.0")
+    print(f"{'retrieve p99 ms (steady -> during swap)':<44}{swap_stats['steady_p99_ms']:>12.1f}"
+          f"{swap_stats['swap_p99_ms']:>12.1f}{swap_stats['ratio']:>9.2f}  <= 2.0")
+    print(f"failed requests during the swap: {swap_stats['failed_requests']} of "
+          f"{swap_stats['swap_requests'] + swap_stats['failed_requests']} "
+          f"(swap took {swap_stats['swap_seconds']:.1f} s, "
+          f"{swap_stats['reindexed_rows']} rows re-embedded)")
+    result = {"metric": "retrieve_p50_ratio_http_vs_in_process", "value": retrieve["ratio"],
+              "goal": GOALS["retrieve_p50_ratio"],
+              "details": {"checks": checks, "retrieve": retrieve, "batching": batching, "hot_swap": swap_stats,
+                          "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                          "note": f"p99 of {args.requests} samples sits between the 2nd and 3rd slowest"}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""A typed Python client of the retrieval API, over the same schemas as the server (:mod:`knowmap.api_schemas`).
+
+>>> client = KnowMapClient("http://127.0.0.1:8000", api_key)            # doctest: +SKIP
+>>> client.retrieve("boil water", env_id="my-env-1", k=5).items           # doctest: +SKIP
+
+Every call returns a pydantic model (or numpy array) and raises :class:`ServiceError` with the server's typed
+error body on any non-2xx answer. One client keeps one HTTP connection pool; it is safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import requests
+from pydantic import BaseModel
+
+from knowmap.api_schemas import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorDetail,
+    ErrorResponse,
+    FactsResponse,
+    HealthResponse,
+    KBKind,
+    ModelsResponse,
+    ObservationsRequest,
+    ObservationsResponse,
+    RerankRequest,
+    RerankResponse,
+    RetrieveRequest,
+    RetrieveResponse,
+    TrajectoryRequest,
+    TrajectoryResponse,
+)
+from knowmap.errors import KnowMapError
+from knowmap.schemas import Fact, Observation, Trajectory
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ServiceError(KnowMapError):
+    """The service answered with an error: ``status`` (HTTP) and ``error`` (its typed body)."""
+
+    def __init__(self, status: int, error: ErrorDetail) -> None:
+        super().__init__(f"HTTP {status} {error.type}: {error.message}")
+        self.status, self.error = status, error
+
+
+class KnowMapClient:
+    """Client of one retrieval service.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000`` (what ``knowmap serve`` prints), without ``/v1``.
+        api_key: a bearer key the service accepts.
+        timeout_s: per-request timeout.
+    """
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._session = requests.Session()
+        self._session.headers["Authorization"] = f"Bearer {api_key}"
+
+    # -- service ----------------------------------------------------------------------------------------------
+    def health(self) -> HealthResponse:
+        return self._call("GET", "/healthz", HealthResponse)
+
+    def models(self) -> ModelsResponse:
+        """The embedder and reranker versions serving now."""
+        return self._call("GET", "/v1/models", ModelsResponse)
+
+    # -- models -----------------------------------------------------------------------------------------------
+    def embeddings(self, texts: str | Sequence[str], encoding_format: str = "float") -> EmbeddingResponse:
+        """The raw OpenAI-format answer (``/v1/embeddings``)."""
+        body = EmbeddingRequest(input=texts if isinstance(texts, str) else list(texts),
+                                encoding_format=encoding_format)  # type: ignore[arg-type]
+        return self._call("POST", "/v1/embeddings", EmbeddingResponse, body)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length embeddings as a float32 ``(len(texts), dim)`` array (sent as base64, the compact form)."""
+        response = self.embeddings(list(texts), encoding_format="base64")
+        rows = [np.frombuffer(base64.b64decode(d.embedding), dtype="<f4") for d in  # type: ignore[arg-type]
+                sorted(response.data, key=lambda d: d.index)]
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, 0), dtype=np.float32)
+
+    def rerank(self, query: str, documents: Sequence[str], top_n: int | None = None) -> RerankResponse:
+        """Cross-encoder scores of ``documents`` for ``query``, best first."""
+        return self._call("POST", "/v1/rerank", RerankResponse,
+                          RerankRequest(query=query, documents=list(documents), top_n=top_n))
+
+    # -- retrieval --------------------------------------------------------------------------------------------
+    def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
+                 kbs: Sequence[KBKind] = ("env", "experience"), rerank: bool = False,
+                 as_of_step: int | None = None) -> RetrieveResponse:
+        """Env facts of ``env_id`` and experiential sub-goals for ``query``, ranked, with provenance."""
+        body = RetrieveRequest(query=query, env_id=env_id, task=task, k=k, kbs=list(kbs), rerank=rerank,
+                               as_of_step=as_of_step)
+        return self._call("POST", "/v1/retrieve", RetrieveResponse, body)
+
+    # -- env KBs ----------------------------------------------------------------------------------------------
+    def add_observations(self, env_id: str, observations: Sequence[Observation | Mapping[str, Any]],
+                         ) -> ObservationsResponse:
+        """Feed observations (in step order) into the env KB of ``env_id``."""
+        body = ObservationsRequest(observations=[Observation.model_validate(o) for o in observations])
+        return self._call("POST", f"/v1/envs/{env_id}/observations", ObservationsResponse, body)
+
+    def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
+        params = {} if as_of_step is None else {"as_of_step": as_of_step}
+        return self._call("GET", f"/v1/envs/{env_id}/facts", FactsResponse, params=params).facts
+
+    def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
+        params = {k: v for k, v in (("subject", subject), ("relation", relation)) if v is not None}
+        return self._call("GET", f"/v1/envs/{env_id}/facts/history", FactsResponse, params=params).facts
+
+    # -- experience -------------------------------------------------------------------------------------------
+    def add_trajectory(self, trajectory: Trajectory | Mapping[str, Any], env_id: str | None = None,
+                       ) -> TrajectoryResponse:
+        """Contribute a finished trajectory to the experiential KB (stored with source ``agent``)."""
+        body = TrajectoryRequest(trajectory=Trajectory.model_validate(trajectory), env_id=env_id)
+        return self._call("POST", "/v1/trajectories", TrajectoryResponse, body)
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _call(self, method: str, path: str, model: type[T], body: BaseModel | None = None,
+              params: Mapping[str, Any] | None = None) -> T:
+        response = self._session.request(
+            method, self.base_url + path, params=params, timeout=self.timeout_s,
+            data=body.model_dump_json(exclude_none=True) if body is not None else None,
+            headers={"Content-Type": "application/json"} if body is not None else None)
+        if response.status_code >= 400:
+            try:
+                error = ErrorResponse.model_validate_json(response.content).error
+            except ValueError:
+                error = ErrorDetail(type="internal_error" if response.status_code >= 500 else "invalid_request",
+                                    message=response.text[:500] or response.reason)
+            raise ServiceError(response.status_code, error)
+        return model.model_validate_json(response.content)
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> KnowMapClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

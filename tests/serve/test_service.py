@@ -1,0 +1,245 @@
+"""The retrieval service over real HTTP (serve.run on a free 127.0.0.1 port): every route's happy path, the openai
+client, auth, limits, malformed input, env isolation, schema fuzzing, and a hot swap under load.
+
+One service for the whole module (starting it costs ~20 s on 2 cores); tests run in file order and the hot swap
+comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from knowmap.serve.client import KnowMapClient, ServiceError
+
+pytestmark = [pytest.mark.ray, pytest.mark.integration]
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def _records(task: str) -> list[dict]:
+    records = json.loads((FIXTURES / "observations.json").read_text())["records"]
+    return [{k: r[k] for k in ("step", "action", "text", "look", "inventory")} for r in records
+            if r["task"] == task and r["variation"] == 0]
+
+
+@pytest.fixture(scope="module")
+def client(service: dict) -> KnowMapClient:
+    return KnowMapClient(service["url"], service["key"])
+
+
+def _post(service: dict, path: str, body: object, key: str | None = "", **kw: object) -> requests.Response:
+    headers = {} if key is None else {"Authorization": f"Bearer {key or service['key']}"}
+    data = body if isinstance(body, str | bytes) else json.dumps(body)
+    return requests.post(service["url"] + path, data=data, timeout=60,
+                         headers={**headers, "Content-Type": "application/json"}, **kw)
+
+
+# -- happy paths ---------------------------------------------------------------------------------------------------
+def test_health_is_open_and_models_name_the_deployed_versions(service: dict, client: KnowMapClient) -> None:
+    assert requests.get(service["url"] + "/healthz", timeout=10).json() == {"status": "ok", "api_version": "v1"}
+    models = client.models()
+    roles = {m.role: m for m in models.data}
+    assert roles["embedder"].id.startswith("all_minilm_l6_v2_") and roles["embedder"].dim == 384
+    assert roles["reranker"].path == service["info"].reranker
+    assert roles["embedder"].id in models.experience_collections
+
+
+def test_openai_client_embeddings_match_the_embedder(service: dict, embedder) -> None:  # noqa: ANN001
+    import openai
+
+    oa = openai.OpenAI(base_url=service["url"] + "/v1", api_key=service["key"])
+    texts = ["the metal pot is in the sink", "boil water on the stove"]
+    response = oa.embeddings.create(model="knowmap", input=texts)  # base64 on the wire, decoded by the client
+    got = np.array([d.embedding for d in response.data], dtype=np.float32)
+    assert got.shape == (2, 384)
+    np.testing.assert_allclose(got, embedder.encode(texts), atol=1e-4)
+    floats = oa.embeddings.create(model="knowmap", input="one text", encoding_format="float")
+    assert len(floats.data) == 1 and abs(np.linalg.norm(floats.data[0].embedding) - 1) < 1e-4
+    assert floats.model.startswith("all_minilm_l6_v2_")
+
+
+def test_rerank_orders_documents(client: KnowMapClient) -> None:
+    docs = ["a kitchen with a stove", "boil the water in the pot on the stove", "a red apple"]
+    result = client.rerank("how do I boil water", docs, top_n=2)
+    assert len(result.results) == 2 and result.results[0].score >= result.results[1].score
+    assert {r.document for r in result.results} <= set(docs)
+    assert all(docs[r.index] == r.document for r in result.results)
+
+
+def test_observations_facts_history_and_as_of_step(client: KnowMapClient) -> None:
+    records = _records("boil")[:6]
+    ack = client.add_observations("boil-agent-1", records)
+    assert ack.accepted == len(records) and ack.facts > 0 and ack.last_step == records[-1]["step"]
+    now = client.facts("boil-agent-1")
+    assert any(f.subject == "agent" and f.relation.value == "location" for f in now)
+    assert all(f.valid_to is None for f in now)
+    history = client.history("boil-agent-1")
+    assert len(history) >= len(now) and any(f.valid_to is not None for f in history)  # the agent moved
+    at_start = client.facts("boil-agent-1", as_of_step=0)
+    assert {f.object for f in at_start if f.subject == "agent" and f.relation.value == "location"} == {"hallway"}
+    moves = client.history("boil-agent-1", subject="agent", relation="location")
+    assert [f.object for f in moves][0] == "hallway" and len(moves) >= 2
+
+
+def test_trajectory_contribution_then_retrieve_with_provenance_and_rerank(client: KnowMapClient) -> None:
+    trajectory = json.loads((FIXTURES / "trajectories" / "boil-0.json").read_text())
+    trajectory["episode_id"] = "external-boil-1"
+    added = client.add_trajectory(trajectory, env_id="boil-agent-1")
+    assert added.subgoals > 0 and added.rows == added.subgoals + 1
+    result = client.retrieve("focus on the water and heat it on the stove", env_id="boil-agent-1", task="boil", k=3)
+    kinds = [i.kind for i in result.items]
+    assert kinds.count("env_fact") == 3 and kinds.count("subgoal") == 3
+    assert kinds.index("subgoal") > kinds.index("env_fact")  # env facts first
+    goal = next(i for i in result.items if i.kind == "subgoal")
+    assert goal.provenance["episode_id"] == "external-boil-1" and goal.provenance["source"] == "agent"
+    assert goal.provenance["ranker"] == "embedder"
+    fact = result.items[0]
+    assert fact.provenance["env_id"] == "boil-agent-1" and fact.id.startswith("boil-agent-1:")
+    reranked = client.retrieve("heat the water", env_id="boil-agent-1", k=2, rerank=True)
+    assert reranked.reranker and all(i.provenance["ranker"] == "reranker" for i in reranked.items)
+    only_experience = client.retrieve("heat the water", env_id="boil-agent-1", kbs=["experience"], k=2)
+    assert {i.kind for i in only_experience.items} == {"subgoal"}
+
+
+def test_an_env_id_only_sees_its_own_facts(client: KnowMapClient) -> None:
+    client.add_observations("living-agent-2", _records("grow-plant")[:3])
+    mine = {f.text() for f in client.facts("living-agent-2")}
+    theirs = {f.text() for f in client.facts("boil-agent-1")}
+    assert mine and mine != theirs
+    items = client.retrieve("where is the metal pot", env_id="living-agent-2", kbs=["env"], k=50).items
+    assert items and all(i.provenance["env_id"] == "living-agent-2" and i.text in mine for i in items)
+    assert client.retrieve("metal pot", env_id="never-seen", kbs=["env"]).items == []  # nothing, not someone's
+    with pytest.raises(ServiceError) as e:
+        client.facts("never-seen")
+    assert e.value.status == 404 and e.value.error.code == "unknown_env"
+
+
+# -- auth, limits, malformed input -------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", [None, "km-wrong"])
+def test_missing_or_wrong_key_is_401_everywhere_but_healthz(service: dict, key: str | None) -> None:
+    headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+    for path in ("/v1/models", "/v1/envs/boil-agent-1/facts", "/openapi.json", "/docs"):
+        r = requests.get(service["url"] + path, headers=headers, timeout=10)
+        assert r.status_code == 401, path
+        assert r.json()["error"]["type"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
+    r = _post(service, "/v1/embeddings", {"input": "x"}, key=key)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+
+
+def test_limits_give_413_with_a_typed_body(service: dict) -> None:
+    limits = service["config"].serve
+    r = _post(service, "/v1/embeddings", {"input": ["x"] * (limits.max_texts + 1)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_texts"
+    r = _post(service, "/v1/embeddings", {"input": ["ok", "y" * (limits.max_text_chars + 1)]})
+    assert r.status_code == 413 and r.json()["error"] == {
+        "type": "too_large", "code": "text_too_long", "param": "input[1]",
+        "message": f"input[1] has {limits.max_text_chars + 1} characters; at most serve.max_text_chars "
+                   f"({limits.max_text_chars})"}
+    r = _post(service, "/v1/rerank", {"query": "q", "documents": ["d"] * (limits.max_texts + 1)})
+    assert r.status_code == 413
+    r = _post(service, "/v1/retrieve", {"query": "q", "k": limits.max_k + 1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "k"
+    r = _post(service, "/v1/embeddings", b"x" * (limits.max_body_bytes + 1))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/embeddings", "{not json"),
+    ("/v1/embeddings", '{"input": 5}'),
+    ("/v1/embeddings", '{"input": []}'),
+    ("/v1/rerank", '{"query": "q"}'),
+    ("/v1/retrieve", '{"query": "q", "kbs": ["web"]}'),
+    ("/v1/retrieve", '{"query": "q", "env_id": "../etc"}'),
+    ("/v1/retrieve", '{"query": "q", "surprise": 1}'),
+    ("/v1/envs/e1/observations", '{"observations": [{"step": -1}]}'),
+    ("/v1/envs/bad$id/observations", '{"observations": [{"step": 0}]}'),
+    ("/v1/trajectories", '{"trajectory": {"episode_id": "x"}}'),
+    ("/v1/retrieve", "[]"),
+])
+def test_malformed_or_invalid_bodies_are_422_never_500(service: dict, path: str, body: str) -> None:
+    r = _post(service, path, body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request" and error["message"]
+
+
+# -- fuzzing -----------------------------------------------------------------------------------------------------
+def test_fuzzing_the_openapi_schema_finds_no_5xx(service: dict) -> None:
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    headers = {"Authorization": f"Bearer {service['key']}"}
+    spec = requests.get(service["url"] + "/openapi.json", headers=headers, timeout=10).json()
+    schema = schemathesis.openapi.from_dict(spec)
+    failures: list[str] = []
+    calls = {"n": 0}
+    for result in schema.get_all_operations():
+        op = result.ok()
+        cases = st.one_of(op.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                          op.as_strategy(schemathesis.GenerationMode.NEGATIVE))
+
+        @settings(max_examples=15, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=cases)
+        def check(case) -> None:  # noqa: ANN001
+            response = case.call(base_url=service["url"], headers=headers, timeout=60)
+            calls["n"] += 1
+            if response.status_code >= 500:
+                operation = case.operation
+                failures.append(f"{operation.method.upper()} {operation.path} -> {response.status_code}: "
+                                f"{response.text[:300]}")
+
+        check()
+    assert calls["n"] >= 50
+    assert not failures, "\n".join(failures)
+
+
+# -- hot swap ----------------------------------------------------------------------------------------------------
+def test_hot_swap_under_load_fails_no_request(service: dict, client: KnowMapClient, model_dirs: dict) -> None:
+    from knowmap.serve.app import swap_models
+
+    before = client.models()
+    errors: list[str] = []
+    seen: set[str] = set()
+    done = threading.Event()
+    counts = {"n": 0}
+
+    def load(i: int) -> None:
+        with KnowMapClient(service["url"], service["key"]) as c:
+            while not done.is_set():
+                try:
+                    if i % 2:
+                        seen.add(c.retrieve("heat the water on the stove", env_id="boil-agent-1", k=2).embedder)
+                    else:
+                        assert c.embed(["a metal pot"]).shape == (1, 384)
+                    counts["n"] += 1
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        swapped = swap_models(service["config"], embedder=model_dirs["embedder_b"])
+        time.sleep(1.0)
+        back = swap_models(service["config"], embedder="")  # rollback: old model and collection still held
+        time.sleep(0.5)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert errors == [] and counts["n"] > 20
+    old = next(m.id for m in before.data if m.role == "embedder")
+    new = swapped["embedder"]["version"]
+    assert new != old and back["embedder"]["version"] == old
+    assert {old, new} <= seen  # requests were answered by both models, each with its own collection
+    assert swapped["index"]["rows"] > 0
+    assert {old, new} <= set(client.models().experience_collections)

@@ -1,0 +1,92 @@
+"""The retrieval service's plain parts, without Ray: batch splitting, API keys, wire schemas, model defaults."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from knowmap.api_schemas import EmbeddingRequest, ObservationsRequest, RetrieveRequest
+from knowmap.config import KnowMapConfig
+from knowmap.errors import ConfigError, KnowMapError
+from knowmap.serve.app import resolve_models
+from knowmap.serve.auth import digest, key_matches, load_api_keys
+from knowmap.serve.deployments import encode_requests, score_requests
+
+
+def fake_encode(texts: list[str]) -> np.ndarray:
+    return np.array([[len(t), i] for i, t in enumerate(texts)], dtype=np.float32)
+
+
+def test_encode_requests_embeds_once_and_gives_each_request_its_rows() -> None:
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(texts)
+        return fake_encode(texts)
+
+    out = encode_requests(encode, [["a", "bb"], [], ["ccc"]])
+    assert calls == [["a", "bb", "ccc"]]
+    assert [o.shape[0] for o in out] == [2, 0, 1]
+    np.testing.assert_array_equal(out[0], fake_encode(["a", "bb"]))
+    assert out[2][0, 0] == 3 and out[2][0, 1] == 2  # the third text of the flat batch
+
+
+def test_score_requests_splits_scores_back_per_request() -> None:
+    out = score_requests(lambda pairs: [len(q) + len(d) for q, d in pairs], [("q", ["a", "bb"]), ("qq", ["c"])])
+    assert out == [[2.0, 3.0], [3.0]]
+    assert score_requests(lambda pairs: [], []) == []
+
+
+def test_a_key_is_generated_once_with_0600_and_checked_in_constant_time(tmp_path: Path) -> None:
+    config = KnowMapConfig(data_dir=tmp_path)
+    keys, path = load_api_keys(config)
+    assert path == tmp_path / "serve" / "api_key" and len(keys) == 1 and keys[0].startswith("km-")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_api_keys(config) == (keys, path)  # read back, not regenerated
+    digests = [digest(k) for k in keys]
+    assert key_matches(keys[0], digests)
+    assert not key_matches(keys[0] + "x", digests) and not key_matches(None, digests) and not key_matches("", digests)
+
+
+def test_configured_keys_need_no_file_and_a_readable_key_file_is_refused(tmp_path: Path) -> None:
+    config = KnowMapConfig(data_dir=tmp_path, serve={"api_keys": ["secret-1"]})
+    assert load_api_keys(config) == (["secret-1"], None)
+    path = tmp_path / "keys"
+    path.write_text("k1\n# comment\nk2\n")
+    path.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_api_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))
+    path.chmod(0o600)
+    assert load_api_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))[0] == ["k1", "k2"]
+    with pytest.raises(ConfigError, match="no API key"):
+        load_api_keys(KnowMapConfig(data_dir=tmp_path / "other"), generate=False)
+
+
+def test_wire_schemas_accept_openai_shapes_and_refuse_the_rest() -> None:
+    assert EmbeddingRequest.model_validate({"input": "x", "model": "m", "user": "u", "future": 1}).input == "x"
+    assert EmbeddingRequest.model_validate({"input": ["a"], "encoding_format": "base64"}).encoding_format == "base64"
+    with pytest.raises(ValidationError):
+        EmbeddingRequest.model_validate({"input": ["a"], "encoding_format": "int8"})
+    with pytest.raises(ValidationError):
+        RetrieveRequest.model_validate({"query": "q", "env_id": "../x"})
+    with pytest.raises(ValidationError):
+        RetrieveRequest.model_validate({"query": "q", "kbs": []})
+    with pytest.raises(ValidationError):
+        ObservationsRequest.model_validate({"observations": []})
+
+
+def test_models_default_to_the_newest_trained_ones(tmp_path: Path) -> None:
+    config = KnowMapConfig(data_dir=tmp_path)
+    assert resolve_models(config) == ("", "")  # packaged MiniLM, no reranker
+    trained = tmp_path / "models" / "e1"
+    trained.mkdir(parents=True)
+    (tmp_path / "models" / "latest.json").write_text(json.dumps({"embedder": str(trained), "reranker": ""}))
+    assert resolve_models(config) == (str(trained), "")
+    assert resolve_models(config, embedder="", reranker="") == ("", "")
+    with pytest.raises(KnowMapError, match="not a directory"):
+        resolve_models(config, embedder=str(tmp_path / "missing"))
