@@ -80,7 +80,17 @@ def shortlist(valid: Sequence[str], query: str, *, size: int, preferred: Sequenc
         return s
 
     order = sorted(range(n), key=lambda i: (-score(i), len(valid[i]), valid[i]))
-    chosen = [valid[i] for i in order[:size]]
+    # At most a quarter of the list per verb: combinatorial verbs (connect X to Y, move X to Y, mix, pour) would
+    # otherwise fill it with variations of one idea; known-good actions are exempt.
+    cap, per_verb, chosen = max(2, size // 4), Counter(), []
+    for i in order:
+        verb = _verb(valid[i])
+        if valid[i] in preferred_rank or per_verb[verb] < cap:
+            chosen.append(valid[i])
+            per_verb[verb] += 1
+            if len(chosen) == size:
+                break
+    chosen += [valid[i] for i in order if valid[i] not in chosen][: size - len(chosen)]
     movement = [a for a in (valid[i] for i in order) if a.startswith(("go to", "open door"))]
     for action in movement[:2]:
         if action in chosen:
@@ -95,12 +105,22 @@ def shortlist(valid: Sequence[str], query: str, *, size: int, preferred: Sequenc
     return chosen
 
 
+def _verb(action: str) -> str:
+    """The action's verb: its first word, or first two for ScienceWorld's two-word verbs (``go to``)."""
+    parts = action.split()
+    if len(parts) > 1 and parts[1] in ("to", "on", "up", "down", "at", "in", "around"):
+        return " ".join(parts[:2])
+    return parts[0] if parts else ""
+
+
 def parse_plan(text: str, max_subgoals: int) -> list[str]:
     """Sub-goals from a numbered (or bulleted, or plain) list, one per line; at most ``max_subgoals``."""
     steps = []
     for line in text.splitlines():
         line = _NUMBERED.sub("", line).strip().strip("*").strip()
-        if len(line) >= 3 and not line.lower().startswith(("plan", "here is", "task:")):
+        # Small models echo the prompt's example: its history lines ("> ...") and headings ("History:").
+        if len(line) >= 3 and not line.startswith(">") and not line.endswith(":") and not line.lower().startswith(
+                ("plan", "here is", "task:", "example")):
             steps.append(prompts.clip(line, 120))
     return list(dict.fromkeys(steps))[:max_subgoals]
 

@@ -174,12 +174,16 @@ def test_shortlist_ranks_by_relevance_and_knowledge() -> None:
     again = shortlist(valid, "focus on water", size=4, recent=["focus on water"])
     assert again.index("focus on table") < again.index("focus on water") if "focus on water" in again else True
     assert any(a.startswith(("go to", "open door")) for a in chosen)
+    combos = [f"connect {x} to {y}" for x in ("water", "pot", "wire") for y in ("water", "battery")]
+    varied = shortlist(combos + ["focus on water", "pick up water"], "water water", size=4)
+    assert sum(a.startswith("connect") for a in varied) <= 2 and "focus on water" in varied
     assert knowledge_actions([KnowledgeItem(id="x", kind="subgoal", text="d\nActions: a; b; a")]) == ["a", "b"]
 
 
 def test_parse_plan() -> None:
     assert parse_plan("Plan:\n1. go to kitchen\n2) focus on water\n- heat it\n\n", 5) == [
         "go to kitchen", "focus on water", "heat it"]
+    assert parse_plan("1. focus on it\nHistory:\n> go to kitchen: You move.", 5) == ["focus on it"]
     assert parse_plan("1. a step\n2. b step\n3. c step", 2) == ["a step", "b step"]
 
 
