@@ -110,15 +110,15 @@ class ExperienceKBActor:
         Raises:
             EmbedderError: the model cannot be loaded.
         """
-        from knowmap.embedder import Embedder
+        from knowmap.embedder import Embedder, embedder_version
         from knowmap.experience_kb import ExperienceKB
 
         cfg = self._config
-        embedder = Embedder(embedder_path, device=cfg.models.device, batch_size=cfg.models.batch_size)
-        copied = 0
+        version, copied = embedder_version(embedder_path), 0  # no model load when the version is held
         with self._lock:
-            kb, source = self._kbs.get(embedder.version), self._kbs[self._current]
+            kb, source = self._kbs.get(version), self._kbs[self._current]
         if kb is None:
+            embedder = Embedder(embedder_path, device=cfg.models.device, batch_size=cfg.models.batch_size)
             kb = ExperienceKB(self._store, embedder, collection_prefix=cfg.store.collection_prefix)
             with self._lock:  # registered before the copy, so that concurrent adds reach it too
                 self._kbs[embedder.version] = kb
@@ -131,8 +131,8 @@ class ExperienceKBActor:
                 raise
         if make_current:
             with self._lock:
-                self._current = embedder.version
-        return {"version": embedder.version, "collection": kb.collection, "rows": kb.count(), "copied": copied}
+                self._current = kb.embedder.version
+        return {"version": kb.embedder.version, "collection": kb.collection, "rows": kb.count(), "copied": copied}
 
     def set_current(self, version: str) -> None:
         """Make a held version the one that :meth:`search`, :meth:`count` and :meth:`info` use."""

@@ -147,6 +147,14 @@ def _load(name_or_path: str, device: str) -> SentenceTransformer:
         ) from e
 
 
+def embedder_version(name_or_path: str = "") -> str:
+    """The :attr:`Embedder.version` that the model at ``name_or_path`` gets, without loading it (what names its
+    experiential collection)."""
+    path = str(name_or_path) if name_or_path else default_embedder_path()
+    name = DEFAULT_EMBEDDER_NAME if _is_default(path) else _slug(name_or_path)
+    return f"{name}_{model_fingerprint(path)}"
+
+
 def _is_default(name_or_path: str) -> bool:
     try:
         return os.path.realpath(name_or_path) == os.path.realpath(default_embedder_path())
