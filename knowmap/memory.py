@@ -5,15 +5,16 @@ they exceed twice the window does the start move forward to keep the last ``wind
 prompts share their prefix (the server reuses it), and the prompt never outgrows the context.
 
 Knowledge comes through a :class:`KnowledgeAccess`: :class:`RetrieverKnowledge` wraps the Ray-free
-:class:`~knowmap.retrieval.Retriever` (whose env-KB and experiential-KB functions may be actor handles, the
-retrieval service, or plain objects); ``None`` is the few-shot baseline. Observations are written back through
-an optional ``sink`` (the agent actor streams each step to its env-KB actor itself and passes none).
+:class:`~knowmap.retrieval.Retriever` (whose env-KB and experiential-KB functions may be actor handles or plain
+objects); :class:`ServiceKnowledge` goes through the retrieval HTTP API; ``None`` is the few-shot baseline.
+Observations are written back through an optional ``sink`` (the agent actor streams each step to its env-KB
+actor itself and passes none).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -67,6 +68,30 @@ class RetrieverKnowledge:
         # Over-fetch: rows of other splits are dropped after the search (the store filters only by task).
         for task in (self.task, None) if self.task else (None,):
             items = self.retriever.retrieve(query, task=task, k=4 * k, kbs=("experience",))
+            items = [i for i in items if i.provenance.get("split") in self.splits][:k]
+            if items:
+                return items
+        return []
+
+
+class ServiceKnowledge:
+    """Knowledge through the retrieval HTTP API (``knowmap.serve.client.KnowMapClient`` or anything with its
+    ``retrieve``), for agents that run outside the Ray cluster; the same filters as :class:`RetrieverKnowledge`.
+    """
+
+    def __init__(self, client: Any, env_id: str, task: str | None, splits: Sequence[str] = ("train",)) -> None:
+        self.client, self.env_id, self.task, self.splits = client, env_id, task, set(splits)
+
+    def facts(self, query: str, k: int) -> list[KnowledgeItem]:
+        if k < 1:
+            return []
+        return list(self.client.retrieve(query, env_id=self.env_id, k=k, kbs=["env"]).items)
+
+    def experience(self, query: str, k: int) -> list[KnowledgeItem]:
+        if k < 1:
+            return []
+        for task in (self.task, None) if self.task else (None,):
+            items = self.client.retrieve(query, task=task, k=min(50, 4 * k), kbs=["experience"]).items
             items = [i for i in items if i.provenance.get("split") in self.splits][:k]
             if items:
                 return items

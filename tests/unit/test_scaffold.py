@@ -258,3 +258,22 @@ def test_unreachable_endpoint_with_the_real_client() -> None:
                               timeout_s=2))
     with pytest.raises(LLMUnavailableError, match="llm.base_url"):
         llm.chat([{"role": "user", "content": "hi"}])
+
+
+def test_service_knowledge_filters_experience_to_the_allowed_splits() -> None:
+    from knowmap.memory import ServiceKnowledge
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def retrieve(self, query, *, env_id=None, task=None, k=5, kbs=("env", "experience")):
+            self.calls.append((tuple(kbs), task, k))
+            items = [KnowledgeItem(id=s, kind="subgoal", text=s, provenance={"split": s}) for s in ("test", "train")]
+            return type("R", (), {"items": items if kbs == ["experience"] else items[:1]})
+
+    client = Client()
+    access = ServiceKnowledge(client, "ep", "boil")
+    assert [i.id for i in access.experience("q", 2)] == ["train"]
+    assert len(access.facts("q", 1)) == 1 and access.facts("q", 0) == []
+    assert client.calls[0] == (("experience",), "boil", 8)
