@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +93,7 @@ class EmbedderDeployment:
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
         self._current = ""
         self._swap = asyncio.Lock()
+        self._stats = {"batches": 0, "requests": 0, "texts": 0, "model_seconds": 0.0}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``; loads a new model off the event loop."""
@@ -110,7 +112,7 @@ class EmbedderDeployment:
         """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
         return await self._encode_batch((list(texts), model))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
         current = self._current
         chosen = [model if model in self._models else current for _, model in requests]
@@ -118,16 +120,22 @@ class EmbedderDeployment:
         results: list[EncodedTexts | None] = [None] * len(requests)
         for path, embedder in models.items():  # normally one model; two only while a swap is under way
             members = [i for i, p in enumerate(chosen) if p == path]
+            started = time.perf_counter()
             rows = await asyncio.to_thread(encode_requests, embedder.encode, [requests[i][0] for i in members])
+            self._stats["model_seconds"] += time.perf_counter() - started
+            self._stats["batches"] += 1
+            self._stats["requests"] += len(members)
+            self._stats["texts"] += sum(len(requests[i][0]) for i in members)
             for i, vectors in zip(members, rows, strict=True):
                 results[i] = EncodedTexts(vectors=vectors, model=path, version=embedder.version, current=current)
         return results  # type: ignore[return-value]
 
     async def info(self) -> dict[str, Any]:
-        """The current model: ``path``, ``version``, ``dim``; and every model held."""
+        """The current model: ``path``, ``version``, ``dim``; every model held; this replica's batching counters
+        (``batches``, ``requests``, ``texts``, ``model_seconds``: time inside the model)."""
         embedder = self._models[self._current]
         return {"path": self._current, "version": embedder.version, "dim": embedder.dim,
-                "held": [m.version for m in self._models.values()]}
+                "held": [m.version for m in self._models.values()], "stats": dict(self._stats)}
 
 
 @serve.deployment(name="Reranker")
@@ -160,7 +168,7 @@ class RerankerDeployment:
                                            "`knowmap serve --reranker PATH` (a directory `knowmap train` wrote)")
         return await self._score_batch((query, list(documents)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[ScoredDocuments]:
         model = self._model
         if model is None:
