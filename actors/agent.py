@@ -51,6 +51,8 @@ class EpisodeResult(BaseModel):
     llm_calls: int = 0
     replans: int = 0
     invalid_answers: int = 0
+    facts_retrieved: int = 0
+    experience_retrieved: int = 0
     plan: list[str] = []
 
 
@@ -163,5 +165,6 @@ def _llm_stats(result: EpisodeResult, policy: Any) -> None:
     usage = policy.usage_since_begin()
     result.prompt_tokens, result.completion_tokens, result.llm_calls = (usage.prompt_tokens, usage.completion_tokens,
                                                                         usage.calls)
-    result.replans, result.invalid_answers, result.plan = (policy.stats.replans, policy.stats.invalid_answers,
-                                                           policy.stats.plan)
+    stats = policy.stats
+    result.replans, result.invalid_answers, result.plan = stats.replans, stats.invalid_answers, stats.plan
+    result.facts_retrieved, result.experience_retrieved = stats.facts_retrieved, stats.experience_retrieved

@@ -140,6 +140,8 @@ def summarise(results: Sequence[Any], modes: Sequence[str], protocol: dict[str, 
                              "steps": r.steps, "episode_id": r.episode_id, "prompt_tokens": r.prompt_tokens,
                              "completion_tokens": r.completion_tokens, "llm_calls": r.llm_calls,
                              "replans": r.replans, "invalid_answers": r.invalid_answers, "plan": r.plan,
+                             "facts_retrieved": getattr(r, "facts_retrieved", 0),
+                             "experience_retrieved": getattr(r, "experience_retrieved", 0),
                              "seconds": round(r.seconds, 1), "error": r.error.splitlines()[0] if r.error else ""})
     return {"protocol": protocol, "modes": by_mode, "episodes": episodes}
 

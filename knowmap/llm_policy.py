@@ -73,6 +73,8 @@ class AgentStats(BaseModel):
     usage: TokenUsage = TokenUsage()
     replans: int = 0
     invalid_answers: int = 0  # answers that named no valid action (the best candidate was taken instead)
+    facts_retrieved: int = 0  # env facts put into prompts, over the episode
+    experience_retrieved: int = 0  # experiential sub-goals put into plans and prompts (per retrieval)
     plan: list[str] = []
 
 
@@ -113,6 +115,7 @@ class LLMPolicy:
         self.stats = AgentStats()
         self._usage_start = self.llm.usage.model_copy()
         self._experience = self.memory.experience(context.task_description, self.config.k_experience)
+        self.stats.experience_retrieved += len(self._experience)
         self._plan = self.planner.plan(context.task_description, self._experience)
         self._plan_step = 0
         self.stats.plan = list(self._plan.steps)
@@ -130,12 +133,14 @@ class LLMPolicy:
         elif verdict.status == "stall" and self.stats.replans < self.config.max_replans:
             query = f"{task} {self._plan.subgoal} {step.observation}"
             self._experience = self.memory.experience(query, self.config.k_experience)
+            self.stats.experience_retrieved += len(self._experience)
             recent = self.memory.history_lines()[-4:]
             self._plan = self.planner.plan(task, self._experience, problem=verdict.reason, recent=recent)
             self._plan_step = step.step
             self.stats.replans += 1
             self.stats.plan = list(self._plan.steps)
         facts = self.memory.facts(f"{self._plan.subgoal}. {task}", self.config.k_env)
+        self.stats.facts_retrieved += len(facts)
         choice = self.actuator.choose(
             task=task, plan=self._plan, experience=self._experience, facts=facts,
             history=self.memory.history_lines(), observation=step.observation,

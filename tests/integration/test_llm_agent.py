@@ -65,6 +65,8 @@ def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> 
         assert expert.ok and agent.ok, (expert.error, agent.error)
         assert agent.steps >= 1 and agent.llm_calls >= agent.steps + 1  # a plan, then one call per step
         assert agent.prompt_tokens > 0 and agent.plan
+        # Knowledge reached the prompts: the expert's sub-goals (train split) and the episode's own env facts.
+        assert agent.experience_retrieved > 0 and agent.facts_retrieved > 0
 
         trajectory = Trajectory.model_validate_json(
             (config.trajectories_dir / f"{agent.episode_id}.json").read_text())

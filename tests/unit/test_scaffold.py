@@ -141,6 +141,7 @@ def test_prompt_carries_knowledge_and_keeps_an_append_only_history() -> None:
         action = policy.act(step(i, action, obs=f"observation {i}"), [])
         prompts.append(llm.calls[-1]["messages"][-1]["content"])
     assert "water is in the kitchen" in prompts[-1] and "Relevant experience" in prompts[-1]
+    assert policy.stats.facts_retrieved == 4 and policy.stats.experience_retrieved >= 1
     # The history part of step i's prompt is a prefix of step i+1's (until the tail that changes every step).
     heads = [p.split("Last observation:")[0].rstrip() for p in prompts]
     assert all(heads[i + 1].startswith(heads[i]) for i in range(len(heads) - 1))
