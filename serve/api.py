@@ -19,6 +19,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from knowmap.api_schemas import (
@@ -169,6 +170,9 @@ async def _call(response: Any) -> Any:
         raise APIError(409, "conflict", _message(e), code="expert_episode") from e
     except (KnowMapError, ValueError) as e:
         raise APIError(422, "invalid_request", _message(e)) from e
+    except RayActorError as e:  # e.g. the env KB is held open by a running episode's own actor
+        raise APIError(503, "unavailable", "a knowledge-base actor is unavailable (an env KB held by a running "
+                       "episode, or an actor restarting); retry shortly", code="kb_unavailable") from e
 
 
 def _message(error: Exception) -> str:

@@ -112,7 +112,7 @@ class EmbedderDeployment:
         """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
         return await self._encode_batch((list(texts), model))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
         current = self._current
         chosen = [model if model in self._models else current for _, model in requests]
@@ -168,7 +168,7 @@ class RerankerDeployment:
                                            "`knowmap serve --reranker PATH` (a directory `knowmap train` wrote)")
         return await self._score_batch((query, list(documents)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[ScoredDocuments]:
         model = self._model
         if model is None:
