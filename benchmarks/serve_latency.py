@@ -35,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
 from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
@@ -90,20 +91,26 @@ def populate(client: KnowMapClient) -> None:
         client.add_trajectory(trajectory)
 
 
-def timed(fn: Any, n: int) -> list[float]:
-    """Latencies (ms) of ``n`` sequential calls ``fn(i)``, after 5 warm-up calls."""
+def interleaved(first: Any, second: Any, n: int) -> tuple[list[float], list[float]]:
+    """Latencies (ms) of ``n`` calls of each, alternating (so both sides see the same load on a shared machine),
+    after 5 warm-up calls of each."""
     for i in range(5):
-        fn(i)
-    out = []
+        first(i)
+        second(i)
+    a, b = [], []
     for i in range(n):
-        start = time.perf_counter()
-        fn(i)
-        out.append((time.perf_counter() - start) * 1000)
-    return out
+        for fn, out in ((first, a), (second, b)) if i % 2 == 0 else ((second, b), (first, a)):
+            start = time.perf_counter()
+            fn(i)
+            out.append((time.perf_counter() - start) * 1000)
+    return a, b
 
 
 def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
     """The same pipeline without HTTP or Serve: a local embedder, the same env-KB and experiential-KB actors."""
+    # One torch thread, as in the embedder replica (Ray sets OMP_NUM_THREADS from its num_cpus): the same model
+    # work on both sides.
+    torch.set_num_threads(1)
     embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
     env = get_or_create_env_kb(ENV_ID, config)
     experience = get_experience_kb(config)
@@ -132,13 +139,44 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
             clients[i].embed([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"])
         return requests_per_client
 
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    before = handle.info.remote().result()["stats"]
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         total = sum(pool.map(run, range(concurrency)))
     seconds = time.perf_counter() - start
+    after = handle.info.remote().result()["stats"]
     for c in clients:
         c.close()
-    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds}
+    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, **batch_stats(before, after)}
+
+
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean requests per batch, and the share of the wall time the embedder spent inside the model."""
+    delta = {k: after[k] - before[k] for k in before}
+    return {"mean_batch_requests": delta["requests"] / max(delta["batches"], 1),
+            "model_seconds": delta["model_seconds"]}
+
+
+def handle_throughput(requests_per_client: int, concurrency: int = 16) -> dict[str, float]:
+    """As :func:`throughput`, through the Embedder deployment's handle (no HTTP): the model side alone."""
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    handle.encode.remote(["warm up"]).result()
+    barrier = threading.Barrier(concurrency)
+
+    def run(i: int) -> int:
+        barrier.wait()
+        for j in range(requests_per_client):
+            handle.encode.remote([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"]).result()
+        return requests_per_client
+
+    before = handle.info.remote().result()["stats"]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        total = sum(pool.map(run, range(concurrency)))
+    seconds = time.perf_counter() - start
+    after = handle.info.remote().result()["stats"]
+    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, **batch_stats(before, after)}
 
 
 def load_during(client_factory: Any, action: Any, clients: int = 2, min_requests: int = 100) -> dict[str, Any]:
@@ -197,24 +235,29 @@ def main() -> None:
 
         # 1. retrieve over HTTP vs in-process
         retriever, _ = in_process_retriever(config)
-        local = timed(lambda i: retriever.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
-        http = timed(lambda i: client.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
+        local, http = interleaved(
+            lambda i: retriever.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5),
+            lambda i: client.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
         retrieve = {"in_process_p50_ms": pct(local, 50), "in_process_p99_ms": pct(local, 99),
                     "http_p50_ms": pct(http, 50), "http_p99_ms": pct(http, 99), "requests": args.requests}
         retrieve["ratio"] = retrieve["http_p50_ms"] / retrieve["in_process_p50_ms"]
 
         # 2. embeddings throughput at concurrency 16, batching on vs off (the same service, redeployed)
         batched = throughput(new_client, args.throughput_requests)
+        batched_handle = handle_throughput(2 * args.throughput_requests)
         unbatched_config = config.model_copy(deep=True)
         unbatched_config.serve.max_batch_size = 1
         keys = [digest(info.api_key)]
         serve.run(build_app(ServeAppArgs(config=unbatched_config.model_dump(mode="json"), key_digests=keys)),
                   name=APP_NAME, route_prefix="/")
         unbatched = throughput(new_client, args.throughput_requests)
+        unbatched_handle = handle_throughput(2 * args.throughput_requests)
         serve.run(build_app(ServeAppArgs(config=config.model_dump(mode="json"), key_digests=keys)),
                   name=APP_NAME, route_prefix="/")
         batching = {"batched": batched, "unbatched": unbatched, "max_batch_size": config.serve.max_batch_size,
-                    "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"]}
+                    "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"],
+                    "handle_batched": batched_handle, "handle_unbatched": unbatched_handle,
+                    "handle_ratio": batched_handle["requests_per_s"] / unbatched_handle["requests_per_s"]}
 
         # 3. p99 during a hot swap vs steady, same load
         steady = load_during(new_client, lambda: time.sleep(8.0))
@@ -253,6 +296,14 @@ def main() -> None:
           f"{retrieve['http_p99_ms']:>12.1f}{retrieve['http_p99_ms'] / retrieve['in_process_p99_ms']:>9.2f}")
     print(f"{'embeddings req/s at 16 (unbatched -> batched)':<44}{unbatched['requests_per_s']:>12.1f}"
           f"{batched['requests_per_s']:>12.1f}{batching['ratio']:>9.2f}  >= 2.0")
+    print(f"{'  same, through the handle (no HTTP)':<44}{unbatched_handle['requests_per_s']:>12.1f}"
+          f"{batched_handle['requests_per_s']:>12.1f}{batching['handle_ratio']:>9.2f}")
+    print(f"mean requests per embedder batch: {unbatched['mean_batch_requests']:.1f} -> "
+          f"{batched['mean_batch_requests']:.1f}; time inside the model per HTTP request: "
+          f"{1000 * unbatched['model_seconds'] / unbatched['requests']:.1f} -> "
+          f"{1000 * batched['model_seconds'] / batched['requests']:.1f} ms, of "
+          f"{1000 * unbatched['seconds'] / unbatched['requests'] * 16:.0f} -> "
+          f"{1000 * batched['seconds'] / batched['requests'] * 16:.0f} ms per request end to end")
     print(f"{'retrieve p99 ms (steady -> during swap)':<44}{swap_stats['steady_p99_ms']:>12.1f}"
           f"{swap_stats['swap_p99_ms']:>12.1f}{swap_stats['ratio']:>9.2f}  <= 2.0")
     print(f"failed requests during the swap: {swap_stats['failed_requests']} of "
