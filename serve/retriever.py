@@ -34,6 +34,7 @@ from knowmap.api_schemas import (
 )
 from knowmap.config import KnowMapConfig
 from knowmap.durable_kb import validate_env_id
+from knowmap.embedder import embedder_version
 from knowmap.errors import KnowMapError
 from knowmap.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal
@@ -91,6 +92,8 @@ class RetrieverDeployment:
             except _ModelChanged as e:  # this replica's embedder no longer holds the pinned model
                 model = e.model
                 continue
+            if model not in self._versions:  # nothing was embedded (e.g. only env facts of an env without any)
+                self._versions[model] = embedder_version(model)
             return RetrieveResponse(items=items, embedder=self._versions[model],
                                     reranker=self._reranker_version if request.rerank else None)
         raise KnowMapError(f"the embedder changed model {_ATTEMPTS} times during one request; retry")
@@ -118,7 +121,7 @@ class RetrieverDeployment:
         return encoded.vectors
 
     def _search(self, vector: Any, k: int, task: str | None, model: str) -> list[KnowledgeItem]:
-        version = self._versions[model]
+        version = self._versions[model]  # set by the encode of this very query
         try:
             rows = ray.get(self._experience.search_vector.remote(vector, k, task, version))
         except KnowMapError as e:

@@ -43,6 +43,9 @@ def _post(service: dict, path: str, body: object, key: str | None = "", **kw: ob
 # -- happy paths ---------------------------------------------------------------------------------------------------
 def test_health_is_open_and_models_name_the_deployed_versions(service: dict, client: KnowMapClient) -> None:
     assert requests.get(service["url"] + "/healthz", timeout=10).json() == {"status": "ok", "api_version": "v1"}
+    # The very first retrieve embeds nothing (an env without facts, env KB only) and still names the embedder.
+    first = client.retrieve("anything", env_id="nothing-yet", kbs=["env"])
+    assert first.items == [] and first.embedder.startswith("all_minilm_l6_v2_")
     models = client.models()
     roles = {m.role: m for m in models.data}
     assert roles["embedder"].id.startswith("all_minilm_l6_v2_") and roles["embedder"].dim == 384
