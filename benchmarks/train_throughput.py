@@ -100,7 +100,8 @@ def plain_epoch(pairs: list[TrainingPair], config: TrainingConfig, threads: int,
     task = EmbedderTask()
     model, loss = task.build(default_embedder_path(), config, torch.device("cpu"))
     loader = make_loader(task.examples(pairs, config), task.collate(model, config),
-                         batch_size=config.batch_size // world, seed=config.seed, rank=rank, world_size=world)
+                         batch_size=config.batch_size // world, seed=config.seed, rank=rank, world_size=world,
+                         distinct_columns=task.distinct_columns)
     if world > 1:
         loss = torch.nn.parallel.DistributedDataParallel(loss, **DDP_OPTIONS)
     optimizer, scheduler = make_optimizer(loss, config, total_steps=len(loader))

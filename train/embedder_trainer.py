@@ -40,6 +40,8 @@ class EmbedderTask:
     """The bi-encoder with in-batch + hard-negative InfoNCE (see :class:`~knowmap.train.loop.TrainingTask`)."""
 
     kind: str = "embedder"
+    # No two examples of a batch share a query or a positive: they would be each other's false negatives.
+    distinct_columns: tuple[int, ...] = (0, 1)
 
     def examples(self, pairs: Sequence[TrainingPair], config: TrainingConfig) -> list[Example]:
         return infonce_examples(pairs, num_negatives=config.max_negatives, seed=config.seed)

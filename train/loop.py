@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from knowmap.config import TrainingConfig
 from knowmap.schemas import TrainingPair
@@ -76,8 +76,72 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class DistinctBatchSampler(Sampler[list[int]]):
+    """Seeded global batches in which no two examples share a text in ``columns``, cut into one equal share per
+    worker (the batch sampler that sentence-transformers' ``NoDuplicatesBatchSampler`` is for one process).
+
+    Why: a query has several positives, one pair each. Two pairs of the same query in one InfoNCE batch make each
+    one's positive an in-batch *negative* of the other, and the model learns to push true positives away. With
+    ``gather_across_workers`` the batch is global, so the rule holds across workers too.
+
+    A global batch that conflicts leave short is topped up with non-conflicting examples from the rest of the
+    epoch's order (as ``DistributedSampler`` pads by repeating), then cut to a multiple of ``world_size``; every
+    worker computes the same batches from the same seed, so all take the same number of steps.
+    """
+
+    def __init__(self, examples: Sequence[Example], *, batch_size: int, columns: Sequence[int], seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.keys = [frozenset(str(e[c]) for c in columns if c < len(e)) for e in examples]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch = 0
+        self._batches = self._global_batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._batches = self._global_batches()
+
+    def _global_batches(self) -> list[list[int]]:
+        size = self.batch_size * self.world_size
+        order = list(range(len(self.keys)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        batches, remaining = [], order
+        while remaining:
+            batch, used, rest = [], set(), []
+            for i in remaining:
+                if len(batch) < size and not (self.keys[i] & used):
+                    batch.append(i)
+                    used |= self.keys[i]
+                else:
+                    rest.append(i)
+            for i in order:  # top up a short batch with examples that do not conflict
+                if len(batch) >= size:
+                    break
+                if i not in batch and not (self.keys[i] & used):
+                    batch.append(i)
+                    used |= self.keys[i]
+            batch = batch[: len(batch) - len(batch) % self.world_size]
+            if batch:
+                batches.append(batch)
+            remaining = rest
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches:
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Reshuffle ``loader`` for ``epoch`` (whichever of the two samplers :func:`make_loader` gave it)."""
+    sampler = loader.batch_sampler if isinstance(loader.batch_sampler, DistinctBatchSampler) else loader.sampler
+    sampler.set_epoch(epoch)  # type: ignore[union-attr]
+
+
 def make_loader(examples: Sequence[Example], collate: Callable[[list[Example]], Batch], *, batch_size: int,
-                seed: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+                seed: int, rank: int = 0, world_size: int = 1, distinct_columns: Sequence[int] = ()) -> DataLoader:
     """A DataLoader whose DistributedSampler gives each worker a disjoint, seeded share of the examples.
 
     Every worker gets the same number of batches (the sampler pads by repeating a few examples), which DDP needs:
@@ -90,6 +154,8 @@ def make_loader(examples: Sequence[Example], collate: Callable[[list[Example]], 
         batch_size: examples per step on this worker.
         seed: the shuffle seed, the same on every worker.
         rank, world_size: this worker's place in the group (0 and 1 in one process).
+        distinct_columns: example columns (e.g. query and positive) that no two examples of one global batch may
+            share (:class:`DistinctBatchSampler`); empty = plain seeded shuffling.
 
     Raises:
         ValueError: there are no examples, or ``batch_size`` is below 1.
@@ -98,10 +164,14 @@ def make_loader(examples: Sequence[Example], collate: Callable[[list[Example]], 
         raise ValueError("no training examples: pass at least one TrainingPair")
     if batch_size < 1:
         raise ValueError(f"batch_size per worker must be >= 1, got {batch_size}")
-    sampler = DistributedSampler(list(examples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=False)
     # num_workers=0: tokenising a batch of short texts costs milliseconds, and extra processes would contend
     # for the same few cores that the forward pass uses.
+    if distinct_columns:
+        batches = DistinctBatchSampler(examples, batch_size=batch_size, columns=distinct_columns, seed=seed,
+                                       rank=rank, world_size=world_size)
+        return DataLoader(list(examples), batch_sampler=batches, collate_fn=collate, num_workers=0)
+    sampler = DistributedSampler(list(examples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
     return DataLoader(list(examples), batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0)
 
 

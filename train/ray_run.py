@@ -45,6 +45,7 @@ from knowmap.train.loop import (
     run_epoch,
     save_state,
     seed_everything,
+    set_epoch,
     set_threads,
 )
 
@@ -227,7 +228,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             model, loss = task.build(os.path.join(ckpt, MODEL_DIR), config, device)
             state, tensors = load_state(ckpt)
     loader = make_loader(loop_config["examples"], task.collate(model, config),
-                         batch_size=config.batch_size // world, seed=config.seed, rank=rank, world_size=world)
+                         batch_size=config.batch_size // world, seed=config.seed, rank=rank, world_size=world,
+                         distinct_columns=getattr(task, "distinct_columns", ()))
     # DDP over the loss module that holds the model. Buffers (position ids) never change, so they need no
     # sync at every forward; unused parameters were frozen by the task, so no graph search per step; gradients
     # live in the all-reduce buckets, which saves a copy of every gradient per step.
@@ -240,7 +242,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         start_epoch, history = int(state["epoch"]), list(state["history"])
 
     for epoch in range(start_epoch, config.epochs):
-        loader.sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         seed_everything(config.seed + 7919 * (epoch + 1) + rank)  # dropout: the same stream after a resume
         stats = run_epoch(wrapped, loader, optimizer, scheduler, device=device, max_grad_norm=config.max_grad_norm)
         totals = [stats.loss * stats.steps, stats.steps, stats.samples, stats.timed_samples]

@@ -12,7 +12,7 @@ from knowmap.config import TrainingConfig, load_config
 from knowmap.errors import ConfigError
 from knowmap.schemas import TrainingPair
 from knowmap.train.embedder_trainer import freeze_unused_parameters, infonce_examples, plot_loss
-from knowmap.train.loop import load_state, make_loader, make_optimizer, run_epoch, save_state, to_device
+from knowmap.train.loop import load_state, make_loader, make_optimizer, run_epoch, save_state, set_epoch, to_device
 from knowmap.train.ray_run import pairs_hash, run_location
 from knowmap.train.reranker_trainer import collate_labelled, labelled_examples
 
@@ -157,3 +157,24 @@ def test_training_config_explains_inconsistent_values() -> None:
     with pytest.raises(ConfigError, match="backend 'nccl' needs use_gpu=true"):
         load_config(training={"backend": "nccl"})
     assert load_config(training={"backend": "nccl", "use_gpu": True}).training.backend == "nccl"
+
+
+def test_distinct_batches_never_pair_two_positives_of_one_query_across_workers() -> None:
+    # Query i has 3 positives (3 pairs): in one global batch they would be each other's false negatives.
+    examples = [(f"q{i}", f"p{i}-{j}", f"n{i}") for i in range(9) for j in range(3)]
+
+    def collate(batch):
+        return [[e[0] for e in batch], [e[1] for e in batch]], None
+
+    for epoch in (0, 1):
+        shards = [make_loader(examples, collate, batch_size=2, seed=3, rank=r, world_size=2,
+                              distinct_columns=(0, 1)) for r in range(2)]
+        for shard in shards:
+            set_epoch(shard, epoch)
+        assert len(shards[0]) == len(shards[1])
+        seen = []
+        for (a, _), (b, _) in zip(shards[0], shards[1], strict=True):
+            queries = a[0] + b[0]  # the global batch the gathered loss sees
+            assert len(a[0]) == len(b[0]) and len(set(queries)) == len(queries)
+            seen += [(q, p) for q, p in zip(a[0] + b[0], a[1] + b[1], strict=True)]
+        assert {(e[0], e[1]) for e in examples} <= set(seen)  # every pair is trained on each epoch
