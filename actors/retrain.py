@@ -225,7 +225,8 @@ class RetrainController:
         from knowmap.train.pipeline import train_retriever
 
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
-                                 record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}")
+                                 record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}",
+                                 splits=("train", "dev"))  # dev: agent rollouts, never the gate's variations
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report["embedder"]["model_dir"],
                              reranker=report.get("reranker", {}).get("model_dir", "") or self.state.serving.reranker)

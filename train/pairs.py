@@ -110,6 +110,7 @@ def build_pairs(
     negative_margin: float = 0.05,
     joint_facts: int = 5,
     seed: int = 0,
+    splits: Sequence[str] = ("train",),
 ) -> PairSet:
     """Training pairs of all three kinds from train-split episodes.
 
@@ -126,6 +127,8 @@ def build_pairs(
         negative_margin: experience negatives must be at most ``theta - negative_margin`` similar.
         joint_facts: env facts injected into each joint query.
         seed: the same seed and episodes give the same pairs (and ``data_hash``).
+        splits: the splits episodes may come from. Only ``train`` by default; the retrain controller also passes
+            ``dev``, for agent rollouts on dev variations that its gate never evaluates on. Never ``test``.
 
     Returns:
         a :class:`PairSet`.
@@ -135,10 +138,12 @@ def build_pairs(
         ValueError: a parameter out of range (the message says the allowed range).
     """
     _check_params(theta, max_positives, max_negatives, negative_margin, joint_facts)
-    wrong = sorted({e.split for e in episodes if e.split != "train"})
+    if "test" in splits:
+        raise SplitError("test-split episodes never become training pairs: the test split is for reporting")
+    wrong = sorted({e.split for e in episodes if e.split not in splits})
     if wrong:
-        raise SplitError(f"build_pairs takes train-split episodes only, got {wrong}; evaluate dev/test episodes "
-                         "with eval_queries instead")
+        raise SplitError(f"build_pairs takes {'/'.join(splits)}-split episodes only, got {wrong}; evaluate "
+                         "held-out episodes with eval_queries instead")
     params = {"theta": theta, "max_positives": max_positives, "max_negatives": max_negatives,
               "negative_margin": negative_margin, "joint_facts": joint_facts, "seed": seed,
               "episodes": sorted(e.episode_id for e in episodes)}

@@ -48,7 +48,8 @@ def latest_models(config: KnowMapConfig) -> dict[str, Any]:
 def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
-                    out_name: str = "training", tag: str = "") -> dict[str, Any]:
+                    out_name: str = "training", tag: str = "", splits: Sequence[str] = ("train",),
+                    ) -> dict[str, Any]:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
     Args:
@@ -57,6 +58,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
         record_latest: point ``models/latest.json`` at the new models (the retrain controller does that itself,
             and only for a model it promotes).
         out_name: the folder under the data dir for pairs, loss curves and the report.
+        splits: the splits ``episodes`` may come from (see :func:`build_pairs`).
         tag: appended to the model dirs (``embedder-<data hash>-<tag>``), so that two models trained on the same
             data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
 
@@ -78,7 +80,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
         raise KnowMapError("no train-split episodes: run `knowmap build-kb --split train` first, or pass --tasks")
     base_path = config.models.embedder or default_embedder_path()
     base = Embedder(base_path, device=config.models.device, batch_size=config.models.batch_size)
-    pairset = build_pairs(episodes, base, theta=config.training.theta,
+    pairset = build_pairs(episodes, base, theta=config.training.theta, splits=splits,
                           max_negatives=max(1, config.training.max_negatives), seed=config.training.seed)
     pairs = pairset.pairs()
     if not pairs:

@@ -129,6 +129,10 @@ def test_other_splits_are_refused(episodes: list[Episode]) -> None:
                   env_kb=episodes[0].env_kb, subgoals=episodes[0].subgoals)
     with pytest.raises(SplitError, match="train-split episodes only"):
         build_pairs([episodes[1], dev], HashingEncoder())
+    # The retrain controller trains on agent rollouts of dev variations its gate never evaluates on; never test.
+    assert build_pairs([episodes[1], dev], HashingEncoder(), splits=("train", "dev")).counts["env"] > 0
+    with pytest.raises(SplitError, match="test split is for reporting"):
+        build_pairs([episodes[1]], HashingEncoder(), splits=("train", "test"))
     with pytest.raises(SplitError, match="allowed: train, dev, test"):
         check_split("validation")
     with pytest.raises(SplitError, match="allowed: train, dev, test"):
