@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -18,21 +19,47 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from knowmap.actors.agent import AgentWorker, EpisodeResult
 from knowmap.actors.experience import get_experience_kb
 from knowmap.config import KnowMapConfig
+from knowmap.errors import KnowMapError
 from knowmap.rollout import EpisodeSpec
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 def default_workers(config: KnowMapConfig) -> int:
-    """``ray.num_workers`` if set, else as many agents as the cluster's CPUs (and ``ray.agent_resources``) fit,
-    or this machine's cores before Ray starts."""
+    """``ray.num_workers`` if set, else as many agents as the cluster's free CPUs (and ``ray.agent_resources``)
+    fit now, or this machine's cores before Ray starts."""
     if config.ray.num_workers:
         return config.ray.num_workers
     if ray.is_initialized():
-        available = ray.cluster_resources()
+        available = ray.available_resources()
         asks = {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
         return max(1, min(int(available.get(name, 0) // amount) for name, amount in asks.items() if amount > 0))
     return os.cpu_count() or 1
+
+
+def wait_for_room(config: KnowMapConfig, timeout_s: float = 120.0) -> None:
+    """Return once the cluster has room for one agent actor; fail with a clear error instead of queueing forever.
+
+    Raises:
+        KnowMapError: no node offers what an agent asks for, or nothing frees up within ``timeout_s`` (other
+            actors, e.g. Serve replicas, hold the CPUs).
+    """
+    ask = {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
+    total = ray.cluster_resources()
+    if any(total.get(name, 0.0) < amount for name, amount in ask.items()):
+        raise KnowMapError(f"no node can host an agent actor: each asks for {ask}, the cluster offers "
+                           f"{ {n: total.get(n, 0.0) for n in ask} }; lower ray.num_cpus_per_agent or "
+                           "ray.agent_resources, or add nodes that offer them")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free = ray.available_resources()
+        if all(free.get(name, 0.0) >= amount for name, amount in ask.items()):
+            return
+        if time.monotonic() > deadline:
+            raise KnowMapError(f"no room for an agent actor ({ask}) after {timeout_s:.0f} s: free "
+                               f"{ {n: free.get(n, 0.0) for n in ask} } of {ask}; other actors hold the rest (Serve "
+                               "replicas reserve serve.*_num_cpus); lower those or ray.num_cpus_per_agent")
+        time.sleep(0.5)
 
 
 class RolloutPool:
@@ -45,6 +72,7 @@ class RolloutPool:
 
     def __init__(self, config: KnowMapConfig, num_workers: int | None = None) -> None:
         self.config = config
+        wait_for_room(config)
         self.num_workers = num_workers or default_workers(config)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
