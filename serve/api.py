@@ -3,10 +3,14 @@
 Routes are thin: check the caller's key and the configured limits, call a deployment, and turn every error into
 an :class:`~knowmap.api_schemas.ErrorResponse` with the right status: 401 without a valid key, 413 over a limit
 (texts per request, characters per text, body size), 422 for an invalid or malformed body (never 500), 404 for
-an env id without a KB, 409 for a conflict (no reranker deployed, an expert episode id). Only ``/healthz`` is
-open; ``/docs`` and ``/openapi.json`` need a key unless ``serve.public_docs``.
-"""
+an env id without a KB, 409 for a conflict (no reranker deployed, an expert episode id), 503 while a KB actor is
+unavailable. Only ``/healthz`` is open; ``/docs`` and ``/openapi.json`` need a key unless ``serve.public_docs``.
+The key and body-size checks run in a middleware, before routing and parsing: an unauthenticated request learns
+nothing about the API's validation.
 
+No ``from __future__ import annotations`` here: FastAPI must resolve the route signatures' annotations at import,
+and under ``@serve.ingress`` string annotations of module-level aliases (``EnvId``) fail to resolve.
+"""
 
 import base64
 import logging
