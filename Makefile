@@ -8,8 +8,9 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: run test setup java lint bench clean
 
+# The main job's quick preset (about 5-10 minutes on 2 cores); `knowmap run` without --quick is the full preset.
 run: setup
-	$(BIN)/knowmap build-kb
+	$(BIN)/knowmap run --quick
 
 test: setup
 	$(BIN)/python -m pytest

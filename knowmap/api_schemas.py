@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowmap.schemas import Fact, KnowledgeItem, Observation, Trajectory
+from knowmap.schemas import Fact, KnowledgeItem, Observation, RetrainStatus, Trajectory
 
 API_VERSION = "v1"
 ENV_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -163,6 +163,9 @@ class ModelsResponse(BaseModel):
     data: list[ModelInfo]
     experience_collections: list[str] = Field(default_factory=list, description="embedder versions whose "
                                               "experiential collection is indexed")
+    retrain: RetrainStatus | None = Field(default=None, description="the retrain controller's state: serving and "
+                                          "previous models, gate metrics, the last decision and why (its full "
+                                          "history: `knowmap retrain status`); null before the first cycle")
 
 
 class HealthResponse(BaseModel):

@@ -307,6 +307,74 @@ def serve_command(
         release_experience_kb(config)
 
 
+@app.command("run")
+def run_command(
+    quick: Annotated[bool, typer.Option("--quick", help="About 10 minutes on 2 cores: 2 short tasks, 1 epoch, "
+                                                        "10-step agents.")] = False,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated ScienceWorld tasks, or 'all' for all 30.")] = None,
+    variations: Annotated[int | None, typer.Option(min=1, help="Train variations per task.")] = None,
+    agent_variations: Annotated[int, typer.Option(min=1, help="Dev variations per task for agent rollouts.")] = 1,
+    modes: Annotated[str, typer.Option(help="Knowledge modes of the agent rounds.")] = "none,kb-base,kb-finetuned",
+    workers: Annotated[int | None, typer.Option(min=1, help="Agent actors; default one per core.")] = None,
+    config_file: ConfigOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """The main job: expert KBs, retriever training and evaluation, the Serve API, LLM-agent rollouts that feed
+    the KBs, one retrain cycle, and a report (Markdown + plots) in <data_dir>/report."""
+    from knowmap.actors.main_job import RunOptions, run_main_job
+
+    sw: dict[str, Any] = {}
+    if tasks is not None:
+        sw["tasks"] = _split_tasks(tasks)
+    if variations is not None:
+        sw["variations"] = variations
+    config = _config(config_file, data_dir, sw)
+    options = RunOptions(preset="quick" if quick else "full", agent_variations=agent_variations,
+                         modes=[m.strip() for m in modes.split(",") if m.strip()], workers=workers)
+    report, _ = run_main_job(config, options, echo=typer.echo)
+    if report.errors:
+        typer.echo("the run had errors (listed in the report):\n  " + "\n  ".join(report.errors), err=True)
+        raise typer.Exit(1)
+
+
+retrain_app = typer.Typer(help="The retrain controller: status, a cycle now, rollback.", no_args_is_help=True)
+app.add_typer(retrain_app, name="retrain")
+
+
+@retrain_app.command("status")
+def retrain_status(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Serving and previous models, the last decision and why, as JSON."""
+    from knowmap.actors.retrain import RetrainController
+
+    status = RetrainController(_config(config_file, data_dir), count_trajectories=lambda: 0).status()
+    typer.echo(json.dumps({k: v for k, v in status.items() if k != "history"} | {"cycles": len(status["history"])},
+                          indent=2))
+
+
+@retrain_app.command("run")
+def retrain_run(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """One cycle now: train on all stored experience, gate on held-out dev episodes, promote if better."""
+    from knowmap.actors.retrain import RetrainController
+    from knowmap.actors.runtime import init_ray
+
+    config = _config(config_file, data_dir)
+    init_ray(config)
+    decision = RetrainController(config).retrain(trigger="manual")
+    typer.echo(decision["reason"])
+
+
+@retrain_app.command("rollback")
+def retrain_rollback(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Serve the previous model again (its experiential collection was kept)."""
+    from knowmap.actors.retrain import RetrainController
+    from knowmap.actors.runtime import init_ray
+
+    config = _config(config_file, data_dir)
+    init_ray(config)
+    status = RetrainController(config).rollback()
+    typer.echo(f"serving {status['serving']['embedder'] or 'the packaged base embedder'}")
+
+
 @app.command("config")
 def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the configuration in force (defaults, file, KNOWMAP_* env vars) as JSON."""

@@ -80,12 +80,15 @@ def summary_rows(report: RunReport) -> list[tuple[str, str]]:
         rows.append(("expert episodes / steps", f"{report.build.get('episodes')} / {report.build.get('steps')}"))
     if report.retrieval:
         for kind, block in report.retrieval.get("kinds", {}).items():
+            if not block.get("queries"):
+                rows.append((f"nDCG@10 {kind}", "no held-out queries (add dev variations)"))
+                continue
             systems = block["systems"]
             ndcg = {s: systems[s]["all"]["ndcg@10"] for s in ("bm25", "base", "finetuned") if s in systems}
             rows.append((f"nDCG@10 {kind} (bm25 / base / fine-tuned)", " / ".join(f"{v:.3f}" for v in ndcg.values())))
     if report.agents:
         for mode, block in report.agents.get("modes", {}).items():
-            rows.append((f"agent mean score, {mode}", f"{block['mean_score']:.1f}"))
+            rows.append((f"agent mean score, {mode}", _score(block["mean_score"])))
     if report.retrain:
         rows.append(("retrain decision", "promoted" if report.retrain.get("promoted") else "kept serving model"))
     rows.append(("total seconds", f"{sum(report.stages.values()):.0f}"))
@@ -118,6 +121,9 @@ def _training_rows(t: dict[str, Any]) -> list[str]:
 def _retrieval_rows(r: dict[str, Any]) -> list[str]:
     rows = []
     for kind, block in r.get("kinds", {}).items():
+        if not block.get("queries"):
+            rows.append((kind, "no held-out queries", *([""] * len(RETRIEVAL_METRICS))))
+            continue
         for system, metrics in block["systems"].items():
             rows.append((kind, system, *(f"{metrics['all'].get(m, float('nan')):.3f}" for m in RETRIEVAL_METRICS)))
     unseen = r.get("protocol", {}).get("unseen_tasks") or []
@@ -128,8 +134,8 @@ def _retrieval_rows(r: dict[str, Any]) -> list[str]:
 def _agent_rows(a: dict[str, Any]) -> list[str]:
     modes = a.get("modes", {})
     tasks = sorted({t for block in modes.values() for t in block.get("per_task", {})})
-    rows = [(mode, *(f"{block.get('per_task', {}).get(t, float('nan')):.1f}" for t in tasks),
-             f"{block['mean_score']:.1f}", str(block.get("episodes", "")), str(block.get("tokens", "")))
+    rows = [(mode, *(_score(block.get("per_task", {}).get(t)) for t in tasks),
+             _score(block["mean_score"]), str(block.get("episodes", "")), str(block.get("tokens", "")))
             for mode, block in modes.items()]
     return _table(["mode", *tasks, "mean", "episodes", "tokens"], rows)
 
@@ -139,6 +145,10 @@ def _retrain_rows(d: dict[str, Any]) -> list[str]:
             ("candidate nDCG@10", _fmt(d.get("candidate_ndcg"))), ("serving nDCG@10", _fmt(d.get("serving_ndcg"))),
             ("decision", d.get("reason", "")), ("seconds", _fmt(d.get("seconds")))]
     return _table(["", ""], rows)
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"  # "-": no episode of it finished
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -177,7 +187,7 @@ def _plots(report: RunReport, folder: Path) -> dict[str, str]:
     if report.agents and report.agents.get("modes"):
         modes = report.agents["modes"]
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(list(modes), [m["mean_score"] for m in modes.values()], color="#4c72b0")
+        ax.bar(list(modes), [m["mean_score"] or 0.0 for m in modes.values()], color="#4c72b0")
         ax.set_ylabel("mean score (0-100)")
         ax.set_title("agent score per knowledge mode")
         fig.tight_layout()

@@ -52,7 +52,7 @@ from knowmap.api_schemas import (
 from knowmap.config import KnowMapConfig
 from knowmap.durable_kb import InvalidEnvIdError
 from knowmap.errors import KnowMapError
-from knowmap.schemas import Relation
+from knowmap.schemas import Relation, RetrainStatus
 from knowmap.serve.auth import key_matches
 from knowmap.serve.deployments import RerankerUnavailableError
 from knowmap.serve.retriever import EnvNotFoundError, EpisodeConflictError
@@ -257,7 +257,17 @@ class Ingress:
         data = [ModelInfo(id=embedder["version"], role="embedder", path=embedder["path"], dim=embedder["dim"])]
         if reranker:
             data.append(ModelInfo(id=reranker["version"], role="reranker", path=reranker["path"]))
-        return ModelsResponse(data=data, experience_collections=sorted(versions["held"]))
+        return ModelsResponse(data=data, experience_collections=sorted(versions["held"]), retrain=self._retrain())
+
+    def _retrain(self) -> RetrainStatus | None:
+        """The retrain controller's persisted state (it may run in another job), without the full history."""
+        from knowmap.actors.retrain import STATE_FILE
+
+        path = self.config.data_dir / "retrain" / STATE_FILE
+        try:
+            return RetrainStatus.model_validate_json(path.read_text()).model_copy(update={"history": []})
+        except (OSError, ValueError):  # none yet, or being replaced: report none rather than fail the route
+            return None
 
     # -- retrieval --------------------------------------------------------------------------------------------
     @app.post("/v1/retrieve", response_model=RetrieveResponse, dependencies=Authorized, tags=["retrieval"],

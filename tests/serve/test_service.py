@@ -51,6 +51,7 @@ def test_health_is_open_and_models_name_the_deployed_versions(service: dict, cli
     assert roles["embedder"].id.startswith("all_minilm_l6_v2_") and roles["embedder"].dim == 384
     assert roles["reranker"].path == service["info"].reranker
     assert roles["embedder"].id in models.experience_collections
+    assert models.retrain is None  # no retrain cycle has run in this data dir
 
 
 def test_openai_client_embeddings_match_the_embedder(service: dict, embedder) -> None:  # noqa: ANN001
