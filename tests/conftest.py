@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,3 +23,30 @@ def embedder() -> Embedder:
     from knowmap.embedder import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """``{"embedder_b": dir, "reranker": dir}``: a second embedder version and a small cross-encoder."""
+    import json
+
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from knowmap.embedder import default_embedder_path
+
+    root = tmp_path_factory.mktemp("models")
+    base = Path(default_embedder_path())
+    embedder_b = root / "minilm_b"
+    # Links to the same weights, except one small config file: a distinct fingerprint (version) without copying.
+    shutil.copytree(base, embedder_b, ignore=shutil.ignore_patterns("openvino", "onnx"), copy_function=os.symlink)
+    config = embedder_b / "sentence_bert_config.json"
+    config.unlink()
+    config.write_text((base / config.name).read_text())
+    data = json.loads(config.read_text())
+    data["max_seq_length"] = int(data.get("max_seq_length", 256)) - 1
+    config.write_text(json.dumps(data))
+    torch.manual_seed(0)
+    reranker = root / "reranker"
+    CrossEncoder(str(base), num_labels=1, local_files_only=True).save(str(reranker))
+    return {"embedder_b": str(embedder_b), "reranker": str(reranker)}

@@ -1,17 +1,13 @@
 """Fixtures for the Serve tier: one local Ray and one running service per test module, on a free port.
 
-Models: the packaged MiniLM as embedder; a second embedder version (the same weights with a different maximum
-sequence length, so its fingerprint and collection differ) for hot swaps; a cross-encoder initialised from MiniLM
-(seeded, untrained head) as reranker. Built once per session under a temporary directory.
+Models: the packaged MiniLM as embedder; ``model_dirs`` (tests/conftest.py) gives a second embedder version for hot
+swaps and a cross-encoder as reranker.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,33 +18,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """``{"embedder_b": dir, "reranker": dir}``: a second embedder version and a small cross-encoder."""
-    import json
-
-    import torch
-    from sentence_transformers import CrossEncoder
-
-    from knowmap.embedder import default_embedder_path
-
-    root = tmp_path_factory.mktemp("models")
-    base = Path(default_embedder_path())
-    embedder_b = root / "minilm_b"
-    # Links to the same weights, except one small config file: a distinct fingerprint (version) without copying.
-    shutil.copytree(base, embedder_b, ignore=shutil.ignore_patterns("openvino", "onnx"), copy_function=os.symlink)
-    config = embedder_b / "sentence_bert_config.json"
-    config.unlink()
-    config.write_text((base / config.name).read_text())
-    data = json.loads(config.read_text())
-    data["max_seq_length"] = int(data.get("max_seq_length", 256)) - 1
-    config.write_text(json.dumps(data))
-    torch.manual_seed(0)
-    reranker = root / "reranker"
-    CrossEncoder(str(base), num_labels=1, local_files_only=True).save(str(reranker))
-    return {"embedder_b": str(embedder_b), "reranker": str(reranker)}
 
 
 @pytest.fixture(scope="module")
