@@ -18,8 +18,8 @@ from knowmap.config import TrainingConfig
 from knowmap.embedder import Embedder, default_embedder_path, model_fingerprint
 from knowmap.reranker import Reranker
 from knowmap.schemas import TrainingPair
-from knowmap.train.embedder_trainer import plot_loss, train_embedder
-from knowmap.train.loop import seed_everything
+from knowmap.train.embedder_trainer import infonce_examples, plot_loss, train_embedder
+from knowmap.train.loop import DistinctBatchSampler, seed_everything
 from knowmap.train.ray_run import METADATA_FILE, TrainingError, pairs_hash
 from knowmap.train.reranker_trainer import RerankerTask, train_reranker
 
@@ -64,7 +64,14 @@ def test_embedder_trains_into_a_loadable_model_that_differs_from_the_base(first_
     assert result.model_dir == str(out) and result.epochs_run == 1
     assert [h["epoch"] for h in result.history] == [1]
     first = result.history[0]
-    assert first["workers"] == 2 and first["steps"] == 24 // 8 and first["samples"] == 24
+    # Batches never repeat a query or a positive (make_pairs repeats some positives), so the 24 pairs take more
+    # than 24 // 8 steps; the sampler says exactly how many, and how many examples, over both workers.
+    config = small_config()
+    examples = infonce_examples(make_pairs(), num_negatives=config.max_negatives, seed=config.seed)
+    shares = [DistinctBatchSampler(examples, batch_size=4, columns=(0, 1), seed=config.seed, rank=r, world_size=2)
+              for r in range(2)]
+    assert first["workers"] == 2 and first["steps"] == len(shares[0]) > 24 // 8
+    assert first["samples"] == sum(len(b) for share in shares for b in share) >= 24
     assert math.isfinite(first["loss"]) and first["samples_per_s"] > 0
 
     tuned = Embedder(str(out))
