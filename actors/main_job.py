@@ -47,7 +47,8 @@ class RunOptions(BaseModel):
 def apply_preset(config: KnowMapConfig, preset: str) -> KnowMapConfig:
     """The config with the preset's settings (``quick``: small and fast; ``full``: unchanged).
 
-    Only what the user left at its default changes, so ``--tasks`` or a config file still win.
+    ``quick`` replaces the default tasks with two short ones (tasks the user named are kept), and always sets one
+    epoch, a 10-step agent budget and two gate variations.
     """
     if preset != "quick":
         return config
