@@ -195,10 +195,18 @@ def _plots(report: RunReport, folder: Path) -> dict[str, str]:
         plt.close(fig)
         plots["agents"] = "agents.png"
     if report.throughput:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
+        from matplotlib.ticker import NullFormatter
+
+        fig, ax = plt.subplots(figsize=(8, 3.2))
         names = list(report.throughput)
-        ax.barh(names, [report.throughput[n] for n in names], color="#55a868")
-        ax.set_title("throughput (units in each label)")
+        values = [report.throughput[n] for n in names]
+        ax.barh(names, values, color="#55a868")
+        ax.set_xscale("log")  # rates of different units and magnitudes: compare each against itself over runs
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(right=max(values) * 3)
+        ax.set_title("throughput, log scale (units in each label)")
         fig.tight_layout()
         fig.savefig(folder / "throughput.png", dpi=110)
         plt.close(fig)
