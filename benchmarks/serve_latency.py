@@ -139,6 +139,15 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
             clients[i].embed([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"])
         return requests_per_client
 
+    try:
+        return timed_load(run, concurrency)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def timed_load(run: Any, concurrency: int) -> dict[str, float]:
+    """Run ``run(i)`` on ``concurrency`` threads; requests/s and the embedder's batch statistics meanwhile."""
     handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
     before = handle.info.remote().result()["stats"]
     start = time.perf_counter()
@@ -146,8 +155,6 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
         total = sum(pool.map(run, range(concurrency)))
     seconds = time.perf_counter() - start
     after = handle.info.remote().result()["stats"]
-    for c in clients:
-        c.close()
     return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, **batch_stats(before, after)}
 
 
@@ -170,13 +177,7 @@ def handle_throughput(requests_per_client: int, concurrency: int = 16) -> dict[s
             handle.encode.remote([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"]).result()
         return requests_per_client
 
-    before = handle.info.remote().result()["stats"]
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        total = sum(pool.map(run, range(concurrency)))
-    seconds = time.perf_counter() - start
-    after = handle.info.remote().result()["stats"]
-    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, **batch_stats(before, after)}
+    return timed_load(run, concurrency)
 
 
 def load_during(client_factory: Any, action: Any, clients: int = 2, min_requests: int = 100) -> dict[str, Any]:
