@@ -32,8 +32,8 @@ def default_workers(config: KnowMapConfig) -> int:
         return config.ray.num_workers
     if ray.is_initialized():
         available = ray.available_resources()
-        asks = {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
-        return max(1, min(int(available.get(name, 0) // amount) for name, amount in asks.items() if amount > 0))
+        return max(1, min(int(available.get(name, 0) // amount) for name, amount in _ask(config).items()
+                          if amount > 0))
     return os.cpu_count() or 1
 
 
@@ -44,7 +44,7 @@ def wait_for_room(config: KnowMapConfig, timeout_s: float = 120.0) -> None:
         KnowMapError: no node offers what an agent asks for, or nothing frees up within ``timeout_s`` (other
             actors, e.g. Serve replicas, hold the CPUs).
     """
-    ask = {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
+    ask = _ask(config)
     total = ray.cluster_resources()
     if any(total.get(name, 0.0) < amount for name, amount in ask.items()):
         raise KnowMapError(f"no node can host an agent actor: each asks for {ask}, the cluster offers "
@@ -60,6 +60,11 @@ def wait_for_room(config: KnowMapConfig, timeout_s: float = 120.0) -> None:
                                f"{ {n: free.get(n, 0.0) for n in ask} } of {ask}; other actors hold the rest (Serve "
                                "replicas reserve serve.*_num_cpus); lower those or ray.num_cpus_per_agent")
         time.sleep(0.5)
+
+
+def _ask(config: KnowMapConfig) -> dict[str, float]:
+    """What one agent actor asks Ray for: its CPUs and the custom resources of ``ray.agent_resources``."""
+    return {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
 
 
 class RolloutPool:
