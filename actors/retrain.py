@@ -22,7 +22,6 @@ plain class; :func:`get_retrain_controller` makes it a named, detached Ray actor
 from __future__ import annotations
 
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -105,7 +104,8 @@ class RetrainController:
 
         latest = latest_models(self.config)  # a model `knowmap train` made is what serves at first
         serving = ServingModels(embedder=latest.get("embedder", "") or self.config.models.embedder,
-                                reranker=latest.get("reranker", "") or self.config.models.reranker, since=_now())
+                                reranker=latest.get("reranker", "") or self.config.models.reranker,
+                                train_tasks=latest.get("train_tasks", []), since=_now())
         return RetrainStatus(serving=serving, retrain_every=self.config.retrain.every)
 
     def _save(self) -> None:
@@ -229,7 +229,8 @@ class RetrainController:
                                  splits=("train", "dev"))  # dev: agent rollouts, never the gate's variations
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report["embedder"]["model_dir"],
-                             reranker=report.get("reranker", {}).get("model_dir", "") or self.state.serving.reranker)
+                             reranker=report.get("reranker", {}).get("model_dir", "") or self.state.serving.reranker,
+                             train_tasks=report["train_tasks"])
 
     def _evaluate(self, gate: Sequence[Any], models: dict[str, str]) -> dict[str, dict[str, float]]:
         from knowmap.embedder import Embedder, default_embedder_path
@@ -250,7 +251,7 @@ class RetrainController:
         self._swap(candidate)
         self.state.previous = self.state.serving
         self.state.serving = candidate.model_copy(update={"since": _now()})
-        record_latest_models(self.config, candidate.embedder, candidate.reranker, _train_tasks(self.config))
+        record_latest_models(self.config, candidate.embedder, candidate.reranker, candidate.train_tasks)
 
     # -- default wiring -----------------------------------------------------------------------------------------
     def _count_in_kb(self) -> int:
@@ -279,11 +280,6 @@ def _swap_serve(config: KnowMapConfig, models: ServingModels) -> None:
         running = False
     if running:
         swap_models(config, embedder=models.embedder, reranker=models.reranker)
-
-
-def _train_tasks(config: KnowMapConfig) -> list[str]:
-    report = config.data_dir / "retrain" / "report.json"
-    return json.loads(report.read_text()).get("train_tasks", []) if report.is_file() else []
 
 
 def _now() -> str:

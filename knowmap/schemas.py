@@ -261,6 +261,7 @@ class ServingModels(BaseModel):
 
     embedder: str = Field(description="model dir or name; empty = the packaged base MiniLM")
     reranker: str = ""
+    train_tasks: list[str] = Field(default_factory=list, description="the tasks its training data covered")
     ndcg: dict[str, float] = Field(default_factory=dict, description="nDCG@10 per KB kind on the gate's dev set")
     since: str = Field(default="", description="ISO time it started serving")
 
