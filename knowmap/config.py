@@ -205,9 +205,9 @@ class ServeConfig(_Section):
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per embedder and reranker replica")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="requests the embedder/reranker batch "
                                 "together (@serve.batch); 1 = no batching")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0, le=10, description="how long a batch waits to "
-                                        "fill: what a lone request pays, per model call, for batching (Serve 2.60 "
-                                        "forms the next batch while one runs, so 0 means no batching at all)")
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10, description="how long a batch waits to fill "
+                                        "once the model is idle: what a lone request pays, per model call. 0 still "
+                                        "batches: requests that arrive while a batch runs join the next one")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
 
 

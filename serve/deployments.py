@@ -69,6 +69,34 @@ def score_requests(predict: Any, requests: Sequence[tuple[str, Sequence[str]]]) 
     return out
 
 
+class IdleGate:
+    """Admits requests into a ``@serve.batch`` queue only while the model is idle.
+
+    Serve 2.60 closes a batch when ``batch_wait_timeout_s`` runs out even while the previous batch still runs (the
+    ``max_concurrent_batches`` permit is taken after the batch is formed), so under load it queues many batches of
+    one or two requests that then run one after another. Requests held here while a batch runs enter together when
+    it ends and the next batch takes them all; a request to an idle model enters at once. So the batch wait can be
+    0: a lone request waits for nothing, and a busy model still batches everything that arrived meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def call(self, batched: Any, request: Any) -> Any:
+        """``await batched(request)`` once the model is idle; the batch function calls :meth:`release` when done."""
+        await self._idle.wait()
+        self._idle.clear()  # every request woken with this one still enters: Event.set() wakes all waiters
+        try:
+            return await batched(request)
+        except BaseException:
+            self.release()  # e.g. cancelled before its batch ran, which then never releases: keep the gate open
+            raise
+
+    def release(self) -> None:
+        self._idle.set()
+
+
 def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
     if "max_batch_size" in user_config:
         handler.set_max_batch_size(int(user_config["max_batch_size"]))
@@ -93,6 +121,7 @@ class EmbedderDeployment:
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
         self._current = ""
         self._swap = asyncio.Lock()
+        self._gate = IdleGate()
         self._stats = {"batches": 0, "requests": 0, "texts": 0, "model_seconds": 0.0}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -110,10 +139,16 @@ class EmbedderDeployment:
 
     async def encode(self, texts: list[str], model: str | None = None) -> EncodedTexts:
         """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
-        return await self._encode_batch((list(texts), model))
+        return await self._gate.call(self._encode_batch, (list(texts), model))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
+        try:
+            return await self._encode_requests(requests)
+        finally:
+            self._gate.release()
+
+    async def _encode_requests(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
         current = self._current
         chosen = [model if model in self._models else current for _, model in requests]
         models = {path: self._models[path] for path in chosen}  # held here even if a swap evicts one meanwhile
@@ -146,6 +181,7 @@ class RerankerDeployment:
         self._device, self._batch_size = device, batch_size
         self._model: Reranker | None = None
         self._swap = asyncio.Lock()
+        self._gate = IdleGate()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         _batch_settings(self._score_batch, user_config)
@@ -166,15 +202,19 @@ class RerankerDeployment:
         if self._model is None:
             raise RerankerUnavailableError("this service runs without a reranker: start it with "
                                            "`knowmap serve --reranker PATH` (a directory `knowmap train` wrote)")
-        return await self._score_batch((query, list(documents)))
+        return await self._gate.call(self._score_batch, (query, list(documents)))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[ScoredDocuments]:
-        model = self._model
-        if model is None:
-            raise RerankerUnavailableError("the reranker was removed while this request waited; retry without rerank")
-        scores = await asyncio.to_thread(score_requests, model.predict, requests)
-        return [ScoredDocuments(scores=s, version=model.version) for s in scores]
+        try:
+            model = self._model
+            if model is None:
+                raise RerankerUnavailableError("the reranker was removed while this request waited; retry without "
+                                               "rerank")
+            scores = await asyncio.to_thread(score_requests, model.predict, requests)
+            return [ScoredDocuments(scores=s, version=model.version) for s in scores]
+        finally:
+            self._gate.release()
 
     async def info(self) -> dict[str, Any] | None:
         return None if self._model is None else {"path": self._model.name_or_path, "version": self._model.version}

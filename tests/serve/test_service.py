@@ -68,6 +68,28 @@ def test_openai_client_embeddings_match_the_embedder(service: dict, embedder) ->
     assert floats.model.startswith("all_minilm_l6_v2_")
 
 
+def test_concurrent_embedding_requests_share_batches(service: dict, client: KnowMapClient) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from knowmap.serve.app import APP_NAME
+
+    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    before = handle.info.remote().result()["stats"]
+    texts = [f"the pot is on stove {i}" for i in range(24)]
+    with ThreadPoolExecutor(12) as pool:
+        def embed(text: str) -> np.ndarray:
+            with KnowMapClient(service["url"], service["key"]) as own:  # a session per thread
+                return own.embed([text])[0]
+
+        vectors = list(pool.map(embed, texts))
+    after = handle.info.remote().result()["stats"]
+    assert after["requests"] - before["requests"] == 24 and len(vectors) == 24
+    assert after["batches"] - before["batches"] < 24  # requests that arrived while a batch ran joined the next
+    np.testing.assert_allclose(vectors[3], client.embed([texts[3]])[0], atol=1e-4)  # batching changes no vector
+
+
 def test_rerank_orders_documents(client: KnowMapClient) -> None:
     docs = ["a kitchen with a stove", "boil the water in the pot on the stove", "a red apple"]
     result = client.rerank("how do I boil water", docs, top_n=2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +17,9 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import ConfigError, KnowMapError
 from knowmap.serve.app import resolve_models
 from knowmap.serve.auth import digest, key_matches, load_api_keys
-from knowmap.serve.deployments import encode_requests, score_requests
+from ray import serve
+
+from knowmap.serve.deployments import IdleGate, encode_requests, score_requests
 
 
 def fake_encode(texts: list[str]) -> np.ndarray:
@@ -40,6 +44,72 @@ def test_score_requests_splits_scores_back_per_request() -> None:
     out = score_requests(lambda pairs: [len(q) + len(d) for q, d in pairs], [("q", ["a", "bb"]), ("qq", ["c"])])
     assert out == [[2.0, 3.0], [3.0]]
     assert score_requests(lambda pairs: [], []) == []
+
+
+@pytest.fixture
+def outside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``@serve.batch`` reads only ``max_ongoing_requests`` from the replica context (for a warning): give it one."""
+    context = type("Context", (), {"_deployment_config": type("Config", (), {"max_ongoing_requests": 64})})
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+
+
+def gated_model() -> Any:
+    """A model that takes 50 ms a batch behind the gate, as the embedder deployment uses it. A new class each time:
+    a ``@serve.batch`` queue belongs to the event loop of its first call."""
+
+    class GatedModel:
+        def __init__(self) -> None:
+            self.gate, self.batches = IdleGate(), []
+
+        async def call(self, x: int) -> int:
+            return await self.gate.call(self._batch, x)
+
+        @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+        async def _batch(self, xs: list[int]) -> list[int]:
+            try:
+                self.batches.append(len(xs))
+                await asyncio.sleep(0.05)
+                return [2 * x for x in xs]
+            finally:
+                self.gate.release()
+
+    return GatedModel()
+
+
+@pytest.mark.usefixtures("outside_serve")
+def test_the_gate_batches_what_arrives_while_the_model_runs_and_a_lone_request_waits_for_nothing() -> None:
+    async def run() -> tuple[list[int], list[int], float]:
+        model = gated_model()
+        started = asyncio.get_running_loop().time()
+        assert await model.call(1) == 2
+        lone = asyncio.get_running_loop().time() - started
+        first = asyncio.ensure_future(model.call(0))  # runs alone; the next 15 arrive 2 ms apart while it does
+
+        async def later(i: int) -> int:
+            await asyncio.sleep(0.002 * i)
+            return await model.call(i)
+
+        rest = await asyncio.gather(*(later(i) for i in range(1, 16)))
+        return [await first, *rest], model.batches, lone
+
+    results, batches, lone = asyncio.run(run())
+    assert results == [2 * i for i in range(16)]
+    assert batches == [1, 1, 15]  # without the gate, a 0 s wait makes 16 batches of one
+    assert lone < 0.045 + 0.05  # no batch wait on an idle model
+
+
+@pytest.mark.usefixtures("outside_serve")
+def test_a_request_cancelled_before_its_batch_ran_leaves_the_gate_open() -> None:
+    async def run() -> list[int]:
+        model = gated_model()
+        busy = asyncio.ensure_future(model.call(1))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.ensure_future(model.call(2))  # held by the gate
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        return [await busy, await asyncio.wait_for(model.call(3), timeout=2)]
+
+    assert asyncio.run(run()) == [2, 6]
 
 
 def test_a_key_is_generated_once_with_0600_and_checked_in_constant_time(tmp_path: Path) -> None:
