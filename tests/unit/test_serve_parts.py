@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from ray import serve
 
 from knowmap.api_schemas import EmbeddingRequest, ObservationsRequest, RetrieveRequest
 from knowmap.config import KnowMapConfig
 from knowmap.errors import ConfigError, KnowMapError
 from knowmap.serve.app import resolve_models
 from knowmap.serve.auth import digest, key_matches, load_api_keys
-from ray import serve
-
 from knowmap.serve.deployments import IdleGate, encode_requests, score_requests
 
 
