@@ -78,11 +78,12 @@ def test_concurrent_embedding_requests_share_batches(service: dict, client: Know
     handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
     before = handle.info.remote().result()["stats"]
     texts = [f"the pot is on stove {i}" for i in range(24)]
-    with ThreadPoolExecutor(12) as pool:
-        def embed(text: str) -> np.ndarray:
-            with KnowMapClient(service["url"], service["key"]) as own:  # a session per thread
-                return own.embed([text])[0]
 
+    def embed(text: str) -> np.ndarray:
+        with KnowMapClient(service["url"], service["key"]) as own:  # a session per thread
+            return own.embed([text])[0]
+
+    with ThreadPoolExecutor(12) as pool:
         vectors = list(pool.map(embed, texts))
     after = handle.info.remote().result()["stats"]
     assert after["requests"] - before["requests"] == 24 and len(vectors) == 24
