@@ -5,16 +5,25 @@ every other document in the batch (the other queries' positives, all hard negati
 scaled by ``1 / temperature``. With ``gather_across_workers`` the documents of every worker's share take part, so
 two workers with half a batch each compute the loss of one process with the whole batch.
 
+One change, :class:`MaskedRankingLoss`: a document of the batch that is a known positive of the query (another
+pair of the same query has it as positive) is left out of that query's negatives. Experience pairs need it: a
+sub-goal has similar sub-goals in every variation of its task, so in a batch of 32 the other pairs' positives
+include, on average, 4.8 documents that count as relevant for the query (measured on the 6-task x 3-variation
+train pairs); unmasked, InfoNCE pushes them away.
+
 Every example has the same number of columns, ``(query, positive, negative_1 .. negative_k)`` with
 ``k = training.max_negatives``: a pair's own hard negatives come first, and a pair with fewer is filled with
-positives of other pairs (random negatives), drawn with the seed.
+positives of other pairs (random negatives), drawn with the seed. The task appends the ids of the query's known
+positives (:func:`known_positive_ids`) for the mask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,19 +53,21 @@ class EmbedderTask:
     distinct_columns: tuple[int, ...] = (0, 1)
 
     def examples(self, pairs: Sequence[TrainingPair], config: TrainingConfig) -> list[Example]:
-        return infonce_examples(pairs, num_negatives=config.max_negatives, seed=config.seed)
+        """``(query, positive, negatives..., known_positive_ids)`` per pair."""
+        known = known_positive_ids(pairs)
+        texts = infonce_examples(pairs, num_negatives=config.max_negatives, seed=config.seed)
+        return [(*example, known[example[0]]) for example in texts]
 
     def build(self, model_path: str, config: TrainingConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
         import torch.distributed as dist
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
         model = SentenceTransformer(model_path, device=str(device), local_files_only=os.path.isdir(model_path))
         model.max_seq_length = config.max_seq_length
         freeze_unused_parameters(model)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        loss = MultipleNegativesRankingLoss(model, scale=1.0 / config.temperature,
-                                            gather_across_devices=config.gather_across_workers and distributed)
+        loss = MaskedRankingLoss(model, scale=1.0 / config.temperature,
+                                 gather_across_devices=config.gather_across_workers and distributed)
         return model, loss
 
     def collate(self, model: nn.Module, config: TrainingConfig) -> Callable[[list[Example]], Batch]:
@@ -67,21 +78,90 @@ class EmbedderTask:
 
 
 class ColumnTokenizer:
-    """Collates examples ``(query, positive, negatives...)`` into one tokenised feature dict per column."""
+    """Collates examples ``(query, positive, negatives..., known_positive_ids)`` into one tokenised feature dict
+    per text column, and the labels :class:`MaskedRankingLoss` reads: ``doc_ids`` (batch, documents per example),
+    the ids of each example's documents, and ``known`` (batch, width), each query's known-positive ids padded
+    with -1."""
 
     def __init__(self, model: SentenceTransformer) -> None:
         self.model = model
 
     def __call__(self, examples: list[Example]) -> Batch:
-        columns = [list(column) for column in zip(*examples, strict=True)]  # (columns, batch)
-        return [self.model.preprocess(column) for column in columns], None
+        texts = [example[:-1] for example in examples]
+        columns = [list(column) for column in zip(*texts, strict=True)]  # (columns, batch)
+        doc_ids = torch.tensor([[text_id(t) for t in example[1:]] for example in texts], dtype=torch.long)
+        known = torch.full((len(examples), max(1, *(len(e[-1]) for e in examples))), -1, dtype=torch.long)
+        for row, example in enumerate(examples):
+            known[row, : len(example[-1])] = torch.tensor(example[-1], dtype=torch.long)
+        return [self.model.preprocess(column) for column in columns], {"doc_ids": doc_ids, "known": known}
+
+
+class MaskedRankingLoss(nn.Module):
+    """sentence-transformers' ``MultipleNegativesRankingLoss`` (query-to-document, one softmax) that leaves a
+    query's known positives out of its negatives.
+
+    With ``labels=None`` it is exactly that loss (a unit test compares the two). With labels from
+    :class:`ColumnTokenizer`, every document of the (gathered) batch whose id is among the query's known
+    positives, other than the query's own positive, gets a logit of -inf.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        scale: 1 / temperature.
+        gather_across_devices: score each worker's queries against the documents of all workers (with gradients),
+            as one process with the whole batch would.
+    """
+
+    def __init__(self, model: nn.Module, scale: float = 20.0, gather_across_devices: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.scale = scale
+        self.gather_across_devices = gather_across_devices
+
+    def forward(self, sentence_features: Iterable[dict[str, torch.Tensor]],
+                labels: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+        from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
+
+        queries, *docs = embed_columns(self.model, sentence_features)
+        batch = queries.size(0)
+        doc_ids = labels["doc_ids"] if labels is not None else None  # (batch, documents per example)
+        offset = 0
+        if self.gather_across_devices:
+            queries = all_gather_with_grad(queries)
+            docs = [all_gather_with_grad(d) for d in docs]
+            doc_ids = all_gather(doc_ids) if doc_ids is not None else None
+            offset = get_rank() * batch
+        rows = torch.arange(batch, device=queries.device)
+        own = rows + offset  # each local query's own positive: column 0 of the documents, gathered order
+        scores = cos_sim(queries[own], torch.cat(docs, dim=0)) * self.scale  # (batch, world batch * documents)
+        if labels is not None:
+            ids = doc_ids.T.reshape(-1)  # the order of torch.cat(docs): document column by column
+            known = labels["known"]  # (batch, width), -1 = padding; text ids are >= 0
+            mask = (ids[None, :, None] == known[:, None, :]).any(dim=-1)  # (batch, world batch * documents)
+            mask[rows, own] = False
+            scores = scores.masked_fill(mask, float("-inf"))
+        return -(scores[rows, own] - torch.logsumexp(scores, dim=1)).mean()
+
+
+def text_id(text: str) -> int:
+    """A 63-bit id of ``text``, the same in every process (``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def known_positive_ids(pairs: Sequence[TrainingPair]) -> dict[str, tuple[int, ...]]:
+    """Per query text, the sorted :func:`text_id` of every positive that some pair of that query has."""
+    known: dict[str, set[int]] = defaultdict(set)
+    for pair in pairs:
+        known[pair.query].add(text_id(pair.positive))
+    return {query: tuple(sorted(ids)) for query, ids in known.items()}
 
 
 def infonce_examples(pairs: Sequence[TrainingPair], *, num_negatives: int, seed: int) -> list[Example]:
     """One ``(query, positive, negative_1 .. negative_k)`` tuple per pair, ``k = num_negatives``.
 
     A pair's own negatives come first (duplicates and copies of its query or positive dropped); missing ones are
-    filled with other pairs' positives, drawn with ``seed`` so the same pairs always give the same examples.
+    filled with other pairs' positives (never one of the same query's), drawn with ``seed`` so the same pairs
+    always give the same examples.
 
     Raises:
         ValueError: ``num_negatives`` is negative, or negatives are needed but all pairs share one positive.
@@ -90,12 +170,16 @@ def infonce_examples(pairs: Sequence[TrainingPair], *, num_negatives: int, seed:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
     rng = random.Random(seed)
     pool = sorted({p.positive for p in pairs})
+    positives_of: dict[str, set[str]] = defaultdict(set)
+    for pair in pairs:
+        positives_of[pair.query].add(pair.positive)
     examples = []
     for pair in pairs:
         own = [t for t in dict.fromkeys(pair.negatives) if t not in (pair.positive, pair.query)][:num_negatives]
         missing = num_negatives - len(own)
         if missing:
-            candidates = [t for t in pool if t not in (pair.positive, pair.query) and t not in own]
+            taken = positives_of[pair.query] | {pair.query, *own}
+            candidates = [t for t in pool if t not in taken]
             if not candidates:
                 raise ValueError("cannot fill hard negatives: every pair has the same positive; "
                                  "set training.max_negatives=0 or add pairs with other positives")

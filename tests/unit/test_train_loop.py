@@ -11,7 +11,15 @@ from torch import nn
 from knowmap.config import TrainingConfig, load_config
 from knowmap.errors import ConfigError
 from knowmap.schemas import TrainingPair
-from knowmap.train.embedder_trainer import freeze_unused_parameters, infonce_examples, plot_loss
+from knowmap.train.embedder_trainer import (
+    ColumnTokenizer,
+    EmbedderTask,
+    MaskedRankingLoss,
+    freeze_unused_parameters,
+    infonce_examples,
+    plot_loss,
+    text_id,
+)
 from knowmap.train.loop import load_state, make_loader, make_optimizer, run_epoch, save_state, set_epoch, to_device
 from knowmap.train.ray_run import pairs_hash, run_location
 from knowmap.train.reranker_trainer import collate_labelled, labelled_examples
@@ -32,6 +40,71 @@ def test_infonce_examples_have_fixed_columns_own_negatives_first() -> None:
         assert all(n.startswith("positive ") and n != positive for n in negatives)  # filled from other positives
     assert infonce_examples(pairs, num_negatives=2, seed=0) == examples  # deterministic under the seed
     assert infonce_examples(pairs, num_negatives=0, seed=0)[0] == ("query 0", "positive 0")
+
+
+def test_random_negatives_are_never_a_positive_of_the_same_query() -> None:
+    pairs = [pair(0, query="shared"), pair(1, query="shared"), pair(2), pair(3)]
+    for seed in range(20):
+        examples = infonce_examples(pairs, num_negatives=1, seed=seed)
+        assert all(e[2] not in ("positive 0", "positive 1") for e in examples[:2])
+
+
+class _Toy(nn.Module):
+    """Embeds the rows of ``features["x"]`` linearly, the way a SentenceTransformer answers a loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"sentence_embedding": self.linear(features["x"])}
+
+
+def test_masked_loss_without_labels_is_sentence_transformers_loss() -> None:
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    torch.manual_seed(0)
+    model = _Toy()
+    columns = [{"x": torch.randn(5, 4)} for _ in range(3)]  # query, positive, one hard negative
+    ours = MaskedRankingLoss(model, scale=20.0)(columns, None)
+    theirs = MultipleNegativesRankingLoss(model, scale=20.0)(columns, None)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    ours.backward()
+    assert model.linear.weight.grad is not None
+
+
+def test_masked_loss_leaves_known_positives_out_of_the_negatives() -> None:
+    from sentence_transformers.util import cos_sim
+
+    torch.manual_seed(1)
+    model = _Toy()
+    q, p, n = ({"x": torch.randn(3, 4)} for _ in range(3))
+    # documents in gathered order: p0 p1 p2 n0 n1 n2 with ids 10..15; query 0 also counts p1 (11) and n2 (15)
+    labels = {"doc_ids": torch.tensor([[10, 13], [11, 14], [12, 15]]),
+              "known": torch.tensor([[10, 11, 15], [11, -1, -1], [12, -1, -1]])}
+    loss = MaskedRankingLoss(model, scale=20.0)([q, p, n], labels)
+    emb = [model(c)["sentence_embedding"] for c in (q, p, n)]
+    scores = cos_sim(emb[0], torch.cat(emb[1:])) * 20.0  # (3, 6)
+    keep = [[0, 2, 3, 4], [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]]
+    expected = torch.stack([-(scores[i, i] - torch.logsumexp(scores[i, keep[i]], 0)) for i in range(3)]).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_embedder_examples_carry_the_known_positives_and_collate_into_labels() -> None:
+    pairs = [pair(0, ["hard"], query="shared"), pair(1, query="shared"), pair(2)]
+    examples = EmbedderTask().examples(pairs, TrainingConfig(max_negatives=1))
+    shared = tuple(sorted([text_id("positive 0"), text_id("positive 1")]))
+    assert examples[0] == ("shared", "positive 0", "hard", shared)
+    assert examples[2][-1] == (text_id("positive 2"),)
+
+    class _Model:
+        def preprocess(self, texts):
+            return {"texts": texts}
+
+    inputs, labels = ColumnTokenizer(_Model())(examples)
+    assert inputs[0] == {"texts": ["shared", "shared", "query 2"]}
+    assert labels["doc_ids"][0].tolist() == [text_id("positive 0"), text_id("hard")]
+    assert labels["known"].tolist()[2] == [text_id("positive 2"), -1]
 
 
 def test_infonce_examples_explain_impossible_requests() -> None:
