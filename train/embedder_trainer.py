@@ -76,6 +76,36 @@ class EmbedderTask:
     def save(self, model: nn.Module, path: str) -> None:
         model.save(path, create_model_card=False)
 
+    def finish(self, model_dir: str, base_model: str, config: TrainingConfig) -> None:
+        interpolate_weights(model_dir, base_model, config.finetuned_weight)
+
+
+def interpolate_weights(model_dir: str, base_model: str, weight: float) -> None:
+    """Replace the fine-tuned model in ``model_dir`` by ``weight * fine-tuned + (1 - weight) * base``.
+
+    Weight-space ensembling (WiSE-FT, Wortsman et al. 2022): the mix keeps most of what fine-tuning gained on the
+    trained tasks and loses less of the base model's generality on tasks it never saw. ``weight=1`` leaves the
+    model as trained.
+
+    Raises:
+        ValueError: ``weight`` is not in (0, 1], or the two models do not have the same parameters.
+    """
+    if not 0 < weight <= 1:
+        raise ValueError(f"finetuned_weight must be in (0, 1], got {weight}")
+    if weight == 1:
+        return
+    from sentence_transformers import SentenceTransformer
+
+    tuned = SentenceTransformer(model_dir, device="cpu", local_files_only=True)
+    base = SentenceTransformer(base_model, device="cpu", local_files_only=os.path.isdir(base_model)).state_dict()
+    state = tuned.state_dict()
+    if state.keys() != base.keys() or any(state[k].shape != base[k].shape for k in state):
+        raise ValueError(f"cannot mix {model_dir} with {base_model}: their parameters differ; set "
+                         "training.finetuned_weight=1 to keep the fine-tuned model as it is")
+    tuned.load_state_dict({k: torch.lerp(base[k], v, weight) if v.is_floating_point() else v
+                           for k, v in state.items()})
+    tuned.save(model_dir, create_model_card=False)
+
 
 class ColumnTokenizer:
     """Collates examples ``(query, positive, negatives..., known_positive_ids)`` into one tokenised feature dict

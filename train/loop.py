@@ -55,6 +55,9 @@ class TrainingTask(Protocol):
         """Save the model in its library's own format (loadable by path)."""
         ...
 
+    # Optional: ``finish(model_dir, base_model, config)`` post-processes the exported final model on the driver
+    # (the embedder's weight-space ensembling); checkpoints are never touched.
+
 
 @dataclass
 class EpochStats:

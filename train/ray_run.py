@@ -141,6 +141,8 @@ def fit(task: TrainingTask, pairs: Sequence[TrainingPair], *, base_model: str, o
     with checkpoint.as_directory() as ckpt:
         state = read_state(ckpt)
         _replace_dir(Path(ckpt) / MODEL_DIR, output)
+    if hasattr(task, "finish"):
+        task.finish(str(output), base_model, config)
     history = state["history"]
     metadata = write_metadata(output, kind=task.kind, base_model=base_model, data_hash=identity["data_hash"],
                               num_pairs=len(pairs), epochs=state["epoch"], history=history, config=config)

@@ -67,3 +67,25 @@ def test_bad_paths_give_embedder_errors_that_name_the_path(tmp_path: Path) -> No
         Embedder(str(broken))
     with pytest.raises(ValueError, match="batch_size"):
         Embedder(batch_size=0)
+
+
+def test_weight_interpolation_lands_between_the_fine_tuned_and_the_base_model(tmp_path: Path) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from knowmap.train.embedder_trainer import interpolate_weights
+
+    base = str(default_embedder_path())
+    tuned = SentenceTransformer(base, device="cpu", local_files_only=True)
+    with torch.no_grad():
+        for param in tuned.parameters():
+            param.add_(0.01)
+    tuned.save(str(tmp_path / "tuned"))
+    interpolate_weights(str(tmp_path / "tuned"), base, 0.7)
+    mixed = SentenceTransformer(str(tmp_path / "tuned"), device="cpu", local_files_only=True).state_dict()
+    original = SentenceTransformer(base, device="cpu", local_files_only=True).state_dict()
+    for name, value in mixed.items():
+        if value.is_floating_point():
+            assert torch.allclose(value, original[name] + 0.007, atol=1e-5), name
+    with pytest.raises(ValueError, match=r"finetuned_weight must be in \(0, 1\]"):
+        interpolate_weights(str(tmp_path / "tuned"), base, 0.0)
