@@ -1,7 +1,8 @@
 """Embedder training throughput: Ray Train with N CPU workers vs one plain process, on the same cores.
 
 Both sides run the same work from :mod:`knowmap.train.loop`: the packaged MiniLM, InfoNCE (sentence-transformers'
-``MultipleNegativesRankingLoss``) with one hard negative, the same pairs, the same global batch per optimiser step
+``MultipleNegativesRankingLoss`` with known positives masked, :class:`~knowmap.train.embedder_trainer.
+MaskedRankingLoss`) with one hard negative, the same pairs, the same global batch per optimiser step
 and the same number of steps. Ray Train runs N workers with one torch thread each, DDP over gloo, and gathers
 embeddings across workers so that the loss is the one of the whole batch. The baseline is one process, measured with one
 torch thread and with as many threads as cores; the faster counts (on a machine shared with other work, two

@@ -6,10 +6,11 @@ scaled by ``1 / temperature``. With ``gather_across_workers`` the documents of e
 two workers with half a batch each compute the loss of one process with the whole batch.
 
 One change, :class:`MaskedRankingLoss`: a document of the batch that is a known positive of the query (another
-pair of the same query has it as positive) is left out of that query's negatives. Experience pairs need it: a
-sub-goal has similar sub-goals in every variation of its task, so in a batch of 32 the other pairs' positives
-include, on average, 4.8 documents that count as relevant for the query (measured on the 6-task x 3-variation
-train pairs); unmasked, InfoNCE pushes them away.
+pair of the same query has it as positive) is left out of that query's negatives. A sub-goal has similar
+sub-goals in every variation of its task, so in a random batch of 32 pairs the other pairs' documents hold, on
+average, 4.2 that are relevant to an experience query (3.4 to an env query; measured on the 6-task x
+3-variation train pairs); plain InfoNCE pushes them away. The mask catches all but 0.5 of them (those beyond the
+``max_positives`` that a query's pairs name).
 
 Every example has the same number of columns, ``(query, positive, negative_1 .. negative_k)`` with
 ``k = training.max_negatives``: a pair's own hard negatives come first, and a pair with fewer is filled with
