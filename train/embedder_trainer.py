@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 
 from knowmap.config import TrainingConfig
 from knowmap.schemas import TrainingPair
-from knowmap.train.loop import Batch, Example
+from knowmap.train.loop import Batch, Example, positives_by_query
 from knowmap.train.ray_run import EpochCallback, TrainResult, fit
 
 if TYPE_CHECKING:
@@ -181,10 +180,7 @@ def text_id(text: str) -> int:
 
 def known_positive_ids(pairs: Sequence[TrainingPair]) -> dict[str, tuple[int, ...]]:
     """Per query text, the sorted :func:`text_id` of every positive that some pair of that query has."""
-    known: dict[str, set[int]] = defaultdict(set)
-    for pair in pairs:
-        known[pair.query].add(text_id(pair.positive))
-    return {query: tuple(sorted(ids)) for query, ids in known.items()}
+    return {query: tuple(sorted(map(text_id, texts))) for query, texts in positives_by_query(pairs).items()}
 
 
 def infonce_examples(pairs: Sequence[TrainingPair], *, num_negatives: int, seed: int) -> list[Example]:
@@ -201,9 +197,7 @@ def infonce_examples(pairs: Sequence[TrainingPair], *, num_negatives: int, seed:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
     rng = random.Random(seed)
     pool = sorted({p.positive for p in pairs})
-    positives_of: dict[str, set[str]] = defaultdict(set)
-    for pair in pairs:
-        positives_of[pair.query].add(pair.positive)
+    positives_of = positives_by_query(pairs)
     examples = []
     for pair in pairs:
         own = [t for t in dict.fromkeys(pair.negatives) if t not in (pair.positive, pair.query)][:num_negatives]

@@ -72,6 +72,14 @@ class EpochStats:
     step_losses: list[float]
 
 
+def positives_by_query(pairs: Sequence[TrainingPair]) -> dict[str, set[str]]:
+    """Every positive that some pair of a query has, per query text: none of them may serve as its negative."""
+    positives: dict[str, set[str]] = {}
+    for pair in pairs:
+        positives.setdefault(pair.query, set()).add(pair.positive)
+    return positives
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
     random.seed(seed)

@@ -18,7 +18,7 @@ from torch import nn
 
 from knowmap.config import TrainingConfig
 from knowmap.schemas import TrainingPair
-from knowmap.train.loop import Batch, Example
+from knowmap.train.loop import Batch, Example, positives_by_query
 from knowmap.train.ray_run import EpochCallback, TrainResult, fit
 
 
@@ -64,9 +64,7 @@ def labelled_examples(pairs: Sequence[TrainingPair], *, negatives_per_positive: 
     if negatives_per_positive < 1:
         raise ValueError(f"negatives_per_positive must be >= 1, got {negatives_per_positive}")
     rng = random.Random(seed)
-    positives: dict[str, set[str]] = {}
-    for pair in pairs:
-        positives.setdefault(pair.query, set()).add(pair.positive)
+    positives = positives_by_query(pairs)
     pool = sorted({p.positive for p in pairs})
     rows: list[Example] = []
     for pair in pairs:
