@@ -190,6 +190,10 @@ def make_optimizer(loss_module: nn.Module, config: TrainingConfig,
                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW without weight decay on biases and norms, and a linear warm-up then linear decay of the LR.
 
+    The fused AdamW kernel is the same update as the default per-tensor loop, several times faster on CPU (for
+    MiniLM's 22.7M parameters: 28 ms vs 132 ms on one thread). Every DDP worker steps the whole model, so on a
+    machine whose cores are shared out among workers this step is where data-parallel runs lost the most time.
+
     Args:
         loss_module: the (possibly DDP-wrapped) loss; only parameters that require grad are optimised.
         config: lr, weight_decay and warmup_ratio.
@@ -200,7 +204,7 @@ def make_optimizer(loss_module: nn.Module, config: TrainingConfig,
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True)
     total = max(1, total_steps)
     warmup = int(math.ceil(config.warmup_ratio * total))
 
