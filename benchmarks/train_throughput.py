@@ -2,15 +2,16 @@
 
 Both sides run the same work from :mod:`knowmap.train.loop`: the packaged MiniLM, InfoNCE (sentence-transformers'
 ``MultipleNegativesRankingLoss`` with known positives masked, :class:`~knowmap.train.embedder_trainer.
-MaskedRankingLoss`) with one hard negative, the same pairs, the same global batch per optimiser step
-and the same number of steps. Ray Train runs N workers with one torch thread each, DDP over gloo, and gathers
-embeddings across workers so that the loss is the one of the whole batch. The baseline is one process, measured with one
-torch thread and with as many threads as cores; the faster counts (on a machine shared with other work, two
-threads can be several times slower than one: each op waits for its slowest thread). Ray starts its workers at
-niceness 15, so the baseline runs in a child process at the same niceness (``--niceness``): on a machine shared
-with other work, a difference in priority, not in the training, would decide the ratio. The first step of each
-side is warm-up and not timed; the Ray side's checkpoint and report after the epoch are not timed either (they are
-per epoch, not per step).
+MaskedRankingLoss`) with one hard negative, the same pairs, the same global batch per optimiser step and the same
+number of steps, and the token-embedding matrix frozen as ``training.freeze_word_embeddings`` has it by default
+(``--train-word-embeddings`` trains it too, as before that setting). Ray Train runs N workers with one torch thread
+each, DDP over gloo, and gathers embeddings across workers so that the loss is the one of the whole batch. The
+baseline is one process, measured with one torch thread and with as many threads as cores; the faster counts (on a
+machine shared with other work, two threads can be several times slower than one: each op waits for its slowest
+thread). Ray starts its workers at niceness 15, so the baseline runs in a child process at the same niceness
+(``--niceness``): on a machine shared with other work, a difference in priority, not in the training, would decide
+the ratio. The first step of each side is warm-up and not timed; the Ray side's checkpoint and report after the
+epoch are not timed either (they are per epoch, not per step).
 
 Reported: ``ratio = Ray samples/s / baseline samples/s`` (goal >= 0.85). The faster baseline runs again after the
 Ray run and the ratio uses the faster of both: other work on a shared machine only ever slows a run down, so the
@@ -19,7 +20,8 @@ same DDP code also runs in N plain processes without Ray, which splits the gap i
 own. Run from the repo root:
 
     .venv/bin/python benchmarks/train_throughput.py [--pairs pairs.json | --trajectories DIR] [--steps 8]
-        [--batch-size 32] [--max-seq-length 128] [--workers 2] [--niceness 15] [--out PATH]
+        [--batch-size 32] [--max-seq-length 128] [--workers 2] [--niceness 15] [--train-word-embeddings]
+        [--out PATH]
 
 ``--pairs`` takes a JSON list of ``TrainingPair`` objects (e.g. dumped from ``knowmap.train.pairs``); without it,
 pairs are synthesised from the trajectories in ``--trajectories`` (default: the test fixtures): query = task
@@ -150,6 +152,8 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--niceness", type=int, default=15, help="of the baseline process; Ray's workers run at 15")
+    parser.add_argument("--train-word-embeddings", action="store_true",
+                        help="train the token-embedding matrix too (training.freeze_word_embeddings=false)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args()
 
@@ -159,7 +163,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     config = TrainingConfig(epochs=1, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
                             num_workers=args.workers, max_negatives=1, seed=0, max_failures=0,
-                            checkpoints_to_keep=1)
+                            checkpoints_to_keep=1, freeze_word_embeddings=not args.train_word_embeddings)
 
     load_before = os.getloadavg()
     candidates = [in_processes(args.niceness, pairs, config, threads=n) for n in sorted({1, cores})]
@@ -205,7 +209,8 @@ def main() -> None:
             "plain_torch_ddp_ratio": plain_ddp["samples_per_s"] / reference,
             "setup": {"pairs": described, "pairs_used": len(pairs), "steps": args.steps,
                       "global_batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
-                      "hard_negatives": 1, "workers": args.workers, "cores": cores,
+                      "hard_negatives": 1, "freeze_word_embeddings": config.freeze_word_embeddings,
+                      "workers": args.workers, "cores": cores,
                       "baseline_niceness": args.niceness, "backend": config.backend,
                       "gather_across_workers": config.gather_across_workers, "model": "all-MiniLM-L6-v2 (packaged)",
                       "torch": torch.__version__, "timing": "first step of each side excluded"},

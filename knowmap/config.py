@@ -150,6 +150,10 @@ class TrainingConfig(_Section):
     gather_across_workers: bool = Field(default=True, description="InfoNCE over the whole global batch (as one "
                                         "process would), not only each worker's share")
     max_seq_length: int = Field(default=128, ge=8, le=8192)
+    freeze_word_embeddings: bool = Field(default=True, description="keep the token-embedding matrix (half of "
+                                         "MiniLM's weights) at the base model's values; halves what data-parallel "
+                                         "workers exchange and step, and tokens the training data lacks stay as "
+                                         "they were")
     finetuned_weight: float = Field(default=0.7, gt=0, le=1, description="share of the fine-tuned weights in the "
                                     "saved embedder, the rest the base model's (WiSE-FT); measured on dev: 0.7 beat "
                                     "1.0 and 0.5 for both KB kinds, and on unseen tasks most")

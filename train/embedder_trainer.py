@@ -33,7 +33,7 @@ from torch import nn
 
 from knowmap.config import TrainingConfig
 from knowmap.schemas import TrainingPair
-from knowmap.train.loop import Batch, Example, positives_by_query
+from knowmap.train.loop import Batch, Example, freeze_input_embeddings, positives_by_query
 from knowmap.train.ray_run import EpochCallback, TrainResult, fit
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class EmbedderTask:
         model = SentenceTransformer(model_path, device=str(device), local_files_only=os.path.isdir(model_path))
         model.max_seq_length = config.max_seq_length
         freeze_unused_parameters(model)
+        if config.freeze_word_embeddings:
+            freeze_input_embeddings(model)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         loss = MaskedRankingLoss(model, scale=1.0 / config.temperature,
                                  gather_across_devices=config.gather_across_workers and distributed)

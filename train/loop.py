@@ -186,6 +186,30 @@ def make_loader(examples: Sequence[Example], collate: Callable[[list[Example]], 
     return DataLoader(list(examples), batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0)
 
 
+def freeze_input_embeddings(model: nn.Module) -> list[str]:
+    """Stop gradients for the token-embedding matrix of every Hugging Face transformer in ``model``.
+
+    Returns the frozen parameters' names. Works for any architecture that implements ``get_input_embeddings``
+    (BERT's ``word_embeddings``, XLM-R's, ...), in a ``SentenceTransformer`` as well as in a ``CrossEncoder``.
+
+    Raises:
+        ValueError: ``model`` holds no transformer with an input-embedding matrix.
+    """
+    from transformers import PreTrainedModel
+
+    tables = {id(m.get_input_embeddings().weight) for m in model.modules()
+              if isinstance(m, PreTrainedModel) and m.get_input_embeddings() is not None}
+    frozen = []
+    for name, param in model.named_parameters():
+        if id(param) in tables:
+            param.requires_grad_(False)
+            frozen.append(name)
+    if not frozen:
+        raise ValueError(f"{type(model).__name__} holds no transformer with an input-embedding matrix; set "
+                         "training.freeze_word_embeddings to false for this model")
+    return frozen
+
+
 def make_optimizer(loss_module: nn.Module, config: TrainingConfig,
                    total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW without weight decay on biases and norms, and a linear warm-up then linear decay of the LR.

@@ -130,7 +130,9 @@ def fit(task: TrainingTask, pairs: Sequence[TrainingPair], *, base_model: str, o
     base_model, output = str(base_model), Path(output_dir).expanduser().absolute()
     _check_output_dir(output)
     storage, name = run_location(output, config)
-    identity = {"kind": task.kind, "base_model": base_model, "data_hash": pairs_hash(pairs)}
+    # An optimiser state saved with other trainable parameters cannot be resumed.
+    identity = {"kind": task.kind, "base_model": base_model, "data_hash": pairs_hash(pairs),
+                "freeze_word_embeddings": config.freeze_word_embeddings}
     _prepare_run(storage, name, identity, resume)
     run_id = uuid.uuid4().hex
     checkpoint = _latest_checkpoint(f"{storage}/{name}") if resume else None

@@ -18,7 +18,7 @@ from torch import nn
 
 from knowmap.config import TrainingConfig
 from knowmap.schemas import TrainingPair
-from knowmap.train.loop import Batch, Example, positives_by_query
+from knowmap.train.loop import Batch, Example, freeze_input_embeddings, positives_by_query
 from knowmap.train.ray_run import EpochCallback, TrainResult, fit
 
 
@@ -37,6 +37,8 @@ class RerankerTask:
 
         model = CrossEncoder(model_path, num_labels=1, max_length=config.max_seq_length, device=str(device),
                              local_files_only=os.path.isdir(model_path))
+        if config.freeze_word_embeddings:
+            freeze_input_embeddings(model)
         return model, BinaryCrossEntropyLoss(model)
 
     def collate(self, model: nn.Module, config: TrainingConfig) -> Callable[[list[Example]], Batch]:

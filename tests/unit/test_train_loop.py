@@ -20,7 +20,16 @@ from knowmap.train.embedder_trainer import (
     plot_loss,
     text_id,
 )
-from knowmap.train.loop import load_state, make_loader, make_optimizer, run_epoch, save_state, set_epoch, to_device
+from knowmap.train.loop import (
+    freeze_input_embeddings,
+    load_state,
+    make_loader,
+    make_optimizer,
+    run_epoch,
+    save_state,
+    set_epoch,
+    to_device,
+)
 from knowmap.train.ray_run import pairs_hash, run_location
 from knowmap.train.reranker_trainer import collate_labelled, labelled_examples
 
@@ -202,6 +211,19 @@ def test_freeze_unused_parameters_by_name() -> None:
     model = nn.ModuleDict({"encoder": nn.Linear(2, 2), "pooler": nn.Linear(2, 2)})
     assert freeze_unused_parameters(model) == ["pooler.weight", "pooler.bias"]
     assert [p.requires_grad for p in model.parameters()] == [True, True, False, False]
+
+
+def test_freeze_input_embeddings_stops_only_the_token_embedding_matrix() -> None:
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8))
+    model = nn.ModuleDict({"encoder": bert, "head": nn.Linear(8, 1)})
+    assert freeze_input_embeddings(model) == ["encoder.embeddings.word_embeddings.weight"]
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"encoder.embeddings.word_embeddings.weight"}  # position embeddings and the rest still train
+    with pytest.raises(ValueError, match="freeze_word_embeddings"):
+        freeze_input_embeddings(nn.Linear(2, 2))
 
 
 def test_pairs_hash_is_stable_and_order_sensitive() -> None:
