@@ -147,7 +147,8 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--pairs", help="JSON list of TrainingPair")
     source.add_argument("--trajectories", default=str(DEFAULT_TRAJECTORIES), help="folder of trajectory JSON")
-    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per side (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=8, help="take steps x batch-size pairs; each pair gives one "
+                        "example per positive, so each side runs at least this many optimiser steps")
     parser.add_argument("--batch-size", type=int, default=32, help="global pairs per step")
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
@@ -158,7 +159,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pairs, described = load_pairs(args)
-    wanted = args.steps * args.batch_size  # exactly `steps` steps on both sides
+    wanted = args.steps * args.batch_size  # both sides get the same pairs, so the same examples and steps
     pairs = [pairs[i % len(pairs)] for i in range(wanted)]
     cores = os.cpu_count() or 1
     config = TrainingConfig(epochs=1, batch_size=args.batch_size, max_seq_length=args.max_seq_length,
@@ -207,7 +208,7 @@ def main() -> None:
             # The same DDP code without Ray: separates data-parallel efficiency from Ray's own overhead.
             "plain_torch_ddp": plain_ddp,
             "plain_torch_ddp_ratio": plain_ddp["samples_per_s"] / reference,
-            "setup": {"pairs": described, "pairs_used": len(pairs), "steps": args.steps,
+            "setup": {"pairs": described, "pairs_used": len(pairs), "steps": distributed["steps"],
                       "global_batch_size": args.batch_size, "max_seq_length": args.max_seq_length,
                       "hard_negatives": 1, "freeze_word_embeddings": config.freeze_word_embeddings,
                       "workers": args.workers, "cores": cores,
