@@ -19,11 +19,11 @@ import ray
 from pydantic import BaseModel
 from ray.exceptions import RayActorError
 
-from knowmap.build import save_trajectory
+from knowmap.agent.llm_policy import LLMPolicy
+from knowmap.agent.policy import is_llm_policy
+from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.llm_policy import LLMPolicy
-from knowmap.policy import is_llm_policy
-from knowmap.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.jobs.build import save_trajectory
 from knowmap.schemas import StepRecord, Trajectory
 
 
@@ -147,7 +147,7 @@ class AgentWorker:
     def _reflect(self, trajectory: Trajectory, subgoals: list[dict[str, Any]], policy: Any) -> list[dict[str, Any]]:
         """Reflections written by the episode's LLM where there is one (and ``agent.llm_reflections``), else
         derived from the score changes."""
-        from knowmap.reflection import reflect
+        from knowmap.agent.reflection import reflect
         from knowmap.schemas import Subgoal
 
         llm = policy.llm if isinstance(policy, LLMPolicy) and self.config.agent.llm_reflections else None

@@ -26,12 +26,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from knowmap.config import KnowMapConfig
-from knowmap.durable_kb import DurableEnvironmentKB, list_env_kbs, validate_env_id
-from knowmap.environment_kb import Encoder
 from knowmap.errors import KnowMapError
+from knowmap.kb.durable_kb import DurableEnvironmentKB
+from knowmap.kb.storage import list_env_kbs, validate_env_id
 from knowmap.schemas import Observation, Trajectory, Triple
 
-__all__ = ["EnvKBActor", "actor_name", "create_env_kb_slot", "env_kb_directory", "get_or_create_env_kb",
+__all__ = ["EnvKBActor", "env_kb_actor_name", "create_env_kb_slot", "env_kb_directory", "get_or_create_env_kb",
            "list_env_kbs", "retire_env_kb"]
 
 
@@ -93,12 +93,9 @@ class EnvKBActor:
     def about(self, objects: list[str], step: int | None = None) -> list[dict[str, Any]]:
         return [f.model_dump(mode="json") for f in self._kb.about(objects, step)]
 
-    def search(self, query: str, k: int, encoder: Encoder, step: int | None = None) -> list[dict[str, Any]]:
-        return [item.model_dump(mode="json") for item in self._kb.search(query, k, encoder, step=step)]
-
     def segment(self, trajectory: Trajectory | Mapping[str, Any]) -> list[dict[str, Any]]:
         """Sub-goals of a finished trajectory, with the facts this KB holds about the objects they touched."""
-        from knowmap.segmentation import SubgoalSegmenter
+        from knowmap.kb.segmentation import SubgoalSegmenter
 
         traj = trajectory if isinstance(trajectory, Trajectory) else Trajectory.model_validate(trajectory)
         return [s.model_dump(mode="json") for s in SubgoalSegmenter().segment(traj, self._kb.kb)]
@@ -117,14 +114,14 @@ class EnvKBActor:
         return self._kb.stats()
 
 
-def actor_name(env_id: str) -> str:
+def env_kb_actor_name(env_id: str) -> str:
     """``envkb:<env_id>``, after checking the env id (:class:`InvalidEnvIdError` names the allowed pattern)."""
     return f"envkb:{validate_env_id(env_id)}"
 
 
 def env_kb_directory(config: KnowMapConfig) -> Path:
     """Where env KBs live: ``<data_dir>/env_kb``, absolute (actors may run in another working directory)."""
-    return config.env_kb_dir.resolve()
+    return config.paths.env_kb.resolve()
 
 
 def get_or_create_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any]) -> ray.actor.ActorHandle:
@@ -139,7 +136,7 @@ def get_or_create_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any])
         KnowMapError: Ray is not initialised.
     """
     config = _config(config)
-    name = actor_name(env_id)
+    name = env_kb_actor_name(env_id)
     _require_ray()
     options = dict(name=name, namespace=config.ray.namespace, get_if_exists=True, lifetime="detached",
                    num_cpus=config.ray.env_kb_num_cpus, max_restarts=config.ray.max_restarts,
@@ -175,7 +172,7 @@ def retire_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any],
         ray.exceptions.RayError: the final snapshot failed (the actor is left running, its log intact).
     """
     config = _config(config)
-    name = actor_name(env_id)
+    name = env_kb_actor_name(env_id)
     _require_ray()
     namespace = config.ray.namespace
     try:
@@ -201,4 +198,4 @@ def _config(config: KnowMapConfig | Mapping[str, Any]) -> KnowMapConfig:
 
 def _require_ray() -> None:
     if not ray.is_initialized():
-        raise KnowMapError("Ray is not initialised: call knowmap.actors.runtime.init_ray(config) (or ray.init) first")
+        raise KnowMapError("Ray is not initialised: call knowmap.jobs.session.init_ray(config) (or ray.init) first")

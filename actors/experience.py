@@ -26,16 +26,16 @@ from knowmap.schemas import Subgoal, Trajectory, stable_id
 
 
 class ExperienceKBActor:
-    """Plain class around :class:`knowmap.experience_kb.ExperienceKB`; Ray is applied in :func:`get_experience_kb`.
+    """Plain class around :class:`knowmap.kb.experience_kb.ExperienceKB`; Ray is applied in :func:`get_experience_kb`.
 
     Args:
         config: ``KnowMapConfig.model_dump()``; ``models.embedder`` is the first (current) version.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
-        from knowmap.embedder import Embedder
-        from knowmap.experience_kb import ExperienceKB
-        from knowmap.vectorstore import VectorStore
+        from knowmap.kb.experience_kb import ExperienceKB
+        from knowmap.kb.vectorstore import VectorStore
+        from knowmap.models.embedder import Embedder
 
         self._config = KnowMapConfig.model_validate(config)
         cfg = self._config
@@ -110,8 +110,8 @@ class ExperienceKBActor:
         Raises:
             EmbedderError: the model cannot be loaded.
         """
-        from knowmap.embedder import Embedder, embedder_version
-        from knowmap.experience_kb import ExperienceKB
+        from knowmap.kb.experience_kb import ExperienceKB
+        from knowmap.models.embedder import Embedder, embedder_version
 
         cfg = self._config
         version, copied = embedder_version(embedder_path), 0  # no model load when the version is held
@@ -167,7 +167,7 @@ class ExperienceKBActor:
         self._store.close()
 
 
-def actor_name(config: KnowMapConfig) -> str:
+def experience_actor_name(config: KnowMapConfig) -> str:
     """``experience-<hash of the store URI>``: one actor per Milvus store, whichever job asks for it."""
     return f"experience-{stable_id(config.store_uri)[:12]}"
 
@@ -181,7 +181,7 @@ def get_experience_kb(config: KnowMapConfig) -> ray.actor.ActorHandle:
     idempotent by episode id. A restarted actor holds only ``models.embedder``'s version again: callers that
     serve another one call :meth:`ExperienceKBActor.ensure_index` (the retrieval service does, when it starts).
     """
-    options = dict(name=actor_name(config), namespace=config.ray.namespace, get_if_exists=True,
+    options = dict(name=experience_actor_name(config), namespace=config.ray.namespace, get_if_exists=True,
                    lifetime="detached", num_cpus=0, max_restarts=config.ray.max_restarts,
                    max_task_retries=config.ray.max_task_retries, max_concurrency=1)
     actor = ray.remote(concurrency_groups={"reindex": 1})(ExperienceKBActor)
@@ -191,7 +191,7 @@ def get_experience_kb(config: KnowMapConfig) -> ray.actor.ActorHandle:
 def release_experience_kb(config: KnowMapConfig) -> bool:
     """Close the store (releasing the Milvus Lite file) and end the actor; False if none was running."""
     try:
-        handle = ray.get_actor(actor_name(config), namespace=config.ray.namespace)
+        handle = ray.get_actor(experience_actor_name(config), namespace=config.ray.namespace)
     except ValueError:
         return False
     with contextlib.suppress(Exception):  # a dying actor has nothing left to close

@@ -13,12 +13,12 @@ from typing import Any
 
 import ray
 
+from knowmap.agent.llm import LLMClient
+from knowmap.agent.llm_policy import LLMPolicy, embedder_path, knowledge_mode
+from knowmap.agent.memory import RetrieverKnowledge
+from knowmap.agent.policy import EpisodeContext
 from knowmap.config import KnowMapConfig
-from knowmap.llm import LLMClient
-from knowmap.llm_policy import LLMPolicy, embedder_path, knowledge_mode
-from knowmap.memory import RetrieverKnowledge
-from knowmap.policy import EpisodeContext
-from knowmap.retrieval import Retriever
+from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem
 
 
@@ -62,7 +62,7 @@ class LLMAgentResources:
 
     def _retriever(self, mode: str) -> Retriever:
         if mode not in self._retrievers:
-            from knowmap.embedder import Embedder
+            from knowmap.models.embedder import Embedder
 
             path = embedder_path(self.config, mode)
             embedder = Embedder(path, device=self.config.models.device, batch_size=self.config.models.batch_size)

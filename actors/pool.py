@@ -18,9 +18,9 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from knowmap.actors.agent import AgentWorker, EpisodeResult
 from knowmap.actors.experience import get_experience_kb
+from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
-from knowmap.rollout import EpisodeSpec
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 

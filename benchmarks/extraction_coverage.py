@@ -2,7 +2,7 @@
 
 Plays the gold path of every ScienceWorld task (train split, first train variation; ``--split`` for others)
 with the real JVM, taking a free ``look around`` after every step, and runs
-:func:`knowmap.extraction.extract_line` on every object line of every ``look around``, ``look in`` and inventory
+:func:`knowmap.kb.extraction.extract_line` on every object line of every ``look around``, ``look in`` and inventory
 observation, door lines under ``You also see:`` included.
 
 A line is *covered* when it yields at least one fact and no clause of it is left unparsed (no residue), so a
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from knowmap.extraction import RuleBasedExtractor, extract_line, listing_container, object_lines
+from knowmap.environment.sciworld import ScienceWorld, info
+from knowmap.kb.extraction import RuleBasedExtractor, extract_line, listing_container, object_lines
 from knowmap.schemas import Trajectory
-from knowmap.sciworld import ScienceWorld, info
 
 GOAL = 0.95
 SPLIT = "train"

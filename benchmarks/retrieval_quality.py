@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from knowmap.config import KnowMapConfig
-from knowmap.train.pipeline import evaluate_split, results_table, train_retriever
+from knowmap.jobs.training import evaluate_split, retrieval_table, train_retriever
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "retrieval_quality.json"
@@ -49,7 +49,7 @@ def main() -> None:
     print(f"trained on {report['episodes']} train episodes, pairs {report['pairs']} in {trained:.0f} s")
     results = evaluate_split(config, split="dev", tasks=tasks + unseen, variations=args.variations,
                              out=data_dir / "eval_dev.json")
-    print(results_table(results))
+    print(retrieval_table(results))
 
     rows, met = {}, True
     for kind, block in results["kinds"].items():

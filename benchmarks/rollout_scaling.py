@@ -28,9 +28,9 @@ import ray
 
 from knowmap.actors.experience import release_experience_kb
 from knowmap.actors.pool import RolloutPool
-from knowmap.actors.runtime import init_ray
+from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.jobs.session import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rollout_scaling.json"

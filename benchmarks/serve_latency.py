@@ -3,7 +3,7 @@
 Three measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
 
 1. ``/v1/retrieve`` p50/p99 over HTTP (the typed client, one request at a time) against the same pipeline called
-   in-process: a :class:`knowmap.retrieval.Retriever` in this process with its own embedder and the same KB
+   in-process: a :class:`knowmap.models.retrieval.Retriever` in this process with its own embedder and the same KB
    actors (env KB and experiential KB). Goal: HTTP p50 <= 1.25 x in-process p50.
 2. ``/v1/embeddings`` throughput (one short text per request, 16 concurrent clients) with ``@serve.batch``
    (``serve.max_batch_size``) against the same service with batching off (``max_batch_size`` 1). Goal >= 2x.
@@ -41,8 +41,8 @@ from ray import serve  # noqa: E402
 from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
 from knowmap.actors.experience import get_experience_kb, release_experience_kb  # noqa: E402
 from knowmap.config import KnowMapConfig  # noqa: E402
-from knowmap.embedder import Embedder, default_embedder_path  # noqa: E402
-from knowmap.retrieval import Retriever  # noqa: E402
+from knowmap.models.embedder import Embedder, default_embedder_path  # noqa: E402
+from knowmap.models.retrieval import Retriever  # noqa: E402
 from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
 from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, start_service, swap_models  # noqa: E402
 from knowmap.serve.auth import digest  # noqa: E402

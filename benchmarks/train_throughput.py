@@ -48,11 +48,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from knowmap.build import build_env_kb  # noqa: E402
 from knowmap.config import TrainingConfig  # noqa: E402
-from knowmap.embedder import default_embedder_path  # noqa: E402
+from knowmap.jobs.build import build_env_kb  # noqa: E402
+from knowmap.kb.segmentation import action_objects  # noqa: E402
+from knowmap.models.embedder import default_embedder_path  # noqa: E402
 from knowmap.schemas import TrainingPair, Trajectory  # noqa: E402
-from knowmap.segmentation import action_objects  # noqa: E402
 from knowmap.train.embedder_trainer import EmbedderTask, train_embedder  # noqa: E402
 from knowmap.train.loop import make_loader, make_optimizer, run_epoch, seed_everything  # noqa: E402
 from knowmap.train.ray_run import DDP_OPTIONS  # noqa: E402

@@ -1,0 +1,20 @@
+"""KnowMap on Ray: adapt a frozen LLM agent to an environment through knowledge, not fine-tuning.
+
+``knowmap/`` is the Ray-free core, grouped by concern, each subpackage readable on its own:
+:mod:`knowmap.environment` (ScienceWorld), :mod:`knowmap.kb` (both knowledge bases and the vector store),
+:mod:`knowmap.models` (embedder, reranker, the one retrieval pipeline, the model registry) and
+:mod:`knowmap.agent` (policies, the LLM scaffold, the episode worker). Beside them: ``config`` (one typed config,
+with ``config.paths`` for every file under ``data_dir``), ``errors`` (every exception), ``schemas`` (domain types)
+and ``api_schemas`` (the HTTP contract). The Ray layer wraps the core: :mod:`knowmap.actors` (KB actors and the
+rollout pool), :mod:`knowmap.serve` (the retrieval service), :mod:`knowmap.train` (Ray Train) and
+:mod:`knowmap.jobs` (what the CLI runs).
+
+Where one observation becomes facts: :class:`knowmap.agent.worker.AgentWorker` steps the env and hands each
+:class:`~knowmap.schemas.StepRecord` to its env KB (in-process, or the env-KB actor through
+:mod:`knowmap.actors.kb_handles`); :class:`knowmap.kb.durable_kb.DurableEnvironmentKB` logs it, and
+:class:`knowmap.kb.environment_kb.EnvironmentKB` runs :mod:`knowmap.kb.extraction` over the text and applies the
+triples with the replacement rule. Where a ``/v1/retrieve`` goes: :mod:`knowmap.serve.api` (the ingress: auth,
+limits) -> :class:`knowmap.serve.retriever.RetrieverDeployment` -> :class:`knowmap.models.retrieval.Retriever`,
+whose embedder calls go to :class:`knowmap.serve.deployments.EmbedderDeployment`, env facts to the env-KB actor
+and sub-goals to the experiential-KB actor (:mod:`knowmap.actors`).
+"""

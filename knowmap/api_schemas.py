@@ -17,11 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowmap.schemas import Fact, KnowledgeItem, Observation, RetrainStatus, Trajectory
+from knowmap.schemas import ENV_ID_PATTERN, Fact, KBKind, KnowledgeItem, Observation, RetrainStatus, Trajectory
 
 API_VERSION = "v1"
-ENV_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-KBKind = Literal["env", "experience"]
 
 
 class _Request(BaseModel):

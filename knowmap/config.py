@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from knowmap.errors import ConfigError
+from knowmap.layout import DataLayout
 
 # Tasks the default `build-kb` runs: short gold paths from different topics, so it finishes in a few minutes.
 DEFAULT_TASKS = ["boil", "find-living-thing", "test-conductivity", "grow-plant", "use-thermometer"]
@@ -271,19 +272,14 @@ class KnowMapConfig(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
     @property
-    def env_kb_dir(self) -> Path:
-        """Where env KBs live, one folder (snapshot + log) per env id: ``<data_dir>/env_kb``."""
-        return self.data_dir / "env_kb"
-
-    @property
-    def trajectories_dir(self) -> Path:
-        """Where finished trajectories are kept as JSON, one file per episode: ``<data_dir>/trajectories``."""
-        return self.data_dir / "trajectories"
+    def paths(self) -> DataLayout:
+        """Every path under ``data_dir`` (:class:`knowmap.layout.DataLayout`)."""
+        return DataLayout(root=self.data_dir)
 
     @property
     def store_uri(self) -> str:
         """The Milvus URI in force: the configured one, or a Milvus Lite file under the data dir."""
-        return self.store.uri or str(self.data_dir / "experience.db")
+        return self.store.uri or str(self.paths.experience_db)
 
 
 _config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("knowmap_config_file", default=None)

@@ -1,10 +1,22 @@
-"""The exception hierarchy. Every message says what was wrong and what is allowed, or how to fix it."""
+"""The exception hierarchy, in one place. Every message says what was wrong and what is allowed, or how to fix it.
+
+Whether a failed episode is worth another attempt is a property of its error type (``retryable``), decided here
+and read by the rollout pool through :func:`is_retryable`, never by matching class names or messages.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class KnowMapError(Exception):
-    """Base class of every error KnowMap raises on purpose."""
+    """Base class of every error KnowMap raises on purpose.
+
+    ``retryable`` says whether the same call may succeed when tried again (a JVM or an actor that died); a
+    mistake in the input (an unknown task, an invalid value) is not.
+    """
+
+    retryable = False
 
 
 class ConfigError(KnowMapError, ValueError):
@@ -12,19 +24,45 @@ class ConfigError(KnowMapError, ValueError):
 
 
 class ScienceWorldError(KnowMapError):
-    """ScienceWorld could not do what was asked (JVM missing, task or variation invalid)."""
+    """ScienceWorld could not do what was asked (the JVM died or refused a call)."""
+
+    retryable = True
 
 
 class UnknownTaskError(ScienceWorldError, ValueError):
     """A task name that ScienceWorld does not know; the message lists the valid tasks."""
 
+    retryable = False
+
 
 class VariationOutOfRangeError(ScienceWorldError, ValueError):
     """A variation index outside a split's range; the message names the range."""
 
+    retryable = False
+
+
+class SplitError(KnowMapError, ValueError):
+    """A split name that is not train/dev/test, or episodes of the wrong split for the operation."""
+
 
 class SnapshotError(KnowMapError):
     """A knowledge-base snapshot is missing, truncated or corrupt. It is never loaded as an empty KB."""
+
+
+class WriteAheadLogError(SnapshotError):
+    """The write-ahead log of a durable KB is damaged before its last line, or a record in it cannot be replayed."""
+
+
+class InvalidEnvIdError(KnowMapError, ValueError):
+    """An env id that cannot name a KB directory."""
+
+
+class EnvNotFoundError(KnowMapError):
+    """No env KB exists for an env id."""
+
+
+class EpisodeConflictError(KnowMapError):
+    """A contributed trajectory would overwrite an expert episode."""
 
 
 class VectorStoreError(KnowMapError):
@@ -33,3 +71,52 @@ class VectorStoreError(KnowMapError):
 
 class EmbedderError(KnowMapError):
     """The embedding model could not be loaded or used."""
+
+
+class RerankerError(KnowMapError):
+    """The reranker could not be loaded or used; the message says what to pass instead."""
+
+
+class RerankerUnavailableError(KnowMapError):
+    """Reranking was asked for but the service runs without a reranker."""
+
+
+class LLMError(KnowMapError):
+    """The LLM endpoint refused a request or answered something unusable."""
+
+    retryable = True
+
+
+class LLMUnavailableError(LLMError):
+    """No LLM answers at the configured endpoint."""
+
+    retryable = False
+
+
+class TrainingError(KnowMapError):
+    """Training could not start or finish; the message says what to change."""
+
+
+class ServiceError(KnowMapError):
+    """The retrieval service answered with an error: ``status`` (HTTP) and ``error`` (its typed body,
+    :class:`knowmap.api_schemas.ErrorDetail`)."""
+
+    def __init__(self, status: int, error: Any) -> None:
+        super().__init__(f"HTTP {status} {error.type}: {error.message}")
+        self.status, self.error = status, error
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]
+        return self.status >= 500
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether an episode that failed with ``error`` may succeed on another attempt.
+
+    KnowMap's own errors say so themselves (``retryable``); invalid input (pydantic's ``ValidationError``,
+    ``ValueError``, ``TypeError``) is never retried; anything else (a Ray actor or a JVM that died, a lost
+    connection) is transient.
+    """
+    if isinstance(error, KnowMapError):
+        return bool(error.retryable)
+    return not isinstance(error, ValueError | TypeError)

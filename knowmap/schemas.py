@@ -157,6 +157,10 @@ class StepRecord(BaseModel):
 
 
 Split = Literal["train", "dev", "test"]
+KBKind = Literal["env", "experience"]
+KB_KINDS: tuple[KBKind, ...] = ("env", "experience")
+# An env id names a KB directory and an actor: 1 to 128 characters, no path separators.
+ENV_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 TrajectorySource = Literal["expert", "agent"]
 
 

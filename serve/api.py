@@ -50,12 +50,15 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.durable_kb import InvalidEnvIdError
-from knowmap.errors import KnowMapError
+from knowmap.errors import (
+    EnvNotFoundError,
+    EpisodeConflictError,
+    InvalidEnvIdError,
+    KnowMapError,
+    RerankerUnavailableError,
+)
 from knowmap.schemas import Relation, RetrainStatus
 from knowmap.serve.auth import key_matches
-from knowmap.serve.deployments import RerankerUnavailableError
-from knowmap.serve.retriever import EnvNotFoundError, EpisodeConflictError
 
 logger = logging.getLogger("ray.serve")
 
@@ -281,9 +284,7 @@ class Ingress:
 
     def _retrain(self) -> RetrainStatus | None:
         """The retrain controller's persisted state (it may run in another job), without the full history."""
-        from knowmap.actors.retrain import STATE_FILE
-
-        path = self.config.data_dir / "retrain" / STATE_FILE
+        path = self.config.paths.retrain_state
         try:
             return RetrainStatus.model_validate_json(path.read_text()).model_copy(update={"history": []})
         except (OSError, ValueError):  # none yet, or being replaced: report none rather than fail the route

@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
+from knowmap.models.registry import read_latest
 
 APP_NAME = "knowmap"
 
@@ -60,10 +61,7 @@ def resolve_models(config: KnowMapConfig, embedder: str | None = None, reranker:
     Raises:
         KnowMapError: an explicit path is not a directory.
     """
-    latest: dict[str, Any] = {}
-    path = config.data_dir / "models" / "latest.json"
-    if path.is_file():
-        latest = json.loads(path.read_text())
+    latest = read_latest(config.paths).model_dump()
     chosen = []
     for given, configured, key in ((embedder, config.models.embedder, "embedder"),
                                    (reranker, config.models.reranker, "reranker")):
@@ -118,7 +116,7 @@ def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranke
         EmbedderError, RerankerError: a model cannot be loaded.
     """
     from knowmap.actors.experience import get_experience_kb
-    from knowmap.actors.runtime import init_ray
+    from knowmap.jobs.session import init_ray
     from knowmap.serve.auth import digest, load_api_keys
 
     keys, key_file = load_api_keys(config)

@@ -24,7 +24,7 @@ KEY_PREFIX = "km-"
 def key_file(config: KnowMapConfig) -> Path:
     """The key file in force: ``serve.api_key_file`` or ``<data_dir>/serve/api_key``."""
     return Path(config.serve.api_key_file).expanduser() if config.serve.api_key_file else (
-        config.data_dir / "serve" / "api_key")
+        config.paths.api_key)
 
 
 def load_api_keys(config: KnowMapConfig, *, generate: bool = True) -> tuple[list[str], Path | None]:

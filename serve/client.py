@@ -35,18 +35,10 @@ from knowmap.api_schemas import (
     TrajectoryRequest,
     TrajectoryResponse,
 )
-from knowmap.errors import KnowMapError
+from knowmap.errors import ServiceError
 from knowmap.schemas import Fact, Observation, Trajectory
 
 T = TypeVar("T", bound=BaseModel)
-
-
-class ServiceError(KnowMapError):
-    """The service answered with an error: ``status`` (HTTP) and ``error`` (its typed body)."""
-
-    def __init__(self, status: int, error: ErrorDetail) -> None:
-        super().__init__(f"HTTP {status} {error.type}: {error.message}")
-        self.status, self.error = status, error
 
 
 class KnowMapClient:

@@ -20,15 +20,11 @@ import numpy as np
 from ray import serve
 
 from knowmap.api_schemas import EncodedTexts, ScoredDocuments
-from knowmap.embedder import Embedder, default_embedder_path
-from knowmap.errors import KnowMapError
-from knowmap.reranker import Reranker
+from knowmap.errors import RerankerUnavailableError
+from knowmap.models.embedder import Embedder, default_embedder_path
+from knowmap.models.reranker import Reranker
 
 logger = logging.getLogger("ray.serve")
-
-
-class RerankerUnavailableError(KnowMapError):
-    """Reranking was asked for but the service runs without a reranker."""
 
 
 # -- pure batch functions (tested without Ray) -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The retriever deployment: :class:`knowmap.retrieval.Retriever` over the embedder and reranker deployments and
+"""The retriever deployment: :class:`knowmap.models.retrieval.Retriever` over the embedder and reranker deployments and
 the KB actors, plus the env-KB and trajectory operations of the API.
 
 Env facts come from the env-KB actor named ``envkb:<env_id>`` (:mod:`knowmap.actors.env_kb`): each env id has
@@ -33,22 +33,14 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.durable_kb import validate_env_id
-from knowmap.embedder import embedder_version
-from knowmap.errors import KnowMapError
-from knowmap.retrieval import Retriever
+from knowmap.errors import EnvNotFoundError, EpisodeConflictError, KnowMapError
+from knowmap.kb.storage import validate_env_id
+from knowmap.models.embedder import embedder_version
+from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal
 
 _MAX_ENV_HANDLES = 1024
 _ATTEMPTS = 3
-
-
-class EnvNotFoundError(KnowMapError):
-    """No env KB exists for an env id."""
-
-
-class EpisodeConflictError(KnowMapError):
-    """A contributed trajectory would overwrite an expert episode."""
 
 
 class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -222,7 +214,7 @@ class RetrieverDeployment:
                 goals = [Subgoal.model_validate(g) for g in
                          self._env_call(request.env_id, "segment", trajectory.model_dump())]
             else:
-                from knowmap.segmentation import SubgoalSegmenter
+                from knowmap.kb.segmentation import SubgoalSegmenter
 
                 goals = SubgoalSegmenter().segment(trajectory)
             goals = [g.model_copy(update={"source": "agent"}) for g in goals]

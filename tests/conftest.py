@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from knowmap.embedder import Embedder
+    from knowmap.models.embedder import Embedder
 
 # No model hub is reachable here: never let a loader try (and wait on retries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     """The packaged all-MiniLM-L6-v2, loaded by local path once for the whole session."""
-    from knowmap.embedder import Embedder
+    from knowmap.models.embedder import Embedder
 
     return Embedder()
 
@@ -33,7 +33,7 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from knowmap.embedder import default_embedder_path
+    from knowmap.models.embedder import default_embedder_path
 
     root = tmp_path_factory.mktemp("models")
     base = Path(default_embedder_path())

@@ -18,19 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from knowmap.build import build_env_kb
-from knowmap.environment_kb import EnvironmentKB
-from knowmap.errors import KnowMapError, UnknownTaskError
-from knowmap.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.environment.sciworld import SPLITS, episode_id
+from knowmap.errors import KnowMapError, SplitError, UnknownTaskError
+from knowmap.jobs.build import build_env_kb
+from knowmap.kb.environment_kb import EnvironmentKB
+from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Split, Subgoal, Trajectory
-from knowmap.sciworld import SPLITS, episode_id
-from knowmap.segmentation import SubgoalSegmenter
 
 _VARIATIONS_INDEX = "variations.json"  # {"task/split": [variation, ...]}: lets a cached run skip the JVM
-
-
-class SplitError(KnowMapError, ValueError):
-    """A split name that is not train/dev/test, or episodes of the wrong split for the operation."""
 
 
 @dataclass

@@ -234,7 +234,7 @@ def train_embedder(pairs: list[TrainingPair], *, base_model: str, output_dir: st
 
     Args:
         pairs: training pairs from train-split trajectories.
-        base_model: a local sentence-transformers model directory (e.g. :func:`~knowmap.embedder.
+        base_model: a local sentence-transformers model directory (e.g. :func:`~knowmap.models.embedder.
             default_embedder_path`), as ``str``.
         output_dir: where the fine-tuned model is saved (``SentenceTransformer.save`` format plus
             ``knowmap_model.json``: version, base model, data hash, epochs, metrics, created-at).

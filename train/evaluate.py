@@ -21,7 +21,7 @@ from knowmap.train.pairs import DEFAULT_THETA, Encoder, EvalQuery, eval_queries
 PLOT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
 
 
-class Reranker(Protocol):
+class PairScorer(Protocol):
     """Scores (query, document) pairs; higher is more relevant."""
 
     def predict(self, pairs: list[tuple[str, str]]) -> Sequence[float]: ...
@@ -31,7 +31,7 @@ def evaluate_retrieval(
     episodes: Sequence[Episode],
     *,
     embedders: Mapping[str, Encoder],
-    reranker: Reranker | None = None,
+    reranker: PairScorer | None = None,
     kinds: Sequence[str] = ("env", "experience"),
     train_tasks: Iterable[str] = (),
     relevance_embedder: Encoder | None = None,
@@ -131,7 +131,7 @@ def _dense_rankings(queries: list[EvalQuery], corpora: list[list[str]], embedder
 
 
 def _rerank_scores(queries: list[EvalQuery], corpora: list[list[str]], rankings: dict[str, list[list[int]]],
-                   reranker: Reranker, top: int) -> dict[tuple[str, str], float]:
+                   reranker: PairScorer, top: int) -> dict[tuple[str, str], float]:
     """The reranker's score of every (query, doc) any system puts in its top ``top``, each pair scored once."""
     wanted: dict[tuple[str, str], None] = {}
     for ranked in rankings.values():

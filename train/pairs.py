@@ -29,9 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from knowmap.errors import SplitError
+from knowmap.kb.segmentation import action_objects
 from knowmap.schemas import Fact, PairKind, Relation, Subgoal, TrainingPair, Trajectory
-from knowmap.segmentation import action_objects
-from knowmap.train.data import Episode, SplitError
+from knowmap.train.data import Episode
 
 DEFAULT_THETA = 0.8  # MiniLM cosine between sub-goal texts; measured: ~70% of positives then share the task
 KINDS: tuple[PairKind, ...] = ("env", "experience", "joint")
@@ -43,7 +44,7 @@ _ENTITY_OBJECT_RELATIONS = (Relation.CONTAINS, Relation.LOCATION, Relation.FOCUS
 
 
 class Encoder(Protocol):
-    """Anything that embeds texts into L2-normalised rows, like :class:`knowmap.embedder.Embedder`."""
+    """Anything that embeds texts into L2-normalised rows, like :class:`knowmap.models.embedder.Embedder`."""
 
     def encode(self, texts: list[str]) -> np.ndarray: ...
 

@@ -32,8 +32,8 @@ import pyarrow.fs
 from ray.train import UserCallback
 
 from knowmap.config import TrainingConfig
-from knowmap.embedder import model_fingerprint
-from knowmap.errors import KnowMapError
+from knowmap.errors import TrainingError
+from knowmap.models.embedder import model_fingerprint
 from knowmap.schemas import TrainingPair
 from knowmap.train.loop import (
     MODEL_DIR,
@@ -56,10 +56,6 @@ MAX_STEP_LOSSES = 200  # about this many per epoch in the history (rank 0's own 
 _FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SENTENCE_TRANSFORMERS_HOME")
 
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-class TrainingError(KnowMapError):
-    """Training could not start or finish; the message says what to change."""
 
 
 @dataclass
@@ -284,7 +280,7 @@ def write_metadata(model_dir: str | Path, *, kind: str, base_model: str, data_ha
                    epochs: int, history: list[dict[str, Any]], config: TrainingConfig) -> dict[str, Any]:
     """Write ``knowmap_model.json`` into a finished model directory and return what was written.
 
-    ``version`` is :func:`~knowmap.embedder.model_fingerprint` of the model files, taken before this file exists.
+    ``version`` is :func:`~knowmap.models.embedder.model_fingerprint` of the model files, taken before this file exists.
     """
     metadata = {
         "kind": kind,

@@ -3,7 +3,7 @@
 The reranker starts from the same MiniLM weights as the embedder: sentence-transformers 6 turns a bi-encoder
 checkpoint into a ``CrossEncoder`` (``BertForSequenceClassification``: the encoder and pooler are loaded, the
 one-logit classification head is new and initialised from the seed). It learns ``(query, positive) -> 1`` and
-``(query, negative) -> 0`` with binary cross-entropy on the logit; :class:`knowmap.reranker.Reranker` serves it.
+``(query, negative) -> 0`` with binary cross-entropy on the logit; :class:`knowmap.models.reranker.Reranker` serves it.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def train_reranker(pairs: list[TrainingPair], *, base_model: str, output_dir: st
         on_epoch: called in this process with each epoch's metrics.
 
     Returns:
-        a :class:`~knowmap.train.ray_run.TrainResult`; serve it with ``knowmap.reranker.Reranker(result.model_dir)``.
+        a :class:`~knowmap.train.ray_run.TrainResult`; serve it with
+        ``knowmap.models.reranker.Reranker(result.model_dir)``.
 
     Raises:
         ValueError: ``pairs`` is empty.

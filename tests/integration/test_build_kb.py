@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-from knowmap.build import build_knowledge_bases, open_experience_kb
 from knowmap.config import load_config
-from knowmap.durable_kb import DurableEnvironmentKB, list_env_kbs
+from knowmap.jobs.build import build_knowledge_bases, open_experience_kb
+from knowmap.kb.durable_kb import DurableEnvironmentKB
+from knowmap.kb.storage import list_env_kbs
 from knowmap.schemas import Trajectory
 
 pytestmark = pytest.mark.integration
@@ -40,14 +41,14 @@ def test_counts_and_progress(built) -> None:
 
 def test_env_kbs_and_trajectories_on_disk_hold_each_episode(built) -> None:
     config, summary, _ = built
-    assert sorted(list_env_kbs(summary.env_kb_dir)) == sorted(e.episode_id for e in summary.per_episode)
+    assert sorted(list_env_kbs(summary.paths.env_kb)) == sorted(e.episode_id for e in summary.per_episode)
     for episode in summary.per_episode:
-        with DurableEnvironmentKB(episode.episode_id, summary.env_kb_dir) as kb:
+        with DurableEnvironmentKB(episode.episode_id, summary.paths.env_kb) as kb:
             assert len(kb) == episode.facts and len(kb.current()) == episode.current_facts
             trajectory = Trajectory.model_validate_json(
-                (config.trajectories_dir / f"{episode.episode_id}.json").read_text())
+                (config.paths.trajectories / f"{episode.episode_id}.json").read_text())
             assert kb.last_step == trajectory.steps[-1].step == episode.steps
-    with DurableEnvironmentKB(summary.per_episode[0].episode_id, summary.env_kb_dir) as boil:
+    with DurableEnvironmentKB(summary.per_episode[0].episode_id, summary.paths.env_kb) as boil:
         assert any(f.subject == "agent" and f.object == "kitchen" for f in boil.current())
         assert len(boil.history("metal pot", "location")) >= 2
 
@@ -62,7 +63,7 @@ def test_experience_kb_search_is_filtered_by_task(built) -> None:
 
 
 def test_cli_builds_through_the_ray_pool_and_rejects_bad_input(tmp_path) -> None:
-    knowmap = [sys.executable, "-m", "knowmap.cli"]
+    knowmap = [sys.executable, "-m", "knowmap.jobs.cli"]
     env = {**os.environ, "KNOWMAP_DATA_DIR": str(tmp_path)}
     done = subprocess.run([*knowmap, "build-kb", "--tasks", "find-living-thing,melt", "--variations", "1",
                            "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)

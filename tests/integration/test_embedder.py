@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knowmap.embedder import Embedder, default_embedder_path, model_fingerprint
 from knowmap.errors import EmbedderError
+from knowmap.models.embedder import Embedder, default_embedder_path, model_fingerprint
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.build import build_env_kb
+from knowmap.jobs.build import build_env_kb
 from knowmap.schemas import Trajectory
 
 pytestmark = pytest.mark.integration

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.embedder import Embedder
-from knowmap.experience_kb import ExperienceKB
+from knowmap.kb.experience_kb import ExperienceKB
+from knowmap.kb.vectorstore import VectorStore
+from knowmap.models.embedder import Embedder
 from knowmap.schemas import StepRecord, Subgoal, Trajectory, Triple, stable_id
-from knowmap.vectorstore import VectorStore
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,9 @@ import uuid
 
 import pytest
 
+from knowmap.agent.llm import LLMClient
+from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import LLMConfig, load_config
-from knowmap.llm import LLMClient
-from knowmap.rollout import EpisodeSpec
 from knowmap.schemas import Trajectory
 
 pytestmark = [
@@ -28,7 +28,7 @@ TASK = "find-non-living-thing"
 @pytest.fixture(scope="module")
 def llm_config(tmp_path_factory):
     """One llama.cpp server for the module, on a free port (other servers may run beside it)."""
-    from knowmap.local_llm import llm_endpoint
+    from knowmap.agent.local_llm import llm_endpoint
 
     log = str(tmp_path_factory.mktemp("llm") / "server.log")
     with llm_endpoint(LLMConfig(local_threads=2), log_path=log) as config:
@@ -48,9 +48,9 @@ def test_every_constraint_style_the_server_accepts_yields_a_choice(llm_config) -
 def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> None:
     import ray
 
-    from knowmap.actors.agent_runs import run_agent_episodes
     from knowmap.actors.env_kb import get_or_create_env_kb, retire_env_kb
     from knowmap.actors.experience import get_experience_kb, release_experience_kb
+    from knowmap.jobs.agent_runs import run_agent_episodes
 
     config = load_config(data_dir=tmp_path, scienceworld={"step_limit": 4},
                          ray={"namespace": f"test-llm-{uuid.uuid4().hex[:8]}", "num_workers": 1},
@@ -69,7 +69,7 @@ def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> 
         assert agent.experience_retrieved > 0 and agent.facts_retrieved > 0
 
         trajectory = Trajectory.model_validate_json(
-            (config.trajectories_dir / f"{agent.episode_id}.json").read_text())
+            (config.paths.trajectories / f"{agent.episode_id}.json").read_text())
         assert trajectory.source == "agent" and len(trajectory.steps) == agent.steps + 1
         for before, after in zip(trajectory.steps, trajectory.steps[1:], strict=False):
             assert before.valid_actions and after.action in before.valid_actions

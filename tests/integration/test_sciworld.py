@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from knowmap.environment.sciworld import ScienceWorld
 from knowmap.errors import ScienceWorldError, UnknownTaskError, VariationOutOfRangeError
-from knowmap.sciworld import ScienceWorld
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from knowmap.config import TrainingConfig
-from knowmap.embedder import default_embedder_path
+from knowmap.models.embedder import default_embedder_path
 from knowmap.train.embedder_trainer import EmbedderTask
 from knowmap.train.reranker_trainer import RerankerTask
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knowmap.embedder import Embedder
 from knowmap.errors import VectorStoreError
-from knowmap.vectorstore import VectorStore, build_filter
+from knowmap.kb.store_rows import build_filter
+from knowmap.kb.vectorstore import VectorStore
+from knowmap.models.embedder import Embedder
 
 pytestmark = pytest.mark.integration
 
@@ -159,7 +160,7 @@ def test_errors_say_what_to_do(tmp_path: Path) -> None:
 
 def test_one_process_per_lite_file_and_close_releases_it(tmp_path: Path) -> None:
     uri = str(tmp_path / "kb.db")
-    probe = ("from knowmap.vectorstore import VectorStore\n"
+    probe = ("from knowmap.kb.vectorstore import VectorStore\n"
              f"try:\n    VectorStore({uri!r}).close()\n    print('opened')\n"
              "except Exception as e:\n    print(type(e).__name__, e)\n")
 

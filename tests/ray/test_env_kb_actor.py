@@ -11,12 +11,11 @@ import ray
 from ray.exceptions import RayActorError
 
 from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb, list_env_kbs, retire_env_kb
-from knowmap.build import build_env_kb
 from knowmap.config import KnowMapConfig
-from knowmap.durable_kb import InvalidEnvIdError
-from knowmap.errors import KnowMapError
+from knowmap.errors import InvalidEnvIdError, KnowMapError
+from knowmap.jobs.build import build_env_kb
+from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Trajectory
-from knowmap.segmentation import SubgoalSegmenter
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
 

@@ -13,8 +13,8 @@ from ray.cluster_utils import Cluster
 
 from knowmap.actors.experience import get_experience_kb, release_experience_kb
 from knowmap.actors.pool import RolloutPool
+from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.rollout import EpisodeSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 

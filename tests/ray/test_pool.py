@@ -15,9 +15,9 @@ import ray
 from knowmap.actors.env_kb import env_kb_directory, list_env_kbs
 from knowmap.actors.experience import get_experience_kb, release_experience_kb
 from knowmap.actors.pool import RolloutPool
+from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.durable_kb import DurableEnvironmentKB
-from knowmap.rollout import EpisodeSpec
+from knowmap.kb.durable_kb import DurableEnvironmentKB
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 

@@ -11,9 +11,9 @@ import ray
 
 from knowmap.actors.experience import get_experience_kb, release_experience_kb
 from knowmap.config import KnowMapConfig
-from knowmap.embedder import embedder_version
+from knowmap.kb.segmentation import SubgoalSegmenter
+from knowmap.models.embedder import embedder_version
 from knowmap.schemas import Trajectory
-from knowmap.segmentation import SubgoalSegmenter
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.actors.retrain import RetrainController
 from knowmap.config import load_config
+from knowmap.jobs.retrain import RetrainController
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"

@@ -11,7 +11,8 @@ import pytest
 
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
-from knowmap.train.pipeline import evaluate_split, latest_models, results_table, train_retriever
+from knowmap.jobs.training import evaluate_split, retrieval_table, train_retriever
+from knowmap.models.registry import read_latest
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"
@@ -31,9 +32,9 @@ def test_train_then_evaluate_on_held_out_and_unseen_tasks(tmp_path: Path) -> Non
     assert report["pairs"]["env"] > 0 and report["pairs"]["experience"] == 0
     assert epochs == [("embedder", 1), ("reranker", 1)]
     assert (tmp_path / "training" / "loss_embedder.png").stat().st_size > 0
-    latest = latest_models(config)
-    assert Path(latest["embedder"], "knowmap_model.json").is_file()
-    assert Path(latest["reranker"], "knowmap_model.json").is_file()
+    latest = read_latest(config.paths)
+    assert Path(latest.embedder, "knowmap_model.json").is_file()
+    assert Path(latest.reranker, "knowmap_model.json").is_file()
 
     out = tmp_path / "eval" / "dev.json"
     results = evaluate_split(config, split="dev", tasks=["boil", "melt"], variations=1, out=out)
@@ -43,6 +44,6 @@ def test_train_then_evaluate_on_held_out_and_unseen_tasks(tmp_path: Path) -> Non
     assert set(systems) == {"bm25", "base", "finetuned", "bm25+rerank", "base+rerank", "finetuned+rerank"}
     assert systems["finetuned"]["unseen"]["queries"] > 0 and systems["finetuned"]["seen"]["queries"] > 0
     assert all(0.0 <= s["all"]["ndcg@10"] <= 1.0 for s in systems.values())
-    assert "finetuned+rerank" in results_table(results)
+    assert "finetuned+rerank" in retrieval_table(results)
     with pytest.raises(KnowMapError, match="held-out"):
         evaluate_split(config, split="train", tasks=["boil"], variations=1, out=out)

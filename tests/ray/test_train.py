@@ -15,12 +15,13 @@ import pytest
 import torch
 
 from knowmap.config import TrainingConfig
-from knowmap.embedder import Embedder, default_embedder_path, model_fingerprint
-from knowmap.reranker import Reranker
+from knowmap.errors import TrainingError
+from knowmap.models.embedder import Embedder, default_embedder_path, model_fingerprint
+from knowmap.models.reranker import Reranker
 from knowmap.schemas import TrainingPair
 from knowmap.train.embedder_trainer import infonce_examples, plot_loss, train_embedder
 from knowmap.train.loop import DistinctBatchSampler, seed_everything
-from knowmap.train.ray_run import METADATA_FILE, TrainingError, pairs_hash
+from knowmap.train.ray_run import METADATA_FILE, pairs_hash
 from knowmap.train.reranker_trainer import RerankerTask, train_reranker
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]

@@ -11,8 +11,8 @@ import pytest
 from knowmap.actors.experience import ExperienceKBActor
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
+from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Trajectory
-from knowmap.segmentation import SubgoalSegmenter
 
 pytestmark = pytest.mark.integration
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"
@@ -34,7 +34,7 @@ def test_reindex_keeps_versions_apart_and_adds_reach_all(tmp_path: Path, model_d
         assert new != old and index["copied"] == first and index["rows"] == first
         assert kb.ensure_index(model_dirs["embedder_b"])["copied"] == 0  # held: returns at once
         second = kb.add_trajectory(*_episode("find-living-thing-0.json"))  # reaches both versions
-        from knowmap.embedder import Embedder
+        from knowmap.models.embedder import Embedder
 
         vector_b = Embedder(model_dirs["embedder_b"]).encode(["find a living thing"])[0]
         hits = kb.search_vector(vector_b, 3, version=new)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import requests
 
-from knowmap.serve.client import KnowMapClient, ServiceError
+from knowmap.errors import ServiceError
+from knowmap.serve.client import KnowMapClient
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 FIXTURES = Path(__file__).parents[1] / "fixtures"

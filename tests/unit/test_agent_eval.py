@@ -7,11 +7,11 @@ import json
 import pytest
 
 from knowmap.actors.agent import EpisodeResult
-from knowmap.agent_eval import plot_results, protocol_lines, results_table, summarise
+from knowmap.agent.llm_policy import embedder_path
+from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import load_config
 from knowmap.errors import KnowMapError
-from knowmap.llm_policy import embedder_path
-from knowmap.rollout import EpisodeSpec
+from knowmap.jobs.agent_eval import agent_table, plot_results, protocol_lines, summarise
 
 
 def result(mode: str, task: str, score: float, ok: bool = True) -> EpisodeResult:
@@ -31,7 +31,7 @@ def test_summary_table_and_plot(tmp_path) -> None:
     assert report["modes"]["none"]["mean"] == 5.0  # -100 counts as 0
     assert report["modes"]["kb-base"]["per_task"] == {"boil": 30.0, "melt": 50.0}
     assert report["modes"]["kb-base"]["failed"] == 1 and report["modes"]["kb-base"]["tokens"]["calls"] == 18
-    table = results_table(report)
+    table = agent_table(report)
     assert "mean" in table and "40.00" in table and "5.00" in table
     assert "scienceworld_version: 1.2.3" in protocol_lines(report)
     plot_results(report, tmp_path / "p.png")

@@ -15,15 +15,10 @@ from types import SimpleNamespace
 import pytest
 
 from knowmap.actors.env_kb import EnvKBActor
-from knowmap.build import build_env_kb
-from knowmap.durable_kb import (
-    DurableEnvironmentKB,
-    InvalidEnvIdError,
-    WriteAheadLogError,
-    list_env_kbs,
-    validate_env_id,
-)
-from knowmap.errors import KnowMapError, SnapshotError
+from knowmap.errors import InvalidEnvIdError, KnowMapError, SnapshotError, WriteAheadLogError
+from knowmap.jobs.build import build_env_kb
+from knowmap.kb.durable_kb import DurableEnvironmentKB
+from knowmap.kb.storage import list_env_kbs, validate_env_id
 from knowmap.schemas import Observation, Relation, Trajectory, Triple
 
 
@@ -86,7 +81,7 @@ def test_dropped_without_close_loses_no_acknowledged_write(tmp_path: Path, snaps
 def test_killed_process_loses_no_acknowledged_write(tmp_path: Path) -> None:
     # A real crash: SIGKILL a writer process mid-stream; every write it acknowledged must be on disk.
     writer = textwrap.dedent(f"""
-        from knowmap.durable_kb import DurableEnvironmentKB
+        from knowmap.kb.durable_kb import DurableEnvironmentKB
         from knowmap.schemas import Triple
         kb = DurableEnvironmentKB("env-1", {str(tmp_path)!r}, snapshot_every=7)
         step = 0
@@ -115,7 +110,7 @@ def test_torn_last_line_is_dropped_with_a_warning(tmp_path: Path, caplog: pytest
     with open(log, "ab") as fh:
         fh.write(b'{"crc":"0000","op":"triples","seq":4,"step":3,"tri')  # a write cut short by a crash
 
-    with caplog.at_level(logging.WARNING, logger="knowmap.durable_kb"):
+    with caplog.at_level(logging.WARNING, logger="knowmap.kb.durable_kb"):
         kb = open_kb(tmp_path)
     assert "torn last record" in caplog.text
     assert kb.kb.to_dict() == before and kb.seq == 3
@@ -149,7 +144,7 @@ def test_damaged_previous_log_only_costs_recognising_resends(tmp_path: Path,
     before = kb.kb.to_dict()
     del kb
     (tmp_path / "env-1" / "log.prev.jsonl").write_bytes(b"garbage\n")
-    with caplog.at_level(logging.WARNING, logger="knowmap.durable_kb"):
+    with caplog.at_level(logging.WARNING, logger="knowmap.kb.durable_kb"):
         assert open_kb(tmp_path).kb.to_dict() == before
     assert "log.prev.jsonl from line 1 on" in caplog.text
 

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from knowmap.environment_kb import EnvironmentKB
 from knowmap.errors import KnowMapError, SnapshotError
+from knowmap.kb.environment_kb import EnvironmentKB
+from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Relation, Triple
 
 
@@ -148,15 +149,21 @@ def _bag_of_words(texts: list[str]) -> np.ndarray:
     return m / np.linalg.norm(m, axis=1, keepdims=True)
 
 
-def test_search_ranks_current_facts_and_answers_as_of() -> None:
+def test_retriever_ranks_an_env_kbs_current_facts_and_answers_as_of() -> None:
     kb = EnvironmentKB("env-1")
     kb.ingest_triples(1, [t("metal pot", "location", "sink"), t("door to kitchen", "open_state", "closed")])
     kb.ingest_triples(2, [t("metal pot", "location", "stove")])
-    hits = kb.search("where is the pot on the stove", k=2, encoder=_bag_of_words)
+    retriever = Retriever(_bag_of_words,
+                          env_facts=lambda env_id, step: kb.current() if step is None else kb.as_of(step))
+
+    def search(query: str, k: int, step: int | None = None) -> list:
+        return retriever.retrieve(query, env_id="env-1", k=k, kbs=("env",), step=step)
+
+    hits = search("where is the pot on the stove", k=2)
     assert hits[0].text == "metal pot is in the stove" and hits[0].kind == "env_fact"
     assert hits[0].provenance["env_id"] == "env-1"
-    assert all("sink" not in h.text for h in kb.search("pot sink", k=5, encoder=_bag_of_words))
-    past = kb.search("pot sink", k=1, encoder=_bag_of_words, step=1)
+    assert all("sink" not in h.text for h in search("pot sink", k=5))
+    past = search("pot sink", k=1, step=1)
     assert "sink" in past[0].text
     with pytest.raises(KnowMapError):
-        kb.search("x", k=0, encoder=_bag_of_words)
+        search("x", k=0)

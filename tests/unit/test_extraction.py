@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from knowmap.extraction import (
+from knowmap.kb.extraction import (
     Extraction,
     FactExtractor,
     RuleBasedExtractor,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from knowmap.agent.policy import EpisodeContext, ExpertPolicy, Policy, RandomPolicy
+from knowmap.agent.rollout import make_policy
 from knowmap.errors import KnowMapError
-from knowmap.policy import EpisodeContext, ExpertPolicy, Policy, RandomPolicy, make_policy
 from knowmap.schemas import StepRecord
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from knowmap.report import RunReport, render_markdown, write_report
+from knowmap.jobs.report import RunReport, render_markdown, write_report
 
 
 def test_sections_not_reached_are_named_not_filled(tmp_path) -> None:

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from knowmap.actors.retrain import RetrainController, decide
 from knowmap.config import load_config
 from knowmap.errors import KnowMapError
+from knowmap.jobs.retrain import RetrainController, decide
 from knowmap.schemas import ServingModels
 
 
@@ -74,7 +74,7 @@ def test_a_cycle_starts_after_k_new_trajectories_and_promotes_a_better_model(set
     status = controller.status()
     assert status["serving"]["embedder"] == "/models/embedder-1" and status["previous"]["embedder"] == ""
     assert status["trajectories_at_last_cycle"] == 3 and controller.pending() == 0
-    assert (config.data_dir / "models" / "latest.json").read_text().count("/models/embedder-1") == 1
+    assert (config.paths.latest_models).read_text().count("/models/embedder-1") == 1
 
 
 def test_a_worse_candidate_is_rejected_and_the_reason_kept_across_restarts(setup) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from knowmap.errors import KnowMapError
-from knowmap.retrieval import Retriever, enrich_query
+from knowmap.models.retrieval import Retriever, enrich_query
 from knowmap.schemas import Fact, KnowledgeItem, Relation
 from tests.unit.doubles import HashingEncoder
 

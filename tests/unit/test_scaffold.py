@@ -8,14 +8,15 @@ from collections.abc import Sequence
 
 import pytest
 
+from knowmap.agent.llm import LLMClient, TokenUsage, choice_grammar, nearest_choice
+from knowmap.agent.llm_policy import LLMPolicy, knowledge_mode
+from knowmap.agent.memory import Memory
+from knowmap.agent.policy import EpisodeContext, Policy
+from knowmap.agent.reflection import reflect, score_reflection
+from knowmap.agent.rollout import make_policy
+from knowmap.agent.scaffold import Evaluator, knowledge_actions, parse_plan, shortlist
 from knowmap.config import AgentConfig, LLMConfig
-from knowmap.errors import KnowMapError
-from knowmap.llm import LLMClient, LLMError, LLMUnavailableError, TokenUsage, choice_grammar, nearest_choice
-from knowmap.llm_policy import LLMPolicy, knowledge_mode
-from knowmap.memory import Memory
-from knowmap.policy import EpisodeContext, Policy, make_policy
-from knowmap.reflection import reflect, score_reflection
-from knowmap.scaffold import Evaluator, knowledge_actions, parse_plan, shortlist
+from knowmap.errors import KnowMapError, LLMError, LLMUnavailableError
 from knowmap.schemas import KnowledgeItem, StepRecord, Subgoal, Trajectory
 
 VALID = ["look around", "open door to kitchen", "go to hallway", "focus on water", "focus on table",
@@ -253,7 +254,7 @@ def test_transient_errors_are_retried_then_reported_clearly() -> None:
 
 
 def test_unreachable_endpoint_with_the_real_client() -> None:
-    from knowmap.local_llm import free_port
+    from knowmap.agent.local_llm import free_port
 
     llm = LLMClient(LLMConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=1, retry_backoff_s=0.0,
                               timeout_s=2))
@@ -262,7 +263,7 @@ def test_unreachable_endpoint_with_the_real_client() -> None:
 
 
 def test_service_knowledge_filters_experience_to_the_allowed_splits() -> None:
-    from knowmap.memory import ServiceKnowledge
+    from knowmap.agent.memory import ServiceKnowledge
 
     class Client:
         def __init__(self) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.build import build_env_kb
+from knowmap.jobs.build import build_env_kb
+from knowmap.kb.segmentation import SubgoalSegmenter, action_objects
 from knowmap.schemas import Relation, Trajectory
-from knowmap.segmentation import SubgoalSegmenter, action_objects
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"
 

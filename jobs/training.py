@@ -1,0 +1,156 @@
+"""The retriever jobs behind ``knowmap train`` and ``knowmap eval-retrieval``.
+
+``train_retriever``: train-split episodes -> KnowMap pairs (base embedder) -> InfoNCE embedder and BCE reranker on
+Ray Train -> models under ``<data_dir>/models`` (recorded in ``models/latest.json``) with loss curves and the
+pair counts under ``<data_dir>/training``.
+
+``evaluate_split``: a dev or test split's episodes -> Recall@k, MRR, nDCG@10 for BM25, the base and the
+fine-tuned embedder, each with and without the reranker -> JSON and a bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from knowmap.config import KnowMapConfig
+from knowmap.errors import KnowMapError
+from knowmap.models.embedder import Embedder, default_embedder_path
+from knowmap.models.registry import read_latest
+from knowmap.train.data import Episode, collect_episodes, load_episodes
+
+
+def episode_cache(config: KnowMapConfig) -> Path:
+    return config.paths.episode_cache
+
+
+def train_episodes(config: KnowMapConfig, tasks: Sequence[str] | None, variations: int | None) -> list[Episode]:
+    """Train-split episodes: those build-kb stored (no tasks given), else gold replays of ``tasks`` (cached)."""
+    if tasks is None and config.paths.trajectories.is_dir():
+        episodes = load_episodes(config.paths.trajectories, "train")
+        if episodes:
+            return episodes
+    sw = config.scienceworld
+    return collect_episodes(list(tasks or sw.tasks), "train", variations or sw.variations,
+                            cache_dir=episode_cache(config), step_limit=sw.step_limit,
+                            simplifications=sw.simplifications, java_heap=sw.java_heap)
+
+
+def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
+                    reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
+                    episodes: Sequence[Episode] | None = None, record_latest: bool = True,
+                    out_name: str = "training", tag: str = "", splits: Sequence[str] = ("train",),
+                    ) -> dict[str, Any]:
+    """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
+
+    Args:
+        episodes: train on these (the retrain controller passes expert and agent episodes); default: the
+            train-split episodes of :func:`train_episodes`.
+        record_latest: point ``models/latest.json`` at the new models (the retrain controller does that itself,
+            and only for a model it promotes).
+        out_name: the folder under the data dir for pairs, loss curves and the report.
+        splits: the splits ``episodes`` may come from (see :func:`build_pairs`).
+        tag: appended to the model dirs (``embedder-<data hash>-<tag>``), so that two models trained on the same
+            data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
+
+    Returns:
+        the report written to ``<data_dir>/<out_name>/report.json``: pair counts, model dirs, loss histories.
+
+    Raises:
+        KnowMapError: no train-split episodes, or no pairs could be built from them.
+    """
+    import ray
+
+    from knowmap.jobs.session import init_ray
+    from knowmap.train.embedder_trainer import plot_loss, train_embedder
+    from knowmap.train.pairs import build_pairs
+    from knowmap.train.reranker_trainer import train_reranker
+
+    episodes = list(episodes) if episodes is not None else train_episodes(config, tasks, variations)
+    if not episodes:
+        raise KnowMapError("no train-split episodes: run `knowmap build-kb --split train` first, or pass --tasks")
+    base_path = config.models.embedder or default_embedder_path()
+    base = Embedder(base_path, device=config.models.device, batch_size=config.models.batch_size)
+    pairset = build_pairs(episodes, base, theta=config.training.theta, splits=splits,
+                          max_negatives=max(1, config.training.max_negatives), seed=config.training.seed)
+    pairs = pairset.pairs()
+    if not pairs:
+        raise KnowMapError(f"no training pairs from {len(episodes)} episodes; add tasks or variations")
+    out = config.data_dir / out_name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
+    models = config.paths.models
+    suffix = pairset.data_hash[:12] + (f"-{tag}" if tag else "")
+    started_ray = not ray.is_initialized()
+    init_ray(config)
+    try:
+        report: dict[str, Any] = {"episodes": len(episodes), "train_tasks": sorted({e.task for e in episodes}),
+                                  "pairs": pairset.counts, "data_hash": pairset.data_hash}
+        emb = train_embedder(pairs, base_model=str(base_path),
+                             output_dir=str(models / f"embedder-{suffix}"), config=config.training,
+                             on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
+        plot_loss(emb.history, out / "loss_embedder.png")
+        report["embedder"] = {"model_dir": emb.model_dir, "history": emb.history, "epochs_run": emb.epochs_run}
+        if reranker:
+            rer = train_reranker(pairs, base_model=str(config.models.reranker or base_path),
+                                 output_dir=str(models / f"reranker-{suffix}"), config=config.training,
+                                 on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
+            plot_loss(rer.history, out / "loss_reranker.png")
+            report["reranker"] = {"model_dir": rer.model_dir, "history": rer.history, "epochs_run": rer.epochs_run}
+    finally:
+        if started_ray and not config.ray.address:
+            ray.shutdown()
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    if record_latest:
+        record_latest(config.paths, report["embedder"]["model_dir"], report.get("reranker", {}).get("model_dir", ""),
+                             report["train_tasks"])
+    return report
+
+
+def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
+                   out: Path, embedder: str = "", reranker: str = "",
+                   kinds: Sequence[str] = ("env", "experience")) -> dict[str, Any]:
+    """Evaluate retrieval on ``split`` (dev or test) for BM25, base, fine-tuned, each with and without reranker.
+
+    Args:
+        embedder, reranker: model dirs; empty = the newest from ``knowmap train`` (``models/latest.json``), if any.
+        out: the JSON to write; a bar chart is written beside it (``.png``).
+
+    Raises:
+        KnowMapError: ``split`` is train (evaluation is on held-out data).
+    """
+    from knowmap.models.reranker import Reranker
+    from knowmap.train.evaluate import evaluate_retrieval, plot_metrics
+
+    if split == "train":
+        raise KnowMapError("evaluate on held-out data: --split dev (model selection) or test (reporting), not train")
+    latest = read_latest(config.paths)
+    embedder = embedder or latest.embedder
+    reranker = reranker or latest.reranker
+    sw = config.scienceworld
+    episodes = collect_episodes(list(tasks), split, variations, cache_dir=episode_cache(config),
+                                step_limit=sw.step_limit, simplifications=sw.simplifications, java_heap=sw.java_heap)
+    systems = {"base": Embedder(config.models.embedder or default_embedder_path(), device=config.models.device)}
+    if embedder:
+        systems["finetuned"] = Embedder(embedder, device=config.models.device)
+    results = evaluate_retrieval(episodes, embedders=systems, reranker=Reranker(reranker) if reranker else None,
+                                 kinds=kinds, train_tasks=latest.train_tasks,
+                                 theta=config.training.theta)
+    results["protocol"].update(embedder=embedder or None, reranker=reranker or None, variations=variations)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot_metrics(results, out.with_suffix(".png"))
+    return results
+
+
+def retrieval_table(results: dict[str, Any], metrics: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr",
+                                                                      "ndcg@10")) -> str:
+    """A plain-text table: one row per (kind, system), one column per metric (over all queries)."""
+    lines = [f"{'kind':<11} {'system':<18}" + "".join(f"{m:>10}" for m in metrics)]
+    for kind, block in results["kinds"].items():
+        for system, report in block["systems"].items():
+            row = report["all"]
+            lines.append(f"{kind:<11} {system:<18}" + "".join(f"{row.get(m, float('nan')):>10.3f}" for m in metrics))
+    return "\n".join(lines)

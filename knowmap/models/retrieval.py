@@ -1,0 +1,145 @@
+"""The retrieval pipeline, Ray-free: env facts and experiential sub-goals for a query, as the agent's prompt needs them.
+
+:class:`Retriever` composes three plain functions, so the same logic runs in-process (an agent with its own
+embedder), behind Ray actor handles, and inside the Serve deployments (which pass their batched handles):
+
+* ``encode(texts) -> (n, dim)`` unit vectors: the embedder;
+* ``env_facts(env_id, step) -> list[Fact]``: the env KB of one environment instance, now or as of a step;
+* ``experience(vector, k, task) -> list[KnowledgeItem]``: a vector search of the experiential KB, in the collection
+  embedded by the **same** model as ``encode`` (the caller keeps the two versions in step);
+* optionally ``rerank(query, texts) -> scores``: a cross-encoder.
+
+As in the paper, the experiential query is enriched with the env facts retrieved first: the model was trained
+(joint pairs) to associate a situation's facts with the sub-goals that used them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from knowmap.errors import KnowMapError
+from knowmap.schemas import KB_KINDS, Fact, KBKind, KnowledgeItem
+
+Encode = Callable[[list[str]], np.ndarray]
+EnvFacts = Callable[[str, "int | None"], list[Fact]]
+ExperienceSearch = Callable[[np.ndarray, int, "str | None"], list[KnowledgeItem]]
+Rerank = Callable[[str, list[str]], list[float]]
+
+ENRICH_FACTS = 5  # env facts appended to the experiential query
+_FACT_CACHE = 50_000  # fact texts whose vectors are kept (facts repeat from step to step and across queries)
+
+
+def enrich_query(query: str, facts: Sequence[str], limit: int = ENRICH_FACTS) -> str:
+    """The experiential query with the top env facts appended (the joint training pairs use the same form)."""
+    facts = [f for f in facts if f][:limit]
+    return query if not facts else f"{query}\nKnown facts: " + "; ".join(facts)
+
+
+class Retriever:
+    """Ranks env facts and experiential sub-goals for a query.
+
+    Args:
+        encode: the embedder (unit-length vectors).
+        env_facts: env KB lookup by env id; None = this retriever serves no env KB.
+        experience: experiential KB vector search; None = none.
+        rerank: a cross-encoder's scores for (query, text) pairs; None = reranking is unavailable.
+        rerank_candidates: how many embedder hits per KB the reranker re-orders (at least ``k``).
+    """
+
+    def __init__(self, encode: Encode, *, env_facts: EnvFacts | None = None,
+                 experience: ExperienceSearch | None = None, rerank: Rerank | None = None,
+                 rerank_candidates: int = 20) -> None:
+        if rerank_candidates < 1:
+            raise ValueError(f"rerank_candidates must be >= 1, got {rerank_candidates}")
+        self.encode, self.env_facts, self.experience = encode, env_facts, experience
+        self.rerank, self.rerank_candidates = rerank, rerank_candidates
+        self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
+                 kbs: Sequence[KBKind] = KB_KINDS, rerank: bool = False, step: int | None = None,
+                 ) -> list[KnowledgeItem]:
+        """Up to ``k`` items from each KB asked for: env facts first, then sub-goals, each best first.
+
+        Args:
+            query: the situation: task, current sub-goal, recent observation.
+            env_id: whose env KB to search; env facts are skipped without it.
+            task: restrict experience to this ScienceWorld task (None = all tasks, for unseen ones).
+            k: items per KB, at least 1.
+            kbs: which KBs: ``"env"``, ``"experience"``.
+            rerank: re-order the top ``rerank_candidates`` of each KB with the cross-encoder.
+            step: env facts as of this step (None = now).
+
+        Returns:
+            knowledge items with ``score`` (cosine, or the reranker's score) and ``provenance`` (where from,
+            ``ranker``).
+
+        Raises:
+            KnowMapError: an empty query, ``k`` < 1, an unknown KB, or rerank asked of a retriever without one.
+        """
+        if not query.strip():
+            raise KnowMapError("query must not be empty")
+        if k < 1:
+            raise KnowMapError(f"k must be >= 1, got {k}")
+        unknown = sorted(set(kbs) - set(KB_KINDS))
+        if unknown:
+            raise KnowMapError(f"unknown KB kind(s) {unknown}; allowed: {list(KB_KINDS)}")
+        if rerank and self.rerank is None:
+            raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
+        depth = max(k, self.rerank_candidates) if rerank else k
+        env_items: list[KnowledgeItem] = []
+        if "env" in kbs and env_id and self.env_facts is not None:
+            env_items = self._env_search(query, env_id, step, depth)
+            if rerank:
+                env_items = self._rerank(query, env_items)
+            env_items = env_items[:k]
+        exp_items: list[KnowledgeItem] = []
+        if "experience" in kbs and self.experience is not None:
+            enriched = enrich_query(query, [item.text for item in env_items])
+            exp_items = self.experience(self.encode([enriched])[0], depth, task)
+            exp_items = [i.model_copy(update={"provenance": {**i.provenance, "ranker": "embedder"}}) for i in exp_items]
+            if rerank:
+                exp_items = self._rerank(enriched, exp_items)
+            exp_items = exp_items[:k]
+        return env_items + exp_items
+
+    def _env_search(self, query: str, env_id: str, step: int | None, depth: int) -> list[KnowledgeItem]:
+        facts = self.env_facts(env_id, step)  # type: ignore[misc]
+        if not facts:
+            return []
+        texts = [f.text() for f in facts]
+        matrix = self._fact_vectors(texts)  # (n_facts, dim)
+        scores = matrix @ self.encode([query])[0]  # (n_facts,)
+        order = np.argsort(-scores, kind="stable")[:depth]
+        return [
+            KnowledgeItem(
+                id=f"{env_id}:{facts[i].subject}|{facts[i].relation.value}|{facts[i].object}|{facts[i].valid_from}",
+                kind="env_fact", text=texts[i], score=float(scores[i]),
+                provenance={"env_id": env_id, "subject": facts[i].subject, "relation": facts[i].relation.value,
+                            "object": facts[i].object, "valid_from": facts[i].valid_from,
+                            "valid_to": facts[i].valid_to, "ranker": "embedder"},
+            )
+            for i in order
+        ]
+
+    def _fact_vectors(self, texts: list[str]) -> np.ndarray:
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            for text, vector in zip(missing, np.asarray(self.encode(missing), dtype=np.float32), strict=True):
+                self._vectors[text] = vector
+            while len(self._vectors) > _FACT_CACHE:
+                self._vectors.popitem(last=False)
+        for text in texts:
+            self._vectors.move_to_end(text)
+        return np.stack([self._vectors[t] for t in texts])
+
+    def _rerank(self, query: str, items: list[KnowledgeItem]) -> list[KnowledgeItem]:
+        if not items:
+            return items
+        scores = self.rerank(query, [i.text for i in items])  # type: ignore[misc]
+        ranked = sorted(zip(items, scores, strict=True), key=lambda pair: -pair[1])
+        return [item.model_copy(update={"score": float(score), "provenance": {**item.provenance,
+                                                                              "ranker": "reranker"}})
+                for item, score in ranked]
