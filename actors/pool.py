@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from knowmap.actors.agent import AgentWorker, EpisodeResult
+from knowmap.actors.agent import AgentWorker
 from knowmap.actors.experience import get_experience_kb
 from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
+from knowmap.results import EpisodeResult
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import ray
 
-from knowmap.actors.agent import EpisodeResult
 from knowmap.agent.llm_policy import embedder_path, knowledge_mode
 from knowmap.agent.local_llm import llm_endpoint
 from knowmap.agent.policy import is_llm_policy
 from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
+from knowmap.results import EpisodeResult
 
 
 @contextlib.contextmanager

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from knowmap.actors.agent import EpisodeResult
 from knowmap.agent.llm_policy import embedder_path
 from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import load_config
 from knowmap.errors import KnowMapError
 from knowmap.jobs.agent_eval import agent_table, plot_results, protocol_lines, summarise
+from knowmap.results import EpisodeResult
 
 
 def result(mode: str, task: str, score: float, ok: bool = True) -> EpisodeResult:
