@@ -198,4 +198,5 @@ def _config(config: KnowMapConfig | Mapping[str, Any]) -> KnowMapConfig:
 
 def _require_ray() -> None:
     if not ray.is_initialized():
-        raise KnowMapError("Ray is not initialised: call knowmap.jobs.session.init_ray(config) (or ray.init) first")
+        raise KnowMapError("Ray is not initialised: run inside knowmap.jobs.session.ray_session(config) "
+                           "(or call ray.init) first")

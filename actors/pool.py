@@ -1,8 +1,12 @@
 """The rollout pool: episode specs scheduled over N agent actors with ``ray.wait``; results come back as values.
 
-One episode is in flight per actor. An episode whose actor (or its JVM) died is retried, up to
-``ray.max_episode_retries`` times, on a live actor; a dead actor is replaced. Episodes are idempotent by id (the
-env KB restarts from step 0, the experiential KB replaces the episode's rows), so a retry never duplicates.
+The agents are :class:`knowmap.agent.worker.AgentWorker`, the one episode path: with ``num_workers=0`` the pool
+runs one in this process without Ray (over :class:`~knowmap.agent.knowledge.LocalKnowledgeBases`), otherwise as
+Ray actors over the KB actors (:class:`~knowmap.actors.kb_handles.RayKnowledgeBases`). One episode is in flight
+per actor. An episode whose actor died, or whose result says it is ``retryable`` (its JVM or its env-KB actor
+died), is retried up to ``ray.max_episode_retries`` times on a live actor; a dead actor is replaced. Episodes are
+idempotent by id (the env KB restarts from step 0, the experiential KB replaces the episode's rows), so a retry
+never duplicates.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from collections.abc import Callable, Iterable
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from knowmap.actors.agent import AgentWorker
 from knowmap.actors.experience import get_experience_kb
+from knowmap.actors.kb_handles import RayKnowledgeBases
+from knowmap.agent.knowledge import LocalKnowledgeBases
 from knowmap.agent.rollout import EpisodeSpec
+from knowmap.agent.worker import AgentWorker
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.results import EpisodeResult
@@ -68,22 +74,38 @@ def _ask(config: KnowMapConfig) -> dict[str, float]:
     return {"CPU": config.ray.num_cpus_per_agent, **config.ray.agent_resources}
 
 
+class RayAgentWorker(AgentWorker):
+    """:class:`AgentWorker` as a Ray actor: the same episode path, reporting its Ray node id."""
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
 class RolloutPool:
-    """N agent actors, created with options from config.
+    """N agent actors, created with options from config; with ``num_workers=0``, one agent in this process.
 
     Args:
         config: the whole config; ``ray.num_cpus_per_agent``, ``ray.max_restarts`` and the JVM heap are used.
-        num_workers: actors to start; default :func:`default_workers`.
+        num_workers: actors to start; None = :func:`default_workers`; 0 = no Ray: the episodes are played here,
+            one after another, into KBs this process opens (and :meth:`shutdown` closes).
     """
 
     def __init__(self, config: KnowMapConfig, num_workers: int | None = None) -> None:
         self.config = config
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = in this process), got {num_workers}")
+        self.local: AgentWorker | None = None
+        self.actors: list[ray.actor.ActorHandle] = []
+        if num_workers == 0:
+            self.num_workers = 0
+            self.kbs: LocalKnowledgeBases | None = LocalKnowledgeBases(config)
+            self.local = AgentWorker(config, self.kbs)
+            return
+        self.kbs = None
         wait_for_room(config)
         self.num_workers = num_workers or default_workers(config)
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         self._payload = config.model_dump(mode="json")
-        self._actor_cls = ray.remote(AgentWorker).options(
+        self._actor_cls = ray.remote(RayAgentWorker).options(
             num_cpus=config.ray.num_cpus_per_agent,
             resources=dict(config.ray.agent_resources),
             max_restarts=config.ray.max_restarts,
@@ -95,7 +117,7 @@ class RolloutPool:
         self.actors = [self._new_actor() for _ in range(self.num_workers)]
 
     def _new_actor(self) -> ray.actor.ActorHandle:
-        return self._actor_cls.remote(self._payload)
+        return self._actor_cls.remote(self._payload, RayKnowledgeBases(self.config))
 
     def run(self, specs: Iterable[EpisodeSpec], on_result: Callable[[EpisodeResult], None] | None = None,
             *, feed_kbs: bool = True) -> list[EpisodeResult]:
@@ -106,11 +128,12 @@ class RolloutPool:
             feed_kbs: False plays without feeding the KBs (measures rollout alone).
         """
         specs = list(specs)
+        if self.local is not None:
+            return [self._run_here(spec, on_result, feed_kbs) for spec in specs]
         queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(specs)))  # (spec index, attempt)
         results: list[EpisodeResult | None] = [None] * len(specs)
         in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (spec index, attempt, actor slot)
         idle = deque(range(len(self.actors)))
-        max_attempts = 1 + self.config.ray.max_episode_retries
 
         while queue or in_flight:
             while queue and idle:
@@ -121,28 +144,46 @@ class RolloutPool:
             done, _ = ray.wait(list(in_flight), num_returns=1)
             ref = done[0]
             index, attempt, slot = in_flight.pop(ref)
+            idle.append(slot)
             try:
                 result: EpisodeResult = ray.get(ref)
             except _ACTOR_LOST as e:
                 # The actor (or its node) died mid-episode. Ray restarts it up to max_restarts; if it is gone
-                # for good, a fresh actor takes its slot. Either way the episode is tried again.
+                # for good, a fresh actor takes its slot. Either way the episode may be tried again.
                 if not self._alive(slot):
                     self.actors[slot] = self._new_actor()
-                if attempt < max_attempts:
-                    queue.append((index, attempt + 1))
-                    idle.append(slot)
-                    continue
-                result = EpisodeResult(spec=specs[index], ok=False, error=f"actor lost: {e}")
-            result.attempts = attempt
-            if not result.ok and attempt < max_attempts and _retryable(result.error):
+                result = EpisodeResult(spec=specs[index], ok=False, retryable=True, error=f"actor lost: {e}")
+            if self._again(result, attempt):
                 queue.append((index, attempt + 1))
-                idle.append(slot)
                 continue
             results[index] = result
-            idle.append(slot)
             if on_result is not None:
                 on_result(result)
         return [r for r in results if r is not None]
+
+    def _run_here(self, spec: EpisodeSpec, on_result: Callable[[EpisodeResult], None] | None,
+                  feed_kbs: bool) -> EpisodeResult:
+        assert self.local is not None
+        attempt = 1
+        while True:
+            result = self.local.run_episode(spec, feed_kbs)
+            if not self._again(result, attempt):
+                break
+            attempt += 1
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    def _again(self, result: EpisodeResult, attempt: int) -> bool:
+        """Record the attempt; True if the episode failed in a way worth another attempt, and one is left."""
+        result.attempts = attempt
+        return not result.ok and result.retryable and attempt <= self.config.ray.max_episode_retries
+
+    def experience_info(self) -> dict[str, object]:
+        """The experiential KB's ``collection``, ``uri`` and ``rows``."""
+        if self.kbs is not None:
+            return self.kbs.info()
+        return ray.get(self.experience.info.remote())
 
     def _alive(self, slot: int) -> bool:
         try:
@@ -152,15 +193,13 @@ class RolloutPool:
             return False
 
     def shutdown(self) -> None:
-        """Close every JVM and stop the actors."""
+        """Close every JVM and stop the actors (in-process: close the JVM and the KBs this pool opened)."""
+        if self.local is not None:
+            self.local.close()
+            assert self.kbs is not None
+            self.kbs.close()
+            return
         for actor in self.actors:
             with contextlib.suppress(Exception):  # a dead actor has nothing left to close
                 ray.get(actor.close.remote(), timeout=30)
             ray.kill(actor)
-
-
-def _retryable(error: str) -> bool:
-    """Transient failures (a JVM or a KB actor that died) are retried; invalid specs are not."""
-    permanent = ("UnknownTaskError", "VariationOutOfRangeError", "ValidationError", "KnowMapError")
-    return not error.startswith(permanent)
-

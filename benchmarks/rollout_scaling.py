@@ -26,11 +26,10 @@ from typing import Any
 
 import ray
 
-from knowmap.actors.experience import release_experience_kb
 from knowmap.actors.pool import RolloutPool
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.jobs.session import init_ray
+from knowmap.jobs.session import ray_session
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rollout_scaling.json"
@@ -133,9 +132,8 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="knowmap-bench-"))
     config = KnowMapConfig(data_dir=data_dir, ray={"namespace": f"bench-{uuid.uuid4().hex[:8]}",
                                                    "num_cpus_per_agent": 1})
-    init_ray(config, num_cpus=max(sizes))  # N actors of 1 CPU each fit; N_eff is bounded by real cores
     rows = []
-    try:
+    with ray_session(config, num_cpus=max(sizes)):  # N actors of 1 CPU each fit; N_eff is bounded by real cores
         for n in sizes:
             n_eff = min(n, cores)
             alone, fed = pool_runs(config, n, specs)
@@ -146,9 +144,6 @@ def main() -> None:
             print(f"pool N={n} (N_eff={n_eff}): rollout only {alone['steps_per_s']:.1f} steps/s "
                   f"(ratio {row['ratio_rollout_only']:.2f}); feeding KBs {fed['steps_per_s']:.1f} steps/s "
                   f"(ratio {row['ratio_feeding_kbs']:.2f}); ingest/env time {fed['ingest_fraction']:.3f}")
-    finally:
-        release_experience_kb(config)
-        ray.shutdown()
 
     at_cores = next((r for r in rows if r["n"] == cores), rows[-1])
     ingest = max(r["feeding_kbs"]["ingest_fraction"] for r in rows)

@@ -49,7 +49,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from knowmap.config import TrainingConfig  # noqa: E402
-from knowmap.jobs.build import build_env_kb  # noqa: E402
+from knowmap.kb.environment_kb import build_env_kb  # noqa: E402
 from knowmap.kb.segmentation import action_objects  # noqa: E402
 from knowmap.models.embedder import default_embedder_path  # noqa: E402
 from knowmap.schemas import TrainingPair, Trajectory  # noqa: E402

@@ -22,9 +22,9 @@ from typing import Any
 from knowmap.agent.llm_policy import KNOWLEDGE_MODES, embedder_path
 from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
-from knowmap.environment.sciworld import ScienceWorld
+from knowmap.environment.sciworld import ScienceWorld, check_tasks
 from knowmap.errors import KnowMapError
-from knowmap.jobs.build import resolve_tasks
+from knowmap.jobs.session import ray_session
 
 
 def agent_specs(env: ScienceWorld, tasks: Sequence[str], split: str, variations: int, modes: Sequence[str],
@@ -40,7 +40,7 @@ def agent_specs(env: ScienceWorld, tasks: Sequence[str], split: str, variations:
         raise KnowMapError(f"unknown mode(s) {unknown}; allowed: {', '.join(KNOWLEDGE_MODES)}")
     specs = []
     for mode in modes:
-        for task in resolve_tasks(list(tasks), env):
+        for task in check_tasks(list(tasks)):
             for variation in env.variations(task, split)[:variations]:  # type: ignore[arg-type]
                 specs.append(EpisodeSpec(task=task, variation=variation, split=split, policy=f"llm-{mode}",
                                          seed=seed))
@@ -66,7 +66,6 @@ def evaluate_agent(config: KnowMapConfig, *, split: str = "test", tasks: Sequenc
         KnowMapError: split ``train``, an unknown mode, or kb-finetuned without a trained embedder.
         LLMUnavailableError: no LLM answers and none could be started.
     """
-    import ray
     from scienceworld.version import __version__ as version
 
     from knowmap.jobs.agent_runs import agent_config, run_agent_episodes
@@ -82,20 +81,12 @@ def evaluate_agent(config: KnowMapConfig, *, split: str = "test", tasks: Sequenc
         specs = agent_specs(env, tasks, split, variations, modes)
     started = time.perf_counter()
     local = not config.llm.base_url
-    started_ray = not ray.is_initialized()
     log = str(config.paths.llm_log)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        with agent_config(config, log) as cfg:
-            results = run_agent_episodes(cfg, specs, num_workers=num_workers, on_result=on_result)
-            endpoint = cfg.llm.base_url
-            model = cfg.llm.model
-    finally:
-        if started_ray and not config.ray.address and ray.is_initialized():
-            from knowmap.actors.experience import release_experience_kb
-
-            release_experience_kb(config)
-            ray.shutdown()
+    with ray_session(config), agent_config(config, log) as cfg:
+        results = run_agent_episodes(cfg, specs, num_workers=num_workers, on_result=on_result)
+        endpoint = cfg.llm.base_url
+        model = cfg.llm.model
     protocol = {
         "split": split, "tasks": sorted({s.task for s in specs}), "variations_per_task": variations,
         "variations": {t: sorted({s.variation for s in specs if s.task == t}) for t in sorted({s.task for s in specs})},

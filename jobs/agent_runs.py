@@ -39,7 +39,7 @@ def run_agent_episodes(config: KnowMapConfig, specs: Sequence[EpisodeSpec], *, n
     """Play ``specs`` (policies ``llm``, ``llm-none``, ``llm-kb-base``, ``llm-kb-finetuned``, ``expert``,
     ``random``) on a rollout pool of ``num_workers`` agent actors, with retrieval from both KBs.
 
-    Starts a local Ray if none is running (and leaves it running: the caller owns it); starts and stops the local
+    Runs inside the caller's :func:`~knowmap.jobs.session.ray_session` (Ray must be up); starts and stops the local
     LLM if ``llm.base_url`` is empty. Episode step limits come from ``config.scienceworld.step_limit``.
 
     Returns:
@@ -51,7 +51,6 @@ def run_agent_episodes(config: KnowMapConfig, specs: Sequence[EpisodeSpec], *, n
     """
     from knowmap.actors.experience import get_experience_kb
     from knowmap.actors.pool import RolloutPool
-    from knowmap.jobs.session import init_ray
 
     llm_specs = [s for s in specs if is_llm_policy(s.policy)]
     modes = {knowledge_mode(s.policy, config.agent.knowledge) for s in llm_specs} - {"none"}
@@ -60,7 +59,6 @@ def run_agent_episodes(config: KnowMapConfig, specs: Sequence[EpisodeSpec], *, n
     with contextlib.ExitStack() as stack:
         if needs_llm and not config.llm.base_url:
             config = stack.enter_context(agent_config(config, llm_log))
-        init_ray(config)
         experience = get_experience_kb(config)
         # Index each embedder's collection now, before the episodes (re-embedding the KB once, here).
         ray.get([experience.ensure_index.remote(path) for path in paths.values()])

@@ -51,6 +51,8 @@ def build_kb(
     """Replay gold trajectories and build one env KB per episode and the experiential KB."""
     from tqdm import tqdm
 
+    from knowmap.jobs.build import build_knowledge_bases
+
     sw: dict[str, Any] = {}
     if tasks is not None:
         sw["tasks"] = [t for t in tasks.split(",") if t.strip()]
@@ -68,39 +70,18 @@ def build_kb(
         bar.update(1)
 
     try:
-        if workers == 0:
-            from knowmap.jobs.build import build_knowledge_bases
-
-            summary = build_knowledge_bases(config, on_episode=progress)
-        else:
-            summary = _build_on_ray(config, workers, progress)
+        summary = build_knowledge_bases(config, workers, on_episode=progress)
     finally:
         bar.close()
     typer.echo(f"episodes   {summary.episodes}")
     typer.echo(f"steps      {summary.steps}")
     typer.echo(f"facts      {summary.facts}  (env KBs, open and closed)")
     typer.echo(f"sub-goals  {summary.subgoals}")
-    typer.echo(f"env KBs    {summary.paths.env_kb}/<episode_id>/  (snapshot + write-ahead log)")
+    typer.echo(f"env KBs    {summary.env_kb_dir}/<episode_id>/  (snapshot + write-ahead log)")
     typer.echo(f"trajectory {config.paths.trajectories}/<episode_id>.json")
     typer.echo(f"experience {summary.experience_store}  collection {summary.experience_collection} "
                f"({summary.experience_rows} rows)")
     typer.echo(f"summary    {config.paths.build_summary}  ({summary.seconds:.1f} s)")
-
-
-def _build_on_ray(config: KnowMapConfig, workers: int | None, progress: Any) -> Any:
-    import ray
-
-    from knowmap.actors.experience import release_experience_kb
-    from knowmap.jobs.session import build_with_pool
-
-    local = not config.ray.address
-    try:
-        return build_with_pool(config, workers, on_episode=progress)
-    finally:
-        if local and ray.is_initialized():
-            # A local Ray ends with this command: release the Milvus Lite file and stop the cluster.
-            release_experience_kb(config)
-            ray.shutdown()
 
 
 @app.command("train")
@@ -268,6 +249,7 @@ def serve_command(
 
     from ray import serve
 
+    from knowmap.jobs.session import ray_session
     from knowmap.serve.app import APP_NAME, start_service, swap_models
 
     config = _config(config_file, data_dir)
@@ -278,33 +260,31 @@ def serve_command(
     if detach and not config.ray.address:
         raise KnowMapError("--detach needs a cluster (ray.address, e.g. KNOWMAP_RAY__ADDRESS=auto): a local Ray "
                            "stops when this command ends")
-    if config.ray.address:
-        from knowmap.jobs.session import init_ray
-
-        init_ray(config)
-        if APP_NAME in serve.status().applications:
+    with ray_session(config):
+        if config.ray.address and APP_NAME in serve.status().applications:
             result = swap_models(config, embedder=embedder, reranker=reranker)
             typer.echo(f"swapped in {result['seconds']:.1f} s: embedder {result['embedder']['version']}, "
                        f"reranker {(result['reranker'] or {}).get('version', 'none')}")
             return
-    info = start_service(config, embedder=embedder, reranker=reranker)
+        info = start_service(config, embedder=embedder, reranker=reranker)
+        _print_service(info)
+        if detach:
+            return
+        typer.echo("Ctrl-C stops the service")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+
+
+def _print_service(info: Any) -> None:
     typer.echo(f"retrieval API  {info.url}/v1   (OpenAPI docs {info.docs_url}, health {info.url}/healthz)")
     typer.echo(f"API key        {info.key_file or 'serve.api_keys'}  (send `Authorization: Bearer <key>`)")
     typer.echo(f"embedder       {info.embedder or 'packaged all-MiniLM-L6-v2'}")
     typer.echo(f"reranker       {info.reranker or 'none'}")
-    if detach:
-        return
-    typer.echo("Ctrl-C stops the service")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        from knowmap.actors.experience import release_experience_kb
-
-        serve.shutdown()
-        release_experience_kb(config)
 
 
 @app.command("run")
@@ -355,11 +335,11 @@ def retrain_status(config_file: ConfigOption = None, data_dir: DataDirOption = N
 def retrain_run(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """One cycle now: train on all stored experience, gate on held-out dev episodes, promote if better."""
     from knowmap.jobs.retrain import RetrainController
-    from knowmap.jobs.session import init_ray
+    from knowmap.jobs.session import ray_session
 
     config = _config(config_file, data_dir)
-    init_ray(config)
-    decision = RetrainController(config).retrain(trigger="manual")
+    with ray_session(config):
+        decision = RetrainController(config).retrain(trigger="manual")
     typer.echo(decision["reason"])
 
 
@@ -367,11 +347,11 @@ def retrain_run(config_file: ConfigOption = None, data_dir: DataDirOption = None
 def retrain_rollback(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Serve the previous model again (its experiential collection was kept)."""
     from knowmap.jobs.retrain import RetrainController
-    from knowmap.jobs.session import init_ray
+    from knowmap.jobs.session import ray_session
 
     config = _config(config_file, data_dir)
-    init_ray(config)
-    status = RetrainController(config).rollback()
+    with ray_session(config):
+        status = RetrainController(config).rollback()
     typer.echo(f"serving {status['serving']['embedder'] or 'the packaged base embedder'}")
 
 

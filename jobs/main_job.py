@@ -98,18 +98,16 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     Raises:
         UnknownTaskError, VariationOutOfRangeError: before anything starts, for a bad task or variation.
     """
-    import ray
-
-    from knowmap.environment.sciworld import ScienceWorld
-    from knowmap.jobs.build import resolve_tasks
-    from knowmap.jobs.session import build_with_pool, init_ray
+    from knowmap.environment.sciworld import ScienceWorld, check_tasks
+    from knowmap.jobs.build import build_knowledge_bases
+    from knowmap.jobs.session import ray_session
 
     config = apply_preset(config, options.preset)
     sw = config.scienceworld
     gate = config.retrain.gate_variations
     agent_variations: dict[str, list[int]] = {}
     with ScienceWorld(step_limit=sw.step_limit, java_heap=sw.java_heap) as env:  # validate before any work
-        tasks = resolve_tasks(sw.tasks, env)
+        tasks = check_tasks(sw.tasks)
         for task in tasks:
             dev = env.variations(task, "dev")
             if len(dev) < gate + options.agent_variations:
@@ -130,58 +128,57 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     report = RunReport(protocol=_protocol(config, options))
     service_key = ""
     stage = _Stages(report, echo)
-    init_ray(config)
     started = time.perf_counter()
-    try:
-        with stage("build") as go:
-            if go:
-                summary = build_with_pool(config, options.workers)
-                report.build = summary.model_dump(mode="json", exclude={"per_episode"})
-                echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
-                     f"{summary.subgoals} sub-goals")
-        with stage("train", needs=("build",)) as go:
-            if go:
-                from knowmap.jobs.training import train_retriever
+    with ray_session(config):
+        try:
+            with stage("build") as go:
+                if go:
+                    summary = build_knowledge_bases(config, options.workers)
+                    report.build = summary.model_dump(mode="json", exclude={"per_episode"})
+                    echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
+                         f"{summary.subgoals} sub-goals")
+            with stage("train", needs=("build",)) as go:
+                if go:
+                    from knowmap.jobs.training import train_retriever
 
-                report.training = train_retriever(config)
-        with stage("evaluate", needs=("train",)) as go:
-            if go:
-                from knowmap.jobs.training import evaluate_split
+                    report.training = train_retriever(config)
+            with stage("evaluate", needs=("train",)) as go:
+                if go:
+                    from knowmap.jobs.training import evaluate_split
 
-                report.retrieval = evaluate_split(config, split="dev", tasks=tasks,
-                                                  variations=config.retrain.gate_variations,
-                                                  out=config.paths.report / "retrieval_dev.json")
-        with stage("serve", needs=("train",)) as go:
-            if go:
-                from knowmap.serve.app import start_service
+                    report.retrieval = evaluate_split(config, split="dev", tasks=tasks,
+                                                      variations=config.retrain.gate_variations,
+                                                      out=config.paths.report / "retrieval_dev.json")
+            with stage("serve", needs=("train",)) as go:
+                if go:
+                    from knowmap.serve.app import start_service
 
-                info = start_service(config)
-                service_key = info.api_key  # kept out of the report
-                report.serve = {"url": info.url, "docs": info.docs_url, "embedder": info.embedder,
-                                "reranker": info.reranker or "(none)",
-                                "api key file": info.key_file or "(keys from config)",
-                                **_probe_service(info, report.build or {}, tasks)}
-        with stage("agents", needs=("train",)) as go:
-            if go:
-                report.agents = _agent_rollouts(config, options, agent_variations)
-        with stage("retrain", needs=("build",)) as go:
-            if go:
-                from knowmap.jobs.retrain import RetrainController
+                    info = start_service(config)
+                    service_key = info.api_key  # kept out of the report
+                    report.serve = {"url": info.url, "docs": info.docs_url, "embedder": info.embedder,
+                                    "reranker": info.reranker or "(none)",
+                                    "api key file": info.key_file or "(keys from config)",
+                                    **_probe_service(info, report.build or {}, tasks)}
+            with stage("agents", needs=("train",)) as go:
+                if go:
+                    report.agents = _agent_rollouts(config, options, agent_variations)
+            with stage("retrain", needs=("build",)) as go:
+                if go:
+                    from knowmap.jobs.retrain import RetrainController
 
-                report.retrain = RetrainController(config).retrain(trigger="knowmap run")
-        if report.serve and report.retrain:
-            with contextlib.suppress(Exception):  # the service may have failed meanwhile; the report says so
-                report.serve["models after retrain"] = _served_models(report.serve["url"], service_key)
-        report.throughput = _throughput(report)
-    finally:
-        report.protocol["total_seconds"] = round(time.perf_counter() - started, 1)
-        path = write_report(report, config.paths.report)
-        if not config.ray.address:
-            with contextlib.suppress(Exception):
-                from ray import serve
+                    report.retrain = RetrainController(config).retrain(trigger="knowmap run")
+            if report.serve and report.retrain:
+                with contextlib.suppress(Exception):  # the service may have failed meanwhile; the report says so
+                    report.serve["models after retrain"] = _served_models(report.serve["url"], service_key)
+            report.throughput = _throughput(report)
+        finally:
+            report.protocol["total_seconds"] = round(time.perf_counter() - started, 1)
+            path = write_report(report, config.paths.report)
+            if not config.ray.address:
+                with contextlib.suppress(Exception):
+                    from ray import serve
 
-                serve.shutdown()
-            ray.shutdown()
+                    serve.shutdown()
     for label, value in summary_rows(report):
         echo(f"{label:<48} {value}")
     echo(f"report  {path}")

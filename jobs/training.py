@@ -61,9 +61,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     Raises:
         KnowMapError: no train-split episodes, or no pairs could be built from them.
     """
-    import ray
-
-    from knowmap.jobs.session import init_ray
+    from knowmap.jobs.session import ray_session
     from knowmap.train.embedder_trainer import plot_loss, train_embedder
     from knowmap.train.pairs import build_pairs
     from knowmap.train.reranker_trainer import train_reranker
@@ -83,9 +81,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
     models = config.paths.models
     suffix = pairset.data_hash[:12] + (f"-{tag}" if tag else "")
-    started_ray = not ray.is_initialized()
-    init_ray(config)
-    try:
+    with ray_session(config):
         report: dict[str, Any] = {"episodes": len(episodes), "train_tasks": sorted({e.task for e in episodes}),
                                   "pairs": pairset.counts, "data_hash": pairset.data_hash}
         emb = train_embedder(pairs, base_model=str(base_path),
@@ -99,9 +95,6 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
                                  on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
             plot_loss(rer.history, out / "loss_reranker.png")
             report["reranker"] = {"model_dir": rer.model_dir, "history": rer.history, "epochs_run": rer.epochs_run}
-    finally:
-        if started_ray and not config.ray.address:
-            ray.shutdown()
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if record_latest:
         record_latest(config.paths, report["embedder"]["model_dir"], report.get("reranker", {}).get("model_dir", ""),

@@ -116,12 +116,12 @@ def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranke
         EmbedderError, RerankerError: a model cannot be loaded.
     """
     from knowmap.actors.experience import get_experience_kb
-    from knowmap.jobs.session import init_ray
     from knowmap.serve.auth import digest, load_api_keys
 
     keys, key_file = load_api_keys(config)
     embedder, reranker = resolve_models(config, embedder, reranker)
-    init_ray(config)
+    if not ray.is_initialized():
+        raise KnowMapError("start_service needs Ray: run it inside knowmap.jobs.session.ray_session(config)")
     ray.get(get_experience_kb(config).ensure_index.remote(embedder))  # its collection exists before traffic
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=embedder, reranker=reranker,

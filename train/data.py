@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
-from knowmap.environment.sciworld import SPLITS, episode_id
-from knowmap.errors import KnowMapError, SplitError, UnknownTaskError
-from knowmap.jobs.build import build_env_kb
-from knowmap.kb.environment_kb import EnvironmentKB
+from knowmap.environment.sciworld import check_split, check_tasks, episode_id
+from knowmap.errors import KnowMapError
+from knowmap.kb.environment_kb import EnvironmentKB, build_env_kb
 from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Split, Subgoal, Trajectory
 
@@ -55,43 +54,6 @@ class Episode:
         env_kb = build_env_kb(trajectory)
         subgoals = (segmenter or SubgoalSegmenter()).segment(trajectory, env_kb)
         return cls(trajectory=trajectory, env_kb=env_kb, subgoals=subgoals)
-
-
-def check_split(split: str) -> Split:
-    """Return ``split`` if it is one of ScienceWorld's splits.
-
-    Raises:
-        SplitError: anything else; the message lists the allowed splits.
-    """
-    if split not in SPLITS:
-        raise SplitError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    return split  # type: ignore[return-value]
-
-
-def task_names() -> list[str]:
-    """ScienceWorld's 30 task names, read from the installed package (no JVM needed)."""
-    from scienceworld.constants import ID2TASK
-
-    return list(ID2TASK.values())
-
-
-def check_tasks(tasks: Sequence[str]) -> list[str]:
-    """Validate task names; ``["all"]`` means every task.
-
-    Raises:
-        UnknownTaskError: a name ScienceWorld does not know (the message lists the valid ones), or no task.
-    """
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    valid = task_names()
-    names = [t.strip() for t in tasks if t.strip()]
-    if names == ["all"]:
-        return valid
-    unknown = [t for t in names if t not in valid]
-    if unknown or not names:
-        what = f"unknown ScienceWorld task(s) {unknown}" if unknown else "no task given"
-        raise UnknownTaskError(f"{what}; valid tasks: {', '.join(valid)} (or 'all')")
-    return list(dict.fromkeys(names))
 
 
 def collect_episodes(

@@ -10,11 +10,11 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from knowmap.errors import ScienceWorldError, UnknownTaskError, VariationOutOfRangeError
+from knowmap.errors import ScienceWorldError, SplitError, UnknownTaskError, VariationOutOfRangeError
 from knowmap.schemas import Split, StepRecord, Trajectory, TrajectorySource, stable_id
 
 SPLITS: tuple[Split, ...] = ("train", "dev", "test")
@@ -40,6 +40,43 @@ def episode_id(task: str, variation: int, split: str, source: str = "expert", po
     """The stable id of an episode: the same spec always gives the same id (retries stay idempotent)."""
     return f"{task}-{split}-{variation}-{source}-{policy}-{seed}-" + stable_id(task, variation, split, source,
                                                                            policy, seed)[:8]
+
+
+def check_split(split: str) -> Split:
+    """Return ``split`` if it is one of ScienceWorld's splits.
+
+    Raises:
+        SplitError: anything else; the message lists the allowed splits.
+    """
+    if split not in SPLITS:
+        raise SplitError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    return split  # type: ignore[return-value]
+
+
+def task_names() -> list[str]:
+    """ScienceWorld's 30 task names, read from the installed package (no JVM needed)."""
+    from scienceworld.constants import ID2TASK
+
+    return list(ID2TASK.values())
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """Validate task names; ``["all"]`` means every task.
+
+    Raises:
+        UnknownTaskError: a name ScienceWorld does not know (the message lists the valid ones), or no task.
+    """
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    valid = task_names()
+    names = [t.strip() for t in tasks if t.strip()]
+    if names == ["all"]:
+        return valid
+    unknown = [t for t in names if t not in valid]
+    if unknown or not names:
+        what = f"unknown ScienceWorld task(s) {unknown}" if unknown else "no task given"
+        raise UnknownTaskError(f"{what}; valid tasks: {', '.join(valid)} (or 'all')")
+    return list(dict.fromkeys(names))
 
 
 class ScienceWorld:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from knowmap.errors import KnowMapError, SnapshotError
-from knowmap.schemas import CARDINALITY, Cardinality, Fact, Observation, Relation, Triple
+from knowmap.schemas import CARDINALITY, Cardinality, Fact, Observation, Relation, Trajectory, Triple
 
 SNAPSHOT_FORMAT = 1
 
@@ -233,3 +233,11 @@ class EnvironmentKB:
         except ValueError as e:
             raise SnapshotError(f"env KB snapshot {path} has a corrupt body: {e}") from e
         return cls.from_dict(data, extractor=extractor)
+
+
+def build_env_kb(trajectory: Trajectory, extractor: object | None = None) -> EnvironmentKB:
+    """A fresh env KB with every step of ``trajectory`` ingested, in order."""
+    kb = EnvironmentKB(trajectory.episode_id, extractor=extractor)
+    for record in trajectory.steps:
+        kb.ingest(record.as_observation())
+    return kb

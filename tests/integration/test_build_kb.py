@@ -41,14 +41,14 @@ def test_counts_and_progress(built) -> None:
 
 def test_env_kbs_and_trajectories_on_disk_hold_each_episode(built) -> None:
     config, summary, _ = built
-    assert sorted(list_env_kbs(summary.paths.env_kb)) == sorted(e.episode_id for e in summary.per_episode)
+    assert sorted(list_env_kbs(summary.env_kb_dir)) == sorted(e.episode_id for e in summary.per_episode)
     for episode in summary.per_episode:
-        with DurableEnvironmentKB(episode.episode_id, summary.paths.env_kb) as kb:
+        with DurableEnvironmentKB(episode.episode_id, summary.env_kb_dir) as kb:
             assert len(kb) == episode.facts and len(kb.current()) == episode.current_facts
             trajectory = Trajectory.model_validate_json(
                 (config.paths.trajectories / f"{episode.episode_id}.json").read_text())
             assert kb.last_step == trajectory.steps[-1].step == episode.steps
-    with DurableEnvironmentKB(summary.per_episode[0].episode_id, summary.paths.env_kb) as boil:
+    with DurableEnvironmentKB(summary.per_episode[0].episode_id, summary.env_kb_dir) as boil:
         assert any(f.subject == "agent" and f.object == "kitchen" for f in boil.current())
         assert len(boil.history("metal pot", "location")) >= 2
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.jobs.build import build_env_kb
+from knowmap.kb.environment_kb import build_env_kb
 from knowmap.schemas import Trajectory
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from ray.exceptions import RayActorError
 from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb, list_env_kbs, retire_env_kb
 from knowmap.config import KnowMapConfig
 from knowmap.errors import InvalidEnvIdError, KnowMapError
-from knowmap.jobs.build import build_env_kb
+from knowmap.kb.environment_kb import build_env_kb
 from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Trajectory
 

@@ -146,7 +146,8 @@ def test_public_constants_and_aliases_defined_once() -> None:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
                 if isinstance(node, ast.AnnAssign) else []
             for target in targets:
-                if isinstance(target, ast.Name) and target.id[0].isupper():
+                # Type variables (``T = TypeVar("T")``) are local to their module by nature.
+                if isinstance(target, ast.Name) and target.id[0].isupper() and len(target.id) > 1:
                     where[target.id].append(name)
     twice = {n: mods for n, mods in where.items() if len(mods) > 1}
     assert not twice, f"public constants defined in more than one module: {twice}"

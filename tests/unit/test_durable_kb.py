@@ -16,8 +16,8 @@ import pytest
 
 from knowmap.actors.env_kb import EnvKBActor
 from knowmap.errors import InvalidEnvIdError, KnowMapError, SnapshotError, WriteAheadLogError
-from knowmap.jobs.build import build_env_kb
 from knowmap.kb.durable_kb import DurableEnvironmentKB
+from knowmap.kb.environment_kb import build_env_kb
 from knowmap.kb.storage import list_env_kbs, validate_env_id
 from knowmap.schemas import Observation, Relation, Trajectory, Triple
 

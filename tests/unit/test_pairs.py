@@ -10,10 +10,10 @@ import pytest
 from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
 import knowmap.train.data as data
-from knowmap.environment.sciworld import episode_id
+from knowmap.environment.sciworld import check_split, check_tasks, episode_id
 from knowmap.errors import KnowMapError, SplitError, UnknownTaskError
 from knowmap.schemas import Subgoal
-from knowmap.train.data import Episode, check_split, check_tasks, collect_episodes, load_episodes
+from knowmap.train.data import Episode, collect_episodes, load_episodes
 from knowmap.train.pairs import KINDS, PairSet, build_pairs, eval_queries, subgoal_query
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.jobs.build import build_env_kb
+from knowmap.kb.environment_kb import build_env_kb
 from knowmap.kb.segmentation import SubgoalSegmenter, action_objects
 from knowmap.schemas import Relation, Trajectory
 

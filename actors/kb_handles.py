@@ -1,0 +1,115 @@
+"""The agent's KB interfaces (:mod:`knowmap.agent.knowledge`) over Ray actor handles.
+
+:class:`RayKnowledgeBases` is what the rollout pool hands each agent actor: picklable (it carries only the
+config), it opens handles inside the actor that uses it. Its env KB slot is an env-KB actor next to the agent,
+switched from episode to episode (an actor per episode would cost a worker process each); observations are sent
+without waiting (pipelined) and :meth:`RayEnvKBSlot.flush` waits for every acknowledgement. An env-KB actor that
+died (and may be out of restarts) is killed for good, and the next episode starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from knowmap.actors.env_kb import create_env_kb_slot
+from knowmap.actors.experience import get_experience_kb
+from knowmap.config import KnowMapConfig
+from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
+
+T = TypeVar("T")
+
+
+class RayEnvKBSlot:
+    """:class:`~knowmap.agent.knowledge.EnvKBSlot` over an env-KB actor owned by the calling agent actor."""
+
+    def __init__(self, config: KnowMapConfig) -> None:
+        self._config = config
+        self._handle: ray.actor.ActorHandle | None = None
+        self._pending: list[ray.ObjectRef] = []
+
+    def open(self, env_id: str) -> None:
+        self._pending = []
+        if self._handle is None:
+            self._handle = create_env_kb_slot(env_id, self._config)
+        self._call(lambda h: ray.get(h.switch.remote(env_id)))
+        self._call(lambda h: ray.get(h.reset.remote()))
+
+    def ingest(self, observation: Observation) -> None:
+        self._pending.append(self._call(lambda h: h.ingest.remote(observation.model_dump())))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._call(lambda h: ray.get(pending))
+
+    def facts(self, step: int | None = None) -> list[Fact]:
+        if self._handle is None:
+            return []
+        rows = self._call(lambda h: ray.get(h.current.remote() if step is None else h.as_of.remote(step)))
+        return [Fact.model_validate(row) for row in rows]
+
+    def segment(self, trajectory: Trajectory) -> list[Subgoal]:
+        rows = self._call(lambda h: ray.get(h.segment.remote(trajectory.model_dump())))
+        return [Subgoal.model_validate(row) for row in rows]
+
+    def close(self) -> dict[str, Any]:
+        return self._call(lambda h: ray.get(h.close.remote()))
+
+    def discard(self) -> None:
+        self._pending = []
+
+    def _call(self, fn: Callable[[ray.actor.ActorHandle], T]) -> T:
+        if self._handle is None:
+            raise RuntimeError("no env KB is open in this slot: call open(env_id) first")
+        try:
+            return fn(self._handle)
+        except RayActorError:
+            # The env-KB actor died (and may be out of restarts): end it; the next episode starts a fresh one.
+            with contextlib.suppress(Exception):
+                ray.kill(self._handle, no_restart=True)
+            self._handle, self._pending = None, []
+            raise
+
+
+class RayExperience:
+    """:class:`~knowmap.agent.knowledge.ExperienceAccess` over the shared experiential-KB actor."""
+
+    def __init__(self, handle: ray.actor.ActorHandle) -> None:
+        self.handle = handle
+
+    def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
+        return ray.get(self.handle.add_trajectory.remote(trajectory.model_dump(),
+                                                         [g.model_dump(mode="json") for g in subgoals]))
+
+    def ensure_index(self, embedder_path: str) -> str:
+        return ray.get(self.handle.ensure_index.remote(embedder_path))["version"]
+
+    def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
+        rows = ray.get(self.handle.search_vector.remote(np.asarray(vector).tolist(), k, task=task, version=version))
+        return [KnowledgeItem.model_validate(row) for row in rows]
+
+
+class RayKnowledgeBases:
+    """:class:`~knowmap.agent.knowledge.KnowledgeBases` on Ray: env KB slots as actors, the shared experiential-KB
+    actor of the config's store. Carries only the config across Ray; handles are opened where it is used."""
+
+    def __init__(self, config: KnowMapConfig) -> None:
+        self.config = config
+
+    def env_slot(self) -> RayEnvKBSlot:
+        return RayEnvKBSlot(self.config)
+
+    def experience(self) -> RayExperience:
+        return RayExperience(get_experience_kb(self.config))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self.config.model_dump(mode="json"),))
+
+
+def _rebuild(config: dict[str, Any]) -> RayKnowledgeBases:
+    return RayKnowledgeBases(KnowMapConfig.model_validate(config))
