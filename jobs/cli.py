@@ -296,11 +296,16 @@ def run_command(
     agent_variations: Annotated[int, typer.Option(min=1, help="Dev variations per task for agent rollouts.")] = 1,
     modes: Annotated[str, typer.Option(help="Knowledge modes of the agent rounds.")] = "none,kb-base,kb-finetuned",
     workers: Annotated[int | None, typer.Option(min=1, help="Agent actors; default one per core.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's, Serve's and the models' logs here "
+                                                            "instead of only in the log file.")] = False,
     config_file: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
     """The main job: expert KBs, retriever training and evaluation, the Serve API, LLM-agent rollouts that feed
     the KBs, one retrain cycle, and a report (Markdown + plots) in <data_dir>/report."""
+    import time
+
+    from knowmap.jobs.console import Console
     from knowmap.jobs.main_job import RunOptions, run_main_job
 
     sw: dict[str, Any] = {}
@@ -311,7 +316,11 @@ def run_command(
     config = _config(config_file, data_dir, sw)
     options = RunOptions(preset="quick" if quick else "full", agent_variations=agent_variations,
                          modes=[m.strip() for m in modes.split(",") if m.strip()], workers=workers)
-    report, _ = run_main_job(config, options, echo=typer.echo)
+    log_file = config.paths.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    if not verbose:
+        typer.echo(f"log     {log_file}  (Ray, Serve and model logs; --verbose shows them here)")
+    with Console(log_file, verbose=verbose) as console:
+        report, _ = run_main_job(config, options, console)
     if report.errors:
         typer.echo("the run had errors (listed in the report):\n  " + "\n  ".join(report.errors), err=True)
         raise typer.Exit(1)

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from knowmap.config import KnowMapConfig
+from knowmap.jobs.console import Console
 from knowmap.jobs.report import RunReport, summary_rows, write_report
 
 QUICK_TASKS = ["find-living-thing", "use-thermometer"]  # gold paths of 9-22 steps: the shortest topics
@@ -92,8 +93,11 @@ class _Stages:
 
 
 def run_main_job(config: KnowMapConfig, options: RunOptions,
-                 echo: Callable[[str], None] = print) -> tuple[RunReport, Path]:
+                 console: Console | None = None) -> tuple[RunReport, Path]:
     """Run every stage and write the report; returns it and the Markdown's path.
+
+    Args:
+        console: where stage lines, progress bars and the final table go (default: the terminal as it is).
 
     Raises:
         UnknownTaskError, VariationOutOfRangeError: before anything starts, for a bad task or variation.
@@ -127,13 +131,17 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     config = config.model_copy(update=update)
     report = RunReport(protocol=_protocol(config, options))
     service_key = ""
+    console = console or Console()
+    echo = console.echo
     stage = _Stages(report, echo)
     started = time.perf_counter()
     with ray_session(config):
         try:
             with stage("build") as go:
                 if go:
-                    summary = build_knowledge_bases(config, options.workers)
+                    bar = console.bar("build", unit="episode")
+                    summary = build_knowledge_bases(config, options.workers, on_episode=_advance(bar))
+                    bar.close()
                     report.build = summary.model_dump(mode="json", exclude={"per_episode"})
                     echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
                          f"{summary.subgoals} sub-goals")
@@ -141,7 +149,10 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                 if go:
                     from knowmap.jobs.training import train_retriever
 
-                    report.training = train_retriever(config)
+                    bar = console.bar("train", total=2 * config.training.epochs, unit="epoch")
+                    report.training = train_retriever(
+                        config, on_epoch=lambda model, m: (bar.set_postfix_str(model), bar.update(1)))
+                    bar.close()
             with stage("evaluate", needs=("train",)) as go:
                 if go:
                     from knowmap.jobs.training import evaluate_split
@@ -158,10 +169,10 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                     report.serve = {"url": info.url, "docs": info.docs_url, "embedder": info.embedder,
                                     "reranker": info.reranker or "(none)",
                                     "api key file": info.key_file or "(keys from config)",
-                                    **_probe_service(info, report.build or {}, tasks)}
+                                    **_probe_service(info, report.build or {}, tasks, console)}
             with stage("agents", needs=("train",)) as go:
                 if go:
-                    report.agents = _agent_rollouts(config, options, agent_variations)
+                    report.agents = _agent_rollouts(config, options, agent_variations, console)
             with stage("retrain", needs=("build",)) as go:
                 if go:
                     from knowmap.jobs.retrain import RetrainController
@@ -185,7 +196,17 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     return report, path
 
 
-def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]]) -> dict[str, Any]:
+def _advance(bar: Any) -> Callable[[Any, int, int], None]:
+    """A build progress callback that moves ``bar`` one episode on."""
+    def advance(episode: Any, number: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(f"{episode.task}/{episode.variation}")
+        bar.update(1)
+    return advance
+
+
+def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]],
+                    console: Console) -> dict[str, Any]:
     """LLM-agent rollouts on the dev variations after the gate's, one round per knowledge mode, through the pool;
     each episode feeds both KBs (the retrain stage then trains on them)."""
     from knowmap.agent.rollout import EpisodeSpec
@@ -194,8 +215,10 @@ def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict
 
     specs = [EpisodeSpec(task=task, variation=v, split="dev", policy=f"llm-{mode}")
              for mode in options.modes for task, vs in variations.items() for v in vs]
-    results = run_agent_episodes(config, specs, num_workers=options.workers,
-                                 llm_log=str(config.paths.llm_log))
+    bar = console.bar("agents", total=len(specs), unit="episode")
+    results = run_agent_episodes(config, specs, num_workers=options.workers, llm_log=str(config.paths.llm_log),
+                                 on_result=lambda r: (bar.set_postfix_str(r.spec.label()), bar.update(1)))
+    bar.close()
     summary = summarise(results, options.modes, {"split": "dev", "variations": variations})
     failed = [e for e in summary["episodes"] if not e["ok"]]
     if len(failed) == len(specs):
@@ -209,18 +232,22 @@ def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict
             "step_limit": config.scienceworld.step_limit}
 
 
-def _probe_service(info: Any, build: dict[str, Any], tasks: list[str], requests: int = 20) -> dict[str, Any]:
+def _probe_service(info: Any, build: dict[str, Any], tasks: list[str], console: Console,
+                   requests: int = 20) -> dict[str, Any]:
     """Real requests through the typed client: ``/v1/retrieve`` latency (p50, p99) on an expert episode's env KB."""
     from knowmap.serve.client import KnowMapClient
 
     env_ids = sorted(Path(build["env_kb_dir"]).iterdir()) if build.get("env_kb_dir") else []
     env_id = env_ids[0].name if env_ids else None
     timings = []
+    bar = console.bar("serve probe", total=requests, unit="request")
     with KnowMapClient(info.url, info.api_key) as client:
         for i in range(requests):
             started = time.perf_counter()
             items = client.retrieve(f"Your task is to {tasks[i % len(tasks)].replace('-', ' ')}", env_id=env_id).items
             timings.append(1000 * (time.perf_counter() - started))
+            bar.update(1)
+    bar.close()
     timings.sort()
     return {"retrieve p50 ms": round(timings[len(timings) // 2], 1),
             "retrieve p99 ms": round(timings[min(len(timings) - 1, int(0.99 * len(timings)))], 1),
