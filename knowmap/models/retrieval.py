@@ -110,8 +110,8 @@ class Retriever:
         if not facts:
             return []
         texts = [f.text() for f in facts]
-        matrix = self._fact_vectors(texts)  # (n_facts, dim)
-        scores = matrix @ self.encode([query])[0]  # (n_facts,)
+        matrix, query_vector = self._fact_vectors(texts, query)  # (n_facts, dim), (dim,)
+        scores = matrix @ query_vector  # (n_facts,)
         order = np.argsort(-scores, kind="stable")[:depth]
         return [
             KnowledgeItem(
@@ -124,16 +124,18 @@ class Retriever:
             for i in order
         ]
 
-    def _fact_vectors(self, texts: list[str]) -> np.ndarray:
+    def _fact_vectors(self, texts: list[str], query: str) -> tuple[np.ndarray, np.ndarray]:
+        """The facts' vectors (cached by text) and the query's, embedded together in one encoder call: every
+        call is a hop to the embedder in the service, so facts and query never pay for two."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        if missing:
-            for text, vector in zip(missing, np.asarray(self.encode(missing), dtype=np.float32), strict=True):
-                self._vectors[text] = vector
-            while len(self._vectors) > _FACT_CACHE:
-                self._vectors.popitem(last=False)
+        encoded = np.asarray(self.encode([*missing, query]), dtype=np.float32)  # (len(missing) + 1, dim)
+        for text, vector in zip(missing, encoded[:-1], strict=True):
+            self._vectors[text] = vector
+        while len(self._vectors) > _FACT_CACHE:
+            self._vectors.popitem(last=False)
         for text in texts:
             self._vectors.move_to_end(text)
-        return np.stack([self._vectors[t] for t in texts])
+        return np.stack([self._vectors[t] for t in texts]), encoded[-1]
 
     def _rerank(self, query: str, items: list[KnowledgeItem]) -> list[KnowledgeItem]:
         if not items:

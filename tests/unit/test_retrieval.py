@@ -78,3 +78,20 @@ def test_bad_requests_say_what_is_allowed(kwargs, message) -> None:
     query = kwargs.pop("query")
     with pytest.raises(KnowMapError, match=message):
         retriever.retrieve(query, **kwargs)
+
+
+def test_env_facts_and_query_are_embedded_in_one_call() -> None:
+    encoder = HashingEncoder()
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return encoder.encode(texts)
+
+    retriever = Retriever(encode, env_facts=lambda env_id, step: FACTS.get(env_id, []))
+    first = retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))
+    assert len(calls) == 1 and calls[0][-1] == "where is the pot" and len(calls[0]) == len(FACTS["env-a"]) + 1
+    retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))
+    assert calls[1] == ["where is the pot"]  # fact vectors come from the cache
+    assert [i.text for i in retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))] == \
+        [i.text for i in first]
