@@ -74,7 +74,8 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
         return valid
     unknown = [t for t in names if t not in valid]
     if unknown or not names:
-        what = f"unknown ScienceWorld task(s) {unknown}" if unknown else "no task given"
+        what = (f"unknown ScienceWorld task {unknown[0]!r}" if len(unknown) == 1 else
+                f"unknown ScienceWorld tasks {unknown}" if unknown else "no task given")
         raise UnknownTaskError(f"{what}; valid tasks: {', '.join(valid)} (or 'all')")
     return list(dict.fromkeys(names))
 

@@ -24,7 +24,7 @@ def built(tmp_path_factory):
     config = load_config(data_dir=tmp_path_factory.mktemp("data"),
                          scienceworld={"tasks": TASKS, "variations": 1, "split": "train"})
     seen = []
-    summary = build_knowledge_bases(config, on_episode=lambda e, n, total: seen.append((n, total)))
+    summary = build_knowledge_bases(config, 0, on_episode=lambda e, n, total: seen.append((n, total)))  # in-process
     return config, summary, seen
 
 
