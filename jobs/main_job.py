@@ -29,7 +29,10 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from knowmap.config import KnowMapConfig
+from knowmap.jobs.build import BuildSummary
 from knowmap.jobs.report import RunReport, summary_rows, write_report
+from knowmap.results import AgentRounds
+from knowmap.schemas import RetrainDecision
 
 QUICK_TASKS = ["find-living-thing", "use-thermometer"]  # gold paths of 9-22 steps: the shortest topics
 
@@ -136,7 +139,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
         with stage("build") as go:
             if go:
                 summary = build_with_pool(config, options.workers)
-                report.build = summary.model_dump(mode="json", exclude={"per_episode"})
+                report.build = summary
                 echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
                      f"{summary.subgoals} sub-goals")
         with stage("train", needs=("build",)) as go:
@@ -160,7 +163,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                 report.serve = {"url": info.url, "docs": info.docs_url, "embedder": info.embedder,
                                 "reranker": info.reranker or "(none)",
                                 "api key file": info.key_file or "(keys from config)",
-                                **_probe_service(info, report.build or {}, tasks)}
+                                **_probe_service(info, report.build, tasks)}
         with stage("agents", needs=("train",)) as go:
             if go:
                 report.agents = _agent_rollouts(config, options, agent_variations)
@@ -168,7 +171,8 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
             if go:
                 from knowmap.jobs.retrain import RetrainController
 
-                report.retrain = RetrainController(config).retrain(trigger="knowmap run")
+                decision = RetrainController(config).retrain(trigger="knowmap run")  # JSON data: also an actor call
+                report.retrain = RetrainDecision.model_validate(decision)
         if report.serve and report.retrain:
             with contextlib.suppress(Exception):  # the service may have failed meanwhile; the report says so
                 report.serve["models after retrain"] = _served_models(report.serve["url"], service_key)
@@ -188,7 +192,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     return report, path
 
 
-def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]]) -> dict[str, Any]:
+def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]]) -> AgentRounds:
     """LLM-agent rollouts on the dev variations after the gate's, one round per knowledge mode, through the pool;
     each episode feeds both KBs (the retrain stage then trains on them)."""
     from knowmap.agent.rollout import EpisodeSpec
@@ -199,24 +203,19 @@ def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict
              for mode in options.modes for task, vs in variations.items() for v in vs]
     results = run_agent_episodes(config, specs, num_workers=options.workers,
                                  llm_log=str(config.paths.llm_log))
-    summary = summarise(results, options.modes, {"split": "dev", "variations": variations})
-    failed = [e for e in summary["episodes"] if not e["ok"]]
+    summary = summarise(results, options.modes)
+    failed = summary.failed_episodes()
     if len(failed) == len(specs):
-        raise RuntimeError(f"every agent episode failed, e.g. {failed[0]['error']}")
+        raise RuntimeError(f"every agent episode failed, e.g. {failed[0].error}")
     # mean_score None: every episode of that mode failed (reported as "-", never as a score of 0).
-    modes = {mode: {"mean_score": block["mean"], "per_task": block["per_task"],
-                    "episodes": block["episodes"], "failed": block["failed"], "steps": block["steps"],
-                    "tokens": block["tokens"]["prompt"] + block["tokens"]["completion"]}
-             for mode, block in summary["modes"].items()}
-    return {"modes": modes, "episodes": summary["episodes"], "variations": variations,
-            "step_limit": config.scienceworld.step_limit}
+    return AgentRounds.from_evaluation(summary, variations, config.scienceworld.step_limit)
 
 
-def _probe_service(info: Any, build: dict[str, Any], tasks: list[str], requests: int = 20) -> dict[str, Any]:
+def _probe_service(info: Any, build: BuildSummary | None, tasks: list[str], requests: int = 20) -> dict[str, Any]:
     """Real requests through the typed client: ``/v1/retrieve`` latency (p50, p99) on an expert episode's env KB."""
     from knowmap.serve.client import KnowMapClient
 
-    env_ids = sorted(Path(build["env_kb_dir"]).iterdir()) if build.get("env_kb_dir") else []
+    env_ids = sorted(Path(build.env_kb_dir).iterdir()) if build and build.env_kb_dir else []
     env_id = env_ids[0].name if env_ids else None
     timings = []
     with KnowMapClient(info.url, info.api_key) as client:
@@ -245,15 +244,15 @@ def _throughput(report: RunReport) -> dict[str, float]:
     """Rates computed from what the stages measured (never from a constant)."""
     rates: dict[str, float] = {}
     if report.build and report.stages.get("build"):
-        rates["expert replay steps/s (pool, incl. KB writes)"] = report.build["steps"] / report.stages["build"]
+        rates["expert replay steps/s (pool, incl. KB writes)"] = report.build.steps / report.stages["build"]
     if report.training and report.stages.get("train"):
-        pairs = sum(report.training.get("pairs", {}).values())
-        epochs = report.training.get("embedder", {}).get("epochs_run", 1) or 1
+        pairs = sum(report.training.pairs.values())
+        epochs = report.training.embedder.epochs_run or 1
         rates["training pairs/s (embedder + reranker stage)"] = pairs * epochs / report.stages["train"]
     if report.serve and "retrieve p50 ms" in report.serve:
         rates["/v1/retrieve requests/s (1 client, HTTP)"] = 1000 / report.serve["retrieve p50 ms"]
     if report.agents and report.stages.get("agents"):
-        steps = sum(m.get("steps", 0) for m in report.agents.get("modes", {}).values())
+        steps = sum(m.steps for m in report.agents.modes.values())
         rates["agent steps/s (LLM + env + retrieval)"] = steps / report.stages["agents"]
     return rates
 
