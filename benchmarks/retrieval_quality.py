@@ -46,20 +46,19 @@ def main() -> None:
     report = train_retriever(config, tasks=tasks, variations=args.train_variations,
                              on_epoch=lambda m, e: print(f"  {m} epoch {e.get('epoch')}: loss {e.get('loss'):.4f}"))
     trained = time.perf_counter() - started
-    print(f"trained on {report['episodes']} train episodes, pairs {report['pairs']} in {trained:.0f} s")
+    print(f"trained on {report.episodes} train episodes, pairs {report.pairs} in {trained:.0f} s")
     results = evaluate_split(config, split="dev", tasks=tasks + unseen, variations=args.variations,
                              out=data_dir / "eval_dev.json")
     print(retrieval_table(results))
 
     rows, met = {}, True
-    for kind, block in results["kinds"].items():
-        systems = block["systems"]
-        base, tuned, bm25 = (systems[s]["all"]["ndcg@10"] for s in ("base", "finetuned", "bm25"))
-        unseen_tuned = (systems["finetuned"].get("unseen") or {}).get("ndcg@10")
-        unseen_base = (systems["base"].get("unseen") or {}).get("ndcg@10")
+    for kind, block in results.kinds.items():
+        base, tuned, bm25 = (results.ndcg(kind, s) for s in ("base", "finetuned", "bm25"))
+        unseen_tuned = results.ndcg(kind, "finetuned", subset="unseen")
+        unseen_base = results.ndcg(kind, "base", subset="unseen")
         rows[kind] = {"bm25": bm25, "base": base, "finetuned": tuned, "ratio_vs_base": tuned / base if base else None,
                       "beats_bm25": tuned > bm25, "unseen_base": unseen_base, "unseen_finetuned": unseen_tuned,
-                      "reranked": {s: systems[s]["all"]["ndcg@10"] for s in systems if s.endswith("+rerank")}}
+                      "reranked": {s: results.ndcg(kind, s) for s in block.systems if s.endswith("+rerank")}}
         met = met and bool(base) and tuned / base >= GOAL and tuned > bm25
     print()
     print(f"{'kind':<11} {'BM25':>7} {'base':>7} {'tuned':>7} {'ratio':>6}  {'unseen base':>11} {'unseen tuned':>12}")
@@ -72,9 +71,10 @@ def main() -> None:
     worst = min(row["ratio_vs_base"] or 0.0 for row in rows.values())
     result = {"metric": "ndcg@10_finetuned_over_base_min_over_kinds", "value": worst, "goal": GOAL,
               "details": {"per_kind": rows, "goal_met": met, "train_seconds": trained,
-                          "pairs": report["pairs"], "protocol": {**results["protocol"], "epochs": args.epochs,
-                                                                 "train_variations": args.train_variations,
-                                                                 "train_split": "train", "eval_split": "dev"}}}
+                          "pairs": report.pairs,
+                          "protocol": {**results.protocol.model_dump(mode="json"), "epochs": args.epochs,
+                                       "train_variations": args.train_variations, "train_split": "train",
+                                       "eval_split": "dev"}}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -107,12 +107,11 @@ def train(
 
     report = train_retriever(config, tasks=_split_tasks(tasks), variations=variations, reranker=reranker,
                              on_epoch=progress)
-    typer.echo(f"episodes   {report['episodes']} (train split; tasks: {', '.join(report['train_tasks'])})")
-    typer.echo("pairs      " + ", ".join(f"{k} {v}" for k, v in report["pairs"].items()))
-    for model in ("embedder", "reranker"):
-        if model in report:
-            last = report[model]["history"][-1] if report[model]["history"] else {}
-            typer.echo(f"{model:<10} {report[model]['model_dir']}  (final loss {last.get('loss', float('nan')):.4f})")
+    typer.echo(f"episodes   {report.episodes} (train split; tasks: {', '.join(report.train_tasks)})")
+    typer.echo("pairs      " + ", ".join(f"{k} {v}" for k, v in report.pairs.items()))
+    for role, model in report.models().items():
+        loss = model.final_loss
+        typer.echo(f"{role:<10} {model.model_dir}  (final loss {float('nan') if loss is None else loss:.4f})")
     typer.echo(f"curves     {config.paths.training}/loss_*.png")
 
 
@@ -138,11 +137,11 @@ def eval_retrieval(
     results = evaluate_split(config, split=split, tasks=_split_tasks(tasks) or config.scienceworld.tasks,
                              variations=variations, out=out, embedder=embedder, reranker=reranker,
                              kinds=[k for k in kinds.split(",") if k.strip()])
-    protocol = results["protocol"]
+    protocol = results.protocol
     typer.echo(retrieval_table(results))
-    typer.echo(f"split {split}; tasks {', '.join(protocol['tasks'])}; {len(protocol['episodes'])} episodes")
-    if protocol["unseen_tasks"]:
-        typer.echo(f"unseen tasks (never in training data): {', '.join(protocol['unseen_tasks'])}; their numbers "
+    typer.echo(f"split {split}; tasks {', '.join(protocol.tasks)}; {len(protocol.episodes)} episodes")
+    if protocol.unseen_tasks:
+        typer.echo(f"unseen tasks (never in training data): {', '.join(protocol.unseen_tasks)}; their numbers "
                    f"are under 'unseen' in {out}")
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -29,8 +29,11 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from knowmap.config import KnowMapConfig
+from knowmap.jobs.build import BuildSummary
 from knowmap.jobs.console import Console
 from knowmap.jobs.report import RunReport, summary_rows, write_report
+from knowmap.results import AgentRounds
+from knowmap.schemas import RetrainDecision
 
 QUICK_TASKS = ["find-living-thing", "use-thermometer"]  # gold paths of 9-22 steps: the shortest topics
 
@@ -142,7 +145,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                     bar = console.bar("build", unit="episode")
                     summary = build_knowledge_bases(config, options.workers, on_episode=_advance(bar))
                     bar.close()
-                    report.build = summary.model_dump(mode="json", exclude={"per_episode"})
+                    report.build = summary
                     echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
                          f"{summary.subgoals} sub-goals")
             with stage("train", needs=("build",)) as go:
@@ -169,7 +172,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                     report.serve = {"url": info.url, "docs": info.docs_url, "embedder": info.embedder,
                                     "reranker": info.reranker or "(none)",
                                     "api key file": info.key_file or "(keys from config)",
-                                    **_probe_service(info, report.build or {}, tasks, console)}
+                                    **_probe_service(info, report.build, tasks, console)}
             with stage("agents", needs=("train",)) as go:
                 if go:
                     report.agents = _agent_rollouts(config, options, agent_variations, console)
@@ -177,7 +180,8 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
                 if go:
                     from knowmap.jobs.retrain import RetrainController
 
-                    report.retrain = RetrainController(config).retrain(trigger="knowmap run")
+                    decision = RetrainController(config).retrain(trigger="knowmap run")  # JSON: also an actor call
+                    report.retrain = RetrainDecision.model_validate(decision)
             if report.serve and report.retrain:
                 with contextlib.suppress(Exception):  # the service may have failed meanwhile; the report says so
                     report.serve["models after retrain"] = _served_models(report.serve["url"], service_key)
@@ -206,7 +210,7 @@ def _advance(bar: Any) -> Callable[[Any, int, int], None]:
 
 
 def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]],
-                    console: Console) -> dict[str, Any]:
+                    console: Console) -> AgentRounds:
     """LLM-agent rollouts on the dev variations after the gate's, one round per knowledge mode, through the pool;
     each episode feeds both KBs (the retrain stage then trains on them)."""
     from knowmap.agent.rollout import EpisodeSpec
@@ -219,25 +223,20 @@ def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict
     results = run_agent_episodes(config, specs, num_workers=options.workers, llm_log=str(config.paths.llm_log),
                                  on_result=lambda r: (bar.set_postfix_str(r.spec.label()), bar.update(1)))
     bar.close()
-    summary = summarise(results, options.modes, {"split": "dev", "variations": variations})
-    failed = [e for e in summary["episodes"] if not e["ok"]]
+    summary = summarise(results, options.modes)
+    failed = summary.failed_episodes()
     if len(failed) == len(specs):
-        raise RuntimeError(f"every agent episode failed, e.g. {failed[0]['error']}")
+        raise RuntimeError(f"every agent episode failed, e.g. {failed[0].error}")
     # mean_score None: every episode of that mode failed (reported as "-", never as a score of 0).
-    modes = {mode: {"mean_score": block["mean"], "per_task": block["per_task"],
-                    "episodes": block["episodes"], "failed": block["failed"], "steps": block["steps"],
-                    "tokens": block["tokens"]["prompt"] + block["tokens"]["completion"]}
-             for mode, block in summary["modes"].items()}
-    return {"modes": modes, "episodes": summary["episodes"], "variations": variations,
-            "step_limit": config.scienceworld.step_limit}
+    return AgentRounds.from_evaluation(summary, variations, config.scienceworld.step_limit)
 
 
-def _probe_service(info: Any, build: dict[str, Any], tasks: list[str], console: Console,
+def _probe_service(info: Any, build: BuildSummary | None, tasks: list[str], console: Console,
                    requests: int = 20) -> dict[str, Any]:
     """Real requests through the typed client: ``/v1/retrieve`` latency (p50, p99) on an expert episode's env KB."""
     from knowmap.serve.client import KnowMapClient
 
-    env_ids = sorted(Path(build["env_kb_dir"]).iterdir()) if build.get("env_kb_dir") else []
+    env_ids = sorted(Path(build.env_kb_dir).iterdir()) if build and build.env_kb_dir else []
     env_id = env_ids[0].name if env_ids else None
     timings = []
     bar = console.bar("serve probe", total=requests, unit="request")
@@ -269,15 +268,15 @@ def _throughput(report: RunReport) -> dict[str, float]:
     """Rates computed from what the stages measured (never from a constant)."""
     rates: dict[str, float] = {}
     if report.build and report.stages.get("build"):
-        rates["expert replay steps/s (pool, incl. KB writes)"] = report.build["steps"] / report.stages["build"]
+        rates["expert replay steps/s (pool, incl. KB writes)"] = report.build.steps / report.stages["build"]
     if report.training and report.stages.get("train"):
-        pairs = sum(report.training.get("pairs", {}).values())
-        epochs = report.training.get("embedder", {}).get("epochs_run", 1) or 1
+        pairs = sum(report.training.pairs.values())
+        epochs = report.training.embedder.epochs_run or 1
         rates["training pairs/s (embedder + reranker stage)"] = pairs * epochs / report.stages["train"]
     if report.serve and "retrieve p50 ms" in report.serve:
         rates["/v1/retrieve requests/s (1 client, HTTP)"] = 1000 / report.serve["retrieve p50 ms"]
     if report.agents and report.stages.get("agents"):
-        steps = sum(m.get("steps", 0) for m in report.agents.get("modes", {}).values())
+        steps = sum(m.steps for m in report.agents.modes.values())
         rates["agent steps/s (LLM + env + retrieval)"] = steps / report.stages["agents"]
     return rates
 

@@ -12,29 +12,44 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, FieldSerializationInfo, field_serializer
+
+from knowmap.jobs.build import BuildSummary
+from knowmap.results import AgentRounds, RetrievalEvaluation, TrainingReport
+from knowmap.schemas import RetrainDecision
 
 SECTIONS = ("build", "training", "retrieval", "agents", "retrain", "throughput")
 RETRIEVAL_METRICS = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
 
 
 class RunReport(BaseModel):
-    """What one ``knowmap run`` measured, section by section (each a JSON-able dict, None until it ran)."""
+    """What one ``knowmap run`` measured, section by section (each None until its stage ran).
+
+    The sections are the stages' own results; ``report.json`` is this model's ``model_dump(mode="json")``, with the
+    build summary's counts but not its per-episode list. ``throughput`` (label -> rate) and ``serve`` (label ->
+    value) are flat tables whose keys are the labels the report prints.
+    """
 
     protocol: dict[str, Any] = Field(default_factory=dict)
     stages: dict[str, float] = Field(default_factory=dict, description="seconds per stage, in order")
-    build: dict[str, Any] | None = None
-    training: dict[str, Any] | None = None
-    retrieval: dict[str, Any] | None = None
-    agents: dict[str, Any] | None = None
-    retrain: dict[str, Any] | None = None
+    build: BuildSummary | None = None
+    training: TrainingReport | None = None
+    retrieval: RetrievalEvaluation | None = None
+    agents: AgentRounds | None = None
+    retrain: RetrainDecision | None = None
     throughput: dict[str, float] | None = None
     serve: dict[str, Any] | None = None
     errors: list[str] = Field(default_factory=list)
 
     @property
     def missing(self) -> list[str]:
+        """The sections whose stage did not finish, in stage order."""
         return [name for name in SECTIONS if getattr(self, name) is None]
+
+    @field_serializer("build")
+    def _build_counts(self, build: BuildSummary | None, info: FieldSerializationInfo) -> dict[str, Any] | None:
+        # The counts and where the KBs are; every episode is in build_summary.json already.
+        return None if build is None else build.model_dump(mode=info.mode, exclude={"per_episode"})
 
 
 def write_report(report: RunReport, folder: str | Path) -> Path:
@@ -56,9 +71,8 @@ def render_markdown(report: RunReport, plots: dict[str, str] | None = None) -> s
     out += ["## Protocol", "", *_table(["setting", "value"], [(k, _fmt(v)) for k, v in report.protocol.items()]), ""]
     out += ["## Stages", "", *_table(["stage", "seconds"], [(k, f"{v:.1f}") for k, v in report.stages.items()]), ""]
     out += _section("Knowledge bases (expert trajectories, train split)", report.build, plots.get("build"),
-                    lambda b: _table(["", "count"], [(k, _fmt(b[k])) for k in
-                                                     ("episodes", "steps", "facts", "subgoals", "experience_rows")
-                                                     if k in b]))
+                    lambda b: _table(["", "count"], [(k, _fmt(getattr(b, k))) for k in
+                                                     ("episodes", "steps", "facts", "subgoals", "experience_rows")]))
     out += _section("Retriever training", report.training, plots.get("training"), _training_rows)
     out += _section("Retrieval quality (held-out dev episodes)", report.retrieval, plots.get("retrieval"),
                     _retrieval_rows)
@@ -77,20 +91,20 @@ def summary_rows(report: RunReport) -> list[tuple[str, str]]:
     """The headline numbers (also printed by ``knowmap run`` at the end)."""
     rows: list[tuple[str, str]] = []
     if report.build:
-        rows.append(("expert episodes / steps", f"{report.build.get('episodes')} / {report.build.get('steps')}"))
+        rows.append(("expert episodes / steps", f"{report.build.episodes} / {report.build.steps}"))
     if report.retrieval:
-        for kind, block in report.retrieval.get("kinds", {}).items():
-            if not block.get("queries"):
+        evaluation = report.retrieval
+        for kind, block in evaluation.kinds.items():
+            if not block.queries:
                 rows.append((f"nDCG@10 {kind}", "no held-out queries (add dev variations)"))
                 continue
-            systems = block["systems"]
-            ndcg = {s: systems[s]["all"]["ndcg@10"] for s in ("bm25", "base", "finetuned") if s in systems}
-            rows.append((f"nDCG@10 {kind} (bm25 / base / fine-tuned)", " / ".join(f"{v:.3f}" for v in ndcg.values())))
+            ndcg = [evaluation.ndcg(kind, s) for s in ("bm25", "base", "finetuned") if s in block.systems]
+            rows.append((f"nDCG@10 {kind} (bm25 / base / fine-tuned)", " / ".join(f"{v:.3f}" for v in ndcg)))
     if report.agents:
-        for mode, block in report.agents.get("modes", {}).items():
-            rows.append((f"agent mean score, {mode}", _score(block["mean_score"])))
+        for mode, round_ in report.agents.modes.items():
+            rows.append((f"agent mean score, {mode}", _score(round_.mean_score)))
     if report.retrain:
-        rows.append(("retrain decision", "promoted" if report.retrain.get("promoted") else "kept serving model"))
+        rows.append(("retrain decision", "promoted" if report.retrain.promoted else "kept serving model"))
     rows.append(("total seconds", f"{sum(report.stages.values()):.0f}"))
     if report.missing:
         rows.append(("missing sections", ", ".join(report.missing)))
@@ -107,44 +121,47 @@ def _section(title: str, data: Any, plot: str | None, body) -> list[str]:  # noq
     return lines + [""]
 
 
-def _training_rows(t: dict[str, Any]) -> list[str]:
-    rows = [(f"pairs ({kind})", str(n)) for kind, n in t.get("pairs", {}).items()]
-    history = t.get("embedder", {}).get("history", [])
+def _training_rows(t: TrainingReport) -> list[str]:
+    rows = [(f"pairs ({kind})", str(n)) for kind, n in t.pairs.items()]
+    history = t.embedder.history
     if history:
         rows.append(("embedder loss, first → last epoch", f"{history[0]['loss']:.4f} → {history[-1]['loss']:.4f}"))
-    rows.append(("embedder", t.get("embedder", {}).get("model_dir", "")))
-    if t.get("reranker"):
-        rows.append(("reranker", t["reranker"].get("model_dir", "")))
+    rows.append(("embedder", t.embedder.model_dir))
+    if t.reranker is not None:
+        rows.append(("reranker", t.reranker.model_dir))
     return _table(["", ""], rows)
 
 
-def _retrieval_rows(r: dict[str, Any]) -> list[str]:
+def _retrieval_rows(r: RetrievalEvaluation) -> list[str]:
     rows = []
-    for kind, block in r.get("kinds", {}).items():
-        if not block.get("queries"):
+    for kind, block in r.kinds.items():
+        if not block.queries:
             rows.append((kind, "no held-out queries", *([""] * len(RETRIEVAL_METRICS))))
             continue
-        for system, metrics in block["systems"].items():
-            rows.append((kind, system, *(f"{metrics['all'].get(m, float('nan')):.3f}" for m in RETRIEVAL_METRICS)))
-    unseen = r.get("protocol", {}).get("unseen_tasks") or []
+        for system, metrics in block.systems.items():
+            rows.append((kind, system, *(f"{_or_nan(metrics.metric(m)):.3f}" for m in RETRIEVAL_METRICS)))
+    unseen = r.protocol.unseen_tasks
     note = [f"Tasks never seen in training: {', '.join(unseen)}."] if unseen else []
     return [*_table(["kb", "system", *RETRIEVAL_METRICS], rows), "", *note]
 
 
-def _agent_rows(a: dict[str, Any]) -> list[str]:
-    modes = a.get("modes", {})
-    tasks = sorted({t for block in modes.values() for t in block.get("per_task", {})})
-    rows = [(mode, *(_score(block.get("per_task", {}).get(t)) for t in tasks),
-             _score(block["mean_score"]), str(block.get("episodes", "")), str(block.get("tokens", "")))
-            for mode, block in modes.items()]
+def _agent_rows(a: AgentRounds) -> list[str]:
+    tasks = sorted({t for round_ in a.modes.values() for t in round_.per_task})
+    rows = [(mode, *(_score(round_.per_task.get(t)) for t in tasks),
+             _score(round_.mean_score), str(round_.episodes), str(round_.tokens))
+            for mode, round_ in a.modes.items()]
     return _table(["mode", *tasks, "mean", "episodes", "tokens"], rows)
 
 
-def _retrain_rows(d: dict[str, Any]) -> list[str]:
-    rows = [("trigger", d.get("trigger", "")), ("training episodes", str(d.get("train_episodes", ""))),
-            ("candidate nDCG@10", _fmt(d.get("candidate_ndcg"))), ("serving nDCG@10", _fmt(d.get("serving_ndcg"))),
-            ("decision", d.get("reason", "")), ("seconds", _fmt(d.get("seconds")))]
+def _retrain_rows(d: RetrainDecision) -> list[str]:
+    rows = [("trigger", d.trigger), ("training episodes", str(d.train_episodes)),
+            ("candidate nDCG@10", _fmt(d.candidate_ndcg)), ("serving nDCG@10", _fmt(d.serving_ndcg)),
+            ("decision", d.reason), ("seconds", _fmt(d.seconds))]
     return _table(["", ""], rows)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _score(value: float | None) -> str:
@@ -173,7 +190,7 @@ def _plots(report: RunReport, folder: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
     plots: dict[str, str] = {}
-    history = (report.training or {}).get("embedder", {}).get("history")
+    history = report.training.embedder.history if report.training else []
     if history:
         from knowmap.train.embedder_trainer import plot_loss
 
@@ -184,10 +201,10 @@ def _plots(report: RunReport, folder: Path) -> dict[str, str]:
 
         plot_metrics(report.retrieval, folder / "retrieval.png")
         plots["retrieval"] = "retrieval.png"
-    if report.agents and report.agents.get("modes"):
-        modes = report.agents["modes"]
+    if report.agents and report.agents.modes:
+        modes = report.agents.modes
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(list(modes), [m["mean_score"] or 0.0 for m in modes.values()], color="#4c72b0")
+        ax.bar(list(modes), [m.mean_score or 0.0 for m in modes.values()], color="#4c72b0")
         ax.set_ylabel("mean score (0-100)")
         ax.set_title("agent score per knowledge mode")
         fig.tight_layout()

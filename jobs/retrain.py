@@ -227,9 +227,9 @@ class RetrainController:
                                  record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}",
                                  splits=("train", "dev"))  # dev: agent rollouts, never the gate's variations
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
-        return ServingModels(embedder=report["embedder"]["model_dir"],
-                             reranker=report.get("reranker", {}).get("model_dir", "") or self.state.serving.reranker,
-                             train_tasks=report["train_tasks"])
+        return ServingModels(embedder=report.embedder.model_dir,
+                             reranker=report.reranker_dir or self.state.serving.reranker,
+                             train_tasks=report.train_tasks)
 
     def _evaluate(self, gate: Sequence[Any], models: dict[str, str]) -> dict[str, dict[str, float]]:
         from knowmap.models.embedder import Embedder, default_embedder_path
@@ -240,8 +240,7 @@ class RetrainController:
         systems = {name: Embedder(path, device=device) for name, path in models.items()}
         results = evaluate_retrieval(gate, embedders=systems, kinds=self.config.retrain.kinds,
                                      relevance_embedder=judge, theta=self.config.training.theta)
-        return {name: {kind: float(block["systems"][name]["all"]["ndcg@10"])
-                       for kind, block in results["kinds"].items()} for name in models}
+        return {name: results.ndcg_by_kind(name) for name in models}
 
     def _promote(self, candidate: ServingModels) -> None:
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
+from knowmap.models import registry
 from knowmap.models.embedder import Embedder, default_embedder_path
-from knowmap.models.registry import read_latest
+from knowmap.results import RetrievalEvaluation, TrainedModel, TrainingReport
 from knowmap.train.data import Episode, collect_episodes, load_episodes
 
 
@@ -42,7 +43,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
                     out_name: str = "training", tag: str = "", splits: Sequence[str] = ("train",),
-                    ) -> dict[str, Any]:
+                    ) -> TrainingReport:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
     Args:
@@ -56,7 +57,8 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
             data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
 
     Returns:
-        the report written to ``<data_dir>/<out_name>/report.json``: pair counts, model dirs, loss histories.
+        the :class:`~knowmap.results.TrainingReport` written to ``<data_dir>/<out_name>/report.json``: pair counts,
+        model dirs, loss histories.
 
     Raises:
         KnowMapError: no train-split episodes, or no pairs could be built from them.
@@ -82,34 +84,40 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     models = config.paths.models
     suffix = pairset.data_hash[:12] + (f"-{tag}" if tag else "")
     with ray_session(config):
-        report: dict[str, Any] = {"episodes": len(episodes), "train_tasks": sorted({e.task for e in episodes}),
-                                  "pairs": pairset.counts, "data_hash": pairset.data_hash}
         emb = train_embedder(pairs, base_model=str(base_path),
                              output_dir=str(models / f"embedder-{suffix}"), config=config.training,
                              on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
         plot_loss(emb.history, out / "loss_embedder.png")
-        report["embedder"] = {"model_dir": emb.model_dir, "history": emb.history, "epochs_run": emb.epochs_run}
+        trained_reranker = None
         if reranker:
             rer = train_reranker(pairs, base_model=str(config.models.reranker or base_path),
                                  output_dir=str(models / f"reranker-{suffix}"), config=config.training,
                                  on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
             plot_loss(rer.history, out / "loss_reranker.png")
-            report["reranker"] = {"model_dir": rer.model_dir, "history": rer.history, "epochs_run": rer.epochs_run}
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+            trained_reranker = TrainedModel(model_dir=rer.model_dir, history=rer.history, epochs_run=rer.epochs_run)
+    report = TrainingReport(
+        episodes=len(episodes), train_tasks=sorted({e.task for e in episodes}), pairs=pairset.counts,
+        data_hash=pairset.data_hash,
+        embedder=TrainedModel(model_dir=emb.model_dir, history=emb.history, epochs_run=emb.epochs_run),
+        reranker=trained_reranker,
+    )
+    (out / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2))
     if record_latest:
-        record_latest(config.paths, report["embedder"]["model_dir"], report.get("reranker", {}).get("model_dir", ""),
-                             report["train_tasks"])
+        registry.record_latest(config.paths, report.embedder.model_dir, report.reranker_dir, report.train_tasks)
     return report
 
 
 def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
                    out: Path, embedder: str = "", reranker: str = "",
-                   kinds: Sequence[str] = ("env", "experience")) -> dict[str, Any]:
+                   kinds: Sequence[str] = ("env", "experience")) -> RetrievalEvaluation:
     """Evaluate retrieval on ``split`` (dev or test) for BM25, base, fine-tuned, each with and without reranker.
 
     Args:
         embedder, reranker: model dirs; empty = the newest from ``knowmap train`` (``models/latest.json``), if any.
         out: the JSON to write; a bar chart is written beside it (``.png``).
+
+    Returns:
+        the evaluation, with the evaluated model dirs and ``variations`` recorded in its protocol.
 
     Raises:
         KnowMapError: ``split`` is train (evaluation is on held-out data).
@@ -119,7 +127,7 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
 
     if split == "train":
         raise KnowMapError("evaluate on held-out data: --split dev (model selection) or test (reporting), not train")
-    latest = read_latest(config.paths)
+    latest = registry.read_latest(config.paths)
     embedder = embedder or latest.embedder
     reranker = reranker or latest.reranker
     sw = config.scienceworld
@@ -131,19 +139,20 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
     results = evaluate_retrieval(episodes, embedders=systems, reranker=Reranker(reranker) if reranker else None,
                                  kinds=kinds, train_tasks=latest.train_tasks,
                                  theta=config.training.theta)
-    results["protocol"].update(embedder=embedder or None, reranker=reranker or None, variations=variations)
+    results.protocol.record_models(embedder=embedder or None, reranker=reranker or None, variations=variations)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
     plot_metrics(results, out.with_suffix(".png"))
     return results
 
 
-def retrieval_table(results: dict[str, Any], metrics: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr",
-                                                                      "ndcg@10")) -> str:
+def retrieval_table(results: RetrievalEvaluation, metrics: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr",
+                                                                           "ndcg@10")) -> str:
     """A plain-text table: one row per (kind, system), one column per metric (over all queries)."""
     lines = [f"{'kind':<11} {'system':<18}" + "".join(f"{m:>10}" for m in metrics)]
-    for kind, block in results["kinds"].items():
-        for system, report in block["systems"].items():
-            row = report["all"]
-            lines.append(f"{kind:<11} {system:<18}" + "".join(f"{row.get(m, float('nan')):>10.3f}" for m in metrics))
+    for kind, block in results.kinds.items():
+        for system, report in block.systems.items():
+            values = [report.metric(m) for m in metrics]
+            lines.append(f"{kind:<11} {system:<18}" + "".join(f"{float('nan') if v is None else v:>10.3f}"
+                                                              for v in values))
     return "\n".join(lines)

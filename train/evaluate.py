@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from knowmap.results import SUBSETS, KindEvaluation, RetrievalEvaluation, RetrievalProtocol, SystemMetrics
 from knowmap.train.data import Episode
 from knowmap.train.metrics import DEFAULT_KS, BM25Retriever, evaluate_rankings
 from knowmap.train.pairs import DEFAULT_THETA, Encoder, EvalQuery, eval_queries
@@ -38,7 +39,7 @@ def evaluate_retrieval(
     theta: float = DEFAULT_THETA,
     rerank_top: int = 20,
     ks: Sequence[int] = DEFAULT_KS,
-) -> dict[str, Any]:
+) -> RetrievalEvaluation:
     """Recall@k, MRR and nDCG@10 of every retrieval system on ``episodes`` (a dev or test split).
 
     Args:
@@ -52,8 +53,9 @@ def evaluate_retrieval(
         rerank_top: how many first-stage results the reranker re-orders.
 
     Returns:
-        ``{"protocol": {...}, "kinds": {kind: {"queries": n, "systems": {system: {"all": metrics,
-        "seen": metrics | None, "unseen": metrics | None, "per_task": {task: metrics}}}}}}``.
+        a :class:`~knowmap.results.RetrievalEvaluation`: the protocol and, per kind, the query count and every
+        system's metrics over all queries, the seen and the unseen tasks' queries (None where there are none) and
+        per task.
 
     Raises:
         ValueError: no embedder while experience relevance needs one, ``rerank_top`` below 1, or an unknown kind.
@@ -63,16 +65,13 @@ def evaluate_retrieval(
     judge = relevance_embedder if relevance_embedder is not None else next(iter(embedders.values()), None)
     seen_tasks = sorted(set(train_tasks))
     tasks = sorted({e.task for e in episodes})
-    results: dict[str, Any] = {
-        "protocol": {
-            "splits": sorted({e.split for e in episodes}), "episodes": sorted(e.episode_id for e in episodes),
-            "tasks": tasks, "train_tasks": seen_tasks, "unseen_tasks": [t for t in tasks if t not in seen_tasks],
-            "theta": theta, "rerank_top": rerank_top if reranker is not None else None,
-            "relevance_embedder": getattr(judge, "version", type(judge).__name__) if judge is not None else None,
-            "systems": ["bm25", *embedders],
-        },
-        "kinds": {},
-    }
+    results = RetrievalEvaluation(protocol=RetrievalProtocol(
+        splits=sorted({e.split for e in episodes}), episodes=sorted(e.episode_id for e in episodes),
+        tasks=tasks, train_tasks=seen_tasks, unseen_tasks=[t for t in tasks if t not in seen_tasks],
+        theta=theta, rerank_top=rerank_top if reranker is not None else None,
+        relevance_embedder=getattr(judge, "version", type(judge).__name__) if judge is not None else None,
+        systems=["bm25", *embedders],
+    ))
     for kind in kinds:
         queries, corpora, qrels = eval_queries(episodes, kind, embedder=judge, theta=theta)
         rankings: dict[str, list[list[int]]] = {"bm25": _bm25_rankings(queries, corpora)}
@@ -84,28 +83,28 @@ def evaluate_retrieval(
                 rankings[f"{name}+rerank"] = [_rerank(q.text, corpus, ranking, scores, rerank_top)
                                               for q, corpus, ranking in zip(queries, corpora, rankings[name],
                                                                             strict=True)]
-        results["kinds"][kind] = {
-            "queries": len(queries),
-            "systems": {name: _report(queries, ranked, qrels, seen_tasks, ks) for name, ranked in rankings.items()},
-        }
+        results.kinds[kind] = KindEvaluation(
+            queries=len(queries),
+            systems={name: _report(queries, ranked, qrels, seen_tasks, ks) for name, ranked in rankings.items()},
+        )
     return results
 
 
 def _report(queries: list[EvalQuery], rankings: list[list[int]], qrels: list[set[int]], seen: list[str],
-            ks: Sequence[int]) -> dict[str, Any]:
+            ks: Sequence[int]) -> SystemMetrics:
     def subset(keep: list[int]) -> dict[str, float] | None:
         if not keep:
             return None
         return evaluate_rankings([rankings[i] for i in keep], [qrels[i] for i in keep], ks=ks)
 
     every = list(range(len(queries)))
-    return {
-        "all": subset(every) or evaluate_rankings([], [], ks=ks),
-        "seen": subset([i for i in every if queries[i].task in seen]),
-        "unseen": subset([i for i in every if queries[i].task not in seen]),
-        "per_task": {task: subset([i for i in every if queries[i].task == task])
-                     for task in sorted({q.task for q in queries})},
-    }
+    return SystemMetrics(
+        all=subset(every) or evaluate_rankings([], [], ks=ks),
+        seen=subset([i for i in every if queries[i].task in seen]),
+        unseen=subset([i for i in every if queries[i].task not in seen]),
+        per_task={task: subset([i for i in every if queries[i].task == task])  # never None: the task has queries
+                  for task in sorted({q.task for q in queries})},
+    )
 
 
 def _bm25_rankings(queries: list[EvalQuery], corpora: list[list[str]]) -> list[list[int]]:
@@ -152,7 +151,7 @@ def _rerank(query: str, corpus: list[str], ranking: list[int], scores: dict[tupl
     return head + ranking[top:]
 
 
-def plot_metrics(results: dict[str, Any], path: str | Path, *, metrics: Sequence[str] = PLOT_METRICS,
+def plot_metrics(results: RetrievalEvaluation, path: str | Path, *, metrics: Sequence[str] = PLOT_METRICS,
                  subset: str = "all") -> Path:
     """A grouped bar chart of ``results`` (from :func:`evaluate_retrieval`): one panel per kind, one group per
     metric, one bar per system. Written as a PNG with the Agg backend (no display needed).
@@ -169,26 +168,26 @@ def plot_metrics(results: dict[str, Any], path: str | Path, *, metrics: Sequence
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if subset not in ("all", "seen", "unseen"):
-        raise ValueError(f"unknown subset {subset!r}; allowed: all, seen, unseen")
-    kinds = list(results.get("kinds", {}))
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown subset {subset!r}; allowed: {', '.join(SUBSETS)}")
+    kinds = list(results.kinds)
     if not kinds:
         raise ValueError("results hold no kinds to plot; pass the output of evaluate_retrieval")
     fig = Figure(figsize=(max(6.0, 1.6 * len(metrics)) * len(kinds), 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(kinds), squeeze=False)[0]
     for ax, kind in zip(axes, kinds, strict=True):
-        block = results["kinds"][kind]
-        systems = list(block["systems"])
+        block = results.kinds[kind]
+        systems = list(block.systems)
         width = 0.8 / max(len(systems), 1)
         x = np.arange(len(metrics))
         for n, system in enumerate(systems):
-            values = block["systems"][system].get(subset) or {}
+            values = block.systems[system].subset(subset) or {}
             ax.bar(x + (n - (len(systems) - 1) / 2) * width, [values.get(m, 0.0) for m in metrics], width,
                    label=system)
         ax.set_xticks(x, list(metrics))
         ax.set_ylim(0, 1)
-        ax.set_title(f"{kind} ({subset}, {block['queries']} queries)")
+        ax.set_title(f"{kind} ({subset}, {block.queries} queries)")
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("score")
     axes[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")

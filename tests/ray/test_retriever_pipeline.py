@@ -27,23 +27,26 @@ def test_train_then_evaluate_on_held_out_and_unseen_tasks(tmp_path: Path) -> Non
                                                         "max_failures": 0})
     epochs: list[tuple[str, int]] = []
     report = train_retriever(config, on_epoch=lambda model, m: epochs.append((model, m["epoch"])))
-    assert report["train_tasks"] == ["boil", "find-living-thing"]
+    assert report.train_tasks == ["boil", "find-living-thing"]
     # Two trajectories of different tasks: env pairs, but no sub-goal of one is similar enough (theta) to the other's.
-    assert report["pairs"]["env"] > 0 and report["pairs"]["experience"] == 0
+    assert report.pairs["env"] > 0 and report.pairs["experience"] == 0
     assert epochs == [("embedder", 1), ("reranker", 1)]
     assert (tmp_path / "training" / "loss_embedder.png").stat().st_size > 0
     latest = read_latest(config.paths)
+    assert latest.embedder == report.embedder.model_dir and latest.reranker == report.reranker_dir
     assert Path(latest.embedder, "knowmap_model.json").is_file()
     assert Path(latest.reranker, "knowmap_model.json").is_file()
 
     out = tmp_path / "eval" / "dev.json"
     results = evaluate_split(config, split="dev", tasks=["boil", "melt"], variations=1, out=out)
-    assert json.loads(out.read_text())["protocol"]["unseen_tasks"] == ["melt"]
+    assert json.loads(out.read_text()) == results.model_dump(mode="json")  # what is returned is what is written
+    assert results.protocol.unseen_tasks == ["melt"] and results.protocol.embedder == latest.embedder
     assert out.with_suffix(".png").stat().st_size > 0
-    systems = results["kinds"]["env"]["systems"]
+    systems = results.kinds["env"].systems
     assert set(systems) == {"bm25", "base", "finetuned", "bm25+rerank", "base+rerank", "finetuned+rerank"}
-    assert systems["finetuned"]["unseen"]["queries"] > 0 and systems["finetuned"]["seen"]["queries"] > 0
-    assert all(0.0 <= s["all"]["ndcg@10"] <= 1.0 for s in systems.values())
+    finetuned = results.system("env", "finetuned")
+    assert finetuned.metric("queries", "unseen") > 0 and finetuned.metric("queries", "seen") > 0
+    assert all(0.0 <= results.ndcg("env", s) <= 1.0 for s in systems)
     assert "finetuned+rerank" in retrieval_table(results)
     with pytest.raises(KnowMapError, match="held-out"):
         evaluate_split(config, split="train", tasks=["boil"], variations=1, out=out)

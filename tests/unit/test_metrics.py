@@ -80,14 +80,14 @@ def test_evaluate_retrieval_reports_every_system_per_kind_and_plots(tmp_path: Pa
     episodes = load_episodes(FIXTURES, "train")  # any split evaluates; the fixtures are what is committed
     results = evaluate_retrieval(episodes, embedders={"hashing": HashingEncoder()}, reranker=OverlapReranker(),
                                  kinds=("env", "experience"), train_tasks=["boil"])
-    assert results["protocol"]["unseen_tasks"] == ["find-living-thing"]
+    assert results.protocol.unseen_tasks == ["find-living-thing"]
     for kind in ("env", "experience"):
-        block = results["kinds"][kind]
-        assert block["queries"] > 0
-        assert set(block["systems"]) == {"bm25", "bm25+rerank", "hashing", "hashing+rerank"}
-        for report in block["systems"].values():
-            assert 0.0 <= report["all"]["ndcg@10"] <= 1.0
-            assert report["seen"] is not None and report["unseen"] is not None
-            assert set(report["per_task"]) <= {"boil", "find-living-thing"}
+        block = results.kinds[kind]
+        assert block.queries > 0
+        assert set(block.systems) == {"bm25", "bm25+rerank", "hashing", "hashing+rerank"}
+        for system, report in block.systems.items():
+            assert 0.0 <= results.ndcg(kind, system) <= 1.0
+            assert report.seen is not None and report.unseen is not None
+            assert set(report.per_task) <= {"boil", "find-living-thing"}
     png = plot_metrics(results, tmp_path / "plots" / "metrics.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -107,3 +107,34 @@ def test_a_corrupt_state_file_is_an_error_not_a_fresh_start(setup) -> None:
     path.write_text("{not json")
     with pytest.raises(KnowMapError, match="corrupt"):
         make([])
+
+
+def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monkeypatch) -> None:
+    """``_train`` and ``_evaluate`` on the typed results, with training and evaluation replaced by fixed values."""
+    import knowmap.jobs.training
+    import knowmap.models.embedder
+    import knowmap.train.evaluate
+    from knowmap.results import RetrievalEvaluation, TrainingReport
+
+    config, *_ = setup
+    report = TrainingReport(episodes=3, train_tasks=["boil"], pairs={"env": 5}, data_hash="h",
+                            embedder={"model_dir": "/models/embedder-new"})  # retrain.reranker off: none trained
+    monkeypatch.setattr(knowmap.jobs.training, "train_retriever", lambda *a, **k: report)
+    controller = RetrainController(config, count_trajectories=lambda: 0)
+    controller.state.serving.reranker = "/models/reranker-serving"
+    candidate = controller._train(["episode"])
+    assert candidate.embedder == "/models/embedder-new" and candidate.reranker == "/models/reranker-serving"
+    assert candidate.train_tasks == ["boil"]
+
+    def system(ndcg: float) -> dict:
+        return {"all": {"ndcg@10": ndcg, "queries": 2}}
+
+    evaluation = RetrievalEvaluation.model_validate({
+        "protocol": {"splits": ["dev"], "episodes": ["boil-dev-0"], "tasks": ["boil"], "train_tasks": [],
+                     "unseen_tasks": ["boil"], "theta": 0.8, "rerank_top": None, "relevance_embedder": "judge",
+                     "systems": ["bm25", "serving", "candidate"]},
+        "kinds": {"env": {"queries": 2, "systems": {"serving": system(0.5), "candidate": system(0.7)}}}})
+    monkeypatch.setattr(knowmap.models.embedder, "Embedder", lambda path, device=None: path)
+    monkeypatch.setattr(knowmap.train.evaluate, "evaluate_retrieval", lambda *a, **k: evaluation)
+    scores = controller._evaluate([], {"serving": "", "candidate": "/models/embedder-new"})
+    assert scores == {"serving": {"env": 0.5}, "candidate": {"env": 0.7}}
