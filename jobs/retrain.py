@@ -223,9 +223,10 @@ class RetrainController:
     def _train(self, episodes: Sequence[Any]) -> ServingModels:
         from knowmap.jobs.training import train_retriever
 
+        # splits: dev holds agent rollouts, never the gate's variations.
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
-                                 record_latest=False, out_name="retrain", tag=f"r{len(self.state.history) + 1}",
-                                 splits=("train", "dev"))  # dev: agent rollouts, never the gate's variations
+                                 record_latest=False, out_dir=self.config.paths.retrain,
+                                 tag=f"r{len(self.state.history) + 1}", splits=("train", "dev"))
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report.embedder.model_dir,
                              reranker=report.reranker_dir or self.state.serving.reranker,

@@ -42,7 +42,7 @@ def train_episodes(config: KnowMapConfig, tasks: Sequence[str] | None, variation
 def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None, variations: int | None = None,
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
-                    out_name: str = "training", tag: str = "", splits: Sequence[str] = ("train",),
+                    out_dir: Path | None = None, tag: str = "", splits: Sequence[str] = ("train",),
                     ) -> TrainingReport:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
@@ -51,13 +51,13 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
             train-split episodes of :func:`train_episodes`.
         record_latest: point ``models/latest.json`` at the new models (the retrain controller does that itself,
             and only for a model it promotes).
-        out_name: the folder under the data dir for pairs, loss curves and the report.
+        out_dir: the folder for pairs, loss curves and the report; default ``config.paths.training``.
         splits: the splits ``episodes`` may come from (see :func:`build_pairs`).
         tag: appended to the model dirs (``embedder-<data hash>-<tag>``), so that two models trained on the same
             data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
 
     Returns:
-        the :class:`~knowmap.results.TrainingReport` written to ``<data_dir>/<out_name>/report.json``: pair counts,
+        the :class:`~knowmap.results.TrainingReport` written to ``<out_dir>/report.json``: pair counts,
         model dirs, loss histories.
 
     Raises:
@@ -78,7 +78,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     pairs = pairset.pairs()
     if not pairs:
         raise KnowMapError(f"no training pairs from {len(episodes)} episodes; add tasks or variations")
-    out = config.data_dir / out_name
+    out = out_dir or config.paths.training
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
     models = config.paths.models

@@ -97,6 +97,16 @@ class TrainingError(KnowMapError):
     """Training could not start or finish; the message says what to change."""
 
 
+class APIError(Exception):
+    """An HTTP error the retrieval API answers with: its status and the fields of its typed body
+    (:class:`knowmap.api_schemas.ErrorDetail`: ``type``, ``message``, ``code``, ``param``)."""
+
+    def __init__(self, status: int, type_: str, message: str, code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.message, self.code, self.param = status, type_, message, code, param
+
+
 class ServiceError(KnowMapError):
     """The retrieval service answered with an error: ``status`` (HTTP) and ``error`` (its typed body,
     :class:`knowmap.api_schemas.ErrorDetail`)."""

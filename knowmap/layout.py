@@ -11,7 +11,7 @@ so the tree below is the whole list of what KnowMap keeps on disk::
       episode_cache/            gold trajectories replayed for training and evaluation
       models/                   fine-tuned embedders and rerankers; models/latest.json the newest
       training/                 pair counts and loss curves of the last `knowmap train`
-      retrain/state.json        the retrain controller's serving models and decisions
+      retrain/                  the retrain controller: state.json (serving models, decisions), cycle reports
       serve/api_key             the generated API key (mode 0600)
       report/                   the main job's report (Markdown, JSON, plots)
       logs/                     the main job's log file; llm_server.log, the local LLM server's
@@ -76,8 +76,13 @@ class DataLayout(BaseModel):
         return self.root / "training"
 
     @property
+    def retrain(self) -> Path:
+        """The retrain controller's state and its cycles' pairs, loss curves and reports."""
+        return self.root / "retrain"
+
+    @property
     def retrain_state(self) -> Path:
-        return self.root / "retrain" / "state.json"
+        return self.retrain / "state.json"
 
     @property
     def api_key(self) -> Path:

@@ -51,6 +51,7 @@ from knowmap.api_schemas import (
 )
 from knowmap.config import KnowMapConfig
 from knowmap.errors import (
+    APIError,
     EnvNotFoundError,
     EpisodeConflictError,
     InvalidEnvIdError,
@@ -61,16 +62,6 @@ from knowmap.schemas import Relation, RetrainStatus
 from knowmap.serve.auth import key_matches
 
 logger = logging.getLogger("ray.serve")
-
-
-class APIError(Exception):
-    """An error with its HTTP status and typed body."""
-
-    def __init__(self, status: int, type_: str, message: str, code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(type=type_, message=message, code=code, param=param)  # type: ignore[arg-type]
 
 
 _ERRORS = {401: "unauthorized", 404: "not_found", 405: "invalid_request", 409: "conflict", 413: "too_large",
@@ -94,7 +85,8 @@ def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = No
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return _error(exc.status, exc.detail, headers)
+    detail = ErrorDetail(type=exc.type, message=exc.message, code=exc.code, param=exc.param)  # type: ignore[arg-type]
+    return _error(exc.status, detail, headers)
 
 
 @app.exception_handler(RequestValidationError)

@@ -151,3 +151,17 @@ def test_public_constants_and_aliases_defined_once() -> None:
                     where[target.id].append(name)
     twice = {n: mods for n, mods in where.items() if len(mods) > 1}
     assert not twice, f"public constants defined in more than one module: {twice}"
+
+
+def test_exceptions_live_in_errors() -> None:
+    """Every public exception class is defined in knowmap/errors.py (private control-flow signals aside)."""
+    elsewhere = []
+    for name, path in MODULES.items():
+        if name == "knowmap.errors":
+            continue
+        for node in ast.parse(path.read_text()).body:
+            bases = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and \
+                    any(b.endswith(("Error", "Exception")) for b in bases):
+                elsewhere.append(f"{name}.{node.name}")
+    assert not elsewhere, f"exception classes outside knowmap/errors.py: {elsewhere}"
