@@ -1,4 +1,4 @@
-"""The ``knowmap`` command line. Each command validates its options, then calls the core; errors are one line."""
+"""The ``knowmap`` command line. Each command parses its options, then calls a job; errors are one line."""
 
 from __future__ import annotations
 
