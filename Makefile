@@ -40,6 +40,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/extraction_coverage.py
+	$(BIN)/python benchmarks/kb_fidelity.py
 
 clean:
 	rm -rf $(VENV) knowmap-data .pytest_cache

@@ -242,6 +242,35 @@ class ScienceWorld:
             valid_actions=list(self._env.get_valid_action_object_combinations()) if valid_actions else None,
         )
 
+    def object_tree(self) -> dict[str, Any]:
+        """ScienceWorld's own state of the loaded episode: ``env.getObjectTree()``, parsed from its JSON.
+
+        The root is the universe; every object has ``uuid``, ``name``, ``type``, ``isDeleted``, its property
+        records (``propContainer``, ``propDevice``, ``propMaterial``, ``propLife``, ... or None) and ``contents``
+        keyed ``"name-uuid"``. Doors are portals, which ScienceWorld keeps outside ``contents``: they are absent.
+
+        Raises:
+            ScienceWorldError: no task is loaded, or the JVM refused.
+        """
+        self._require_loaded()
+        try:
+            return dict(self._env.getObjectTree())
+        except Exception as e:  # py4j and ScienceWorld raise plain Exceptions (RuntimeError when uninitialised)
+            raise ScienceWorldError(f"ScienceWorld could not write its object tree: {e}") from e
+
+    def object_referents(self) -> dict[str, list[str]]:
+        """Every object's referents (the names an action may use for it, its display name among them), by uuid.
+
+        From ScienceWorld's ``getAllObjectIdsTypesReferentsLUTJSON``; keys are the ``uuid`` of
+        :meth:`object_tree` as strings.
+        """
+        self._require_loaded()
+        try:
+            table = self._env.get_all_object_ids_types_referents_LUTJSON()
+        except Exception as e:  # py4j raises plain Exceptions
+            raise ScienceWorldError(f"ScienceWorld could not list its object referents: {e}") from e
+        return {str(uuid): [str(r) for r in row.get("referents", [])] for uuid, row in table.items()}
+
     def valid_actions(self) -> list[str]:
         self._require_loaded()
         return [str(a) for a in self._env.get_valid_action_object_combinations()]
