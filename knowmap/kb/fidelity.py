@@ -199,10 +199,13 @@ def judge(world: WorldState, kind: str, subject: str, obj: str, view: set[str] =
     if kind == "agent_location":
         return obj in world.objects[world.room].names, 1, False
     if kind == "containment":
+        # The container disambiguates: any object of that name in any container of that name makes it true
+        # (the kitchen's sink while the agent looks at the bathroom's); ambiguity is counted among those in view.
         children = _candidates(world, obj, view)
         if not children or not world.matches(subject):
             return False, len(children), True
-        return any(subject in world.parent_names(c) for c in children), len(children), False
+        everywhere = world.matches(obj) or children
+        return any(subject in world.parent_names(c) for c in everywhere), len(children), False
     candidates = _candidates(world, subject, view)
     if not candidates:
         return False, 0, True

@@ -114,6 +114,15 @@ def test_a_measurement_taken_before_the_tick_matches_the_previous_tree() -> None
     assert not judge(after, "open_state", "lead", "open", previous=before)[0]
 
 
+def test_containment_is_judged_by_its_container_not_by_the_namesake_in_view() -> None:
+    kitchen = node(10, "kitchen", node(11, "sink"))
+    bathroom = node(20, "bathroom", node(21, "sink"), node(2, "agent"))
+    w = WorldState(node(1, "universe", kitchen, bathroom))
+    view = w.in_view(["This room is called the bathroom. In it, you see: the agent, a sink"])
+    assert judge(w, "containment", "kitchen", "sink", view) == (True, 1, False)
+    assert judge(w, "containment", "hallway", "sink", view) == (False, 1, True)
+
+
 def test_canonical_counts_contains_and_its_inverse_location_once() -> None:
     assert canonical(fact("pot", "location", "sink")) == canonical(fact("sink", "contains", "pot"))
     assert canonical(fact("agent", "location", "kitchen"))[0] == "agent_location"
