@@ -82,9 +82,7 @@ def open_experience_kb(config: KnowMapConfig) -> Iterator[object]:
     from knowmap.models.embedder import Embedder
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    store = VectorStore(config.store_uri, token=config.store.token, flat_max_rows=config.store.flat_max_rows,
-                        hnsw_m=config.store.hnsw_m, hnsw_ef_construction=config.store.hnsw_ef_construction,
-                        hnsw_ef=config.store.hnsw_ef)
+    store = VectorStore.from_config(config)
     try:
         embedder = Embedder(config.models.embedder, device=config.models.device,
                             batch_size=config.models.batch_size)

@@ -52,6 +52,7 @@ def build_kb(
     from tqdm import tqdm
 
     from knowmap.jobs.build import build_knowledge_bases
+    from knowmap.jobs.console import Console
 
     sw: dict[str, Any] = {}
     if tasks is not None:
@@ -63,14 +64,8 @@ def build_kb(
     config = _config(config_file, data_dir, sw)
     bar = tqdm(total=None, unit="episode", desc="build-kb", file=sys.stderr)
 
-    def progress(episode: Any, number: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(f"{episode.task}/{episode.variation}: {episode.steps} steps, {episode.facts} facts, "
-                            f"{episode.subgoals} sub-goals")
-        bar.update(1)
-
     try:
-        summary = build_knowledge_bases(config, workers, on_episode=progress)
+        summary = build_knowledge_bases(config, workers, on_episode=Console.episode_progress(bar))
     finally:
         bar.close()
     typer.echo(f"episodes   {summary.episodes}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +68,16 @@ class Console:
         print(text, file=self._out, flush=True)
         if self._saved is not None:
             print(text, flush=True)
+
+    @staticmethod
+    def episode_progress(bar: Any) -> Callable[[Any, int, int], None]:
+        """A build-kb ``on_episode`` callback that moves ``bar`` one episode on, naming what it did."""
+        def advance(episode: Any, number: int, total: int) -> None:
+            bar.total = total
+            bar.set_postfix_str(f"{episode.task}/{episode.variation}: {episode.steps} steps, {episode.facts} facts, "
+                                f"{episode.subgoals} sub-goals")
+            bar.update(1)
+        return advance
 
     def bar(self, desc: str, total: int | None = None, unit: str = "it") -> Any:
         """A progress bar on the terminal: ``update(n)``, ``set_postfix_str(s)``, ``close()``."""

@@ -143,7 +143,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
             with stage("build") as go:
                 if go:
                     bar = console.bar("build", unit="episode")
-                    summary = build_knowledge_bases(config, options.workers, on_episode=_advance(bar))
+                    summary = build_knowledge_bases(config, options.workers, on_episode=console.episode_progress(bar))
                     bar.close()
                     report.build = summary
                     echo(f"  {summary.episodes} episodes, {summary.steps} steps, {summary.facts} facts, "
@@ -198,15 +198,6 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
         echo(f"{label:<48} {value}")
     echo(f"report  {path}")
     return report, path
-
-
-def _advance(bar: Any) -> Callable[[Any, int, int], None]:
-    """A build progress callback that moves ``bar`` one episode on."""
-    def advance(episode: Any, number: int, total: int) -> None:
-        bar.total = total
-        bar.set_postfix_str(f"{episode.task}/{episode.variation}")
-        bar.update(1)
-    return advance
 
 
 def _agent_rollouts(config: KnowMapConfig, options: RunOptions, variations: dict[str, list[int]],

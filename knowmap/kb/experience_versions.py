@@ -37,9 +37,7 @@ class VersionedExperienceKB:
         self._config = KnowMapConfig.model_validate(config)
         cfg = self._config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self._store = VectorStore(cfg.store_uri, token=cfg.store.token, flat_max_rows=cfg.store.flat_max_rows,
-                                  hnsw_m=cfg.store.hnsw_m, hnsw_ef_construction=cfg.store.hnsw_ef_construction,
-                                  hnsw_ef=cfg.store.hnsw_ef)
+        self._store = VectorStore.from_config(cfg)
         try:
             embedder = Embedder(cfg.models.embedder, device=cfg.models.device, batch_size=cfg.models.batch_size)
             kb = ExperienceKB(self._store, embedder, collection_prefix=cfg.store.collection_prefix)

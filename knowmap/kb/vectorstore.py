@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from knowmap.config import KnowMapConfig
 from knowmap.errors import VectorStoreError
 from knowmap.kb.store_rows import OUTPUT_FIELDS, VARCHAR_LIMITS, Hit, build_filter, clean_row
 
@@ -95,6 +96,14 @@ class VectorStore:
                 _lite_users[self._path] = _lite_users.get(self._path, 0) + 1
 
     # -- collections --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: KnowMapConfig) -> VectorStore:
+        """The store of ``config``: ``store_uri`` (a Milvus Lite file under the data dir by default) with the
+        ``store`` section's token and index settings."""
+        store = config.store
+        return cls(config.store_uri, token=store.token, flat_max_rows=store.flat_max_rows, hnsw_m=store.hnsw_m,
+                   hnsw_ef_construction=store.hnsw_ef_construction, hnsw_ef=store.hnsw_ef)
+
     def ensure_collection(self, name: str, dim: int) -> None:
         """Create the collection if missing (FLAT index), and load it; idempotent.
 
