@@ -29,7 +29,7 @@ class Relation(StrEnum):
     OPEN_STATE = "open_state"  # (door/container, open_state, open|closed)
     POWER_STATE = "power_state"  # (device, power_state, on|off|activated|deactivated)
     READING = "reading"  # (instrument, reading, "10 degrees celsius")
-    TEMPERATURE = "temperature"  # (substance, temperature, "13 degrees celsius"), from a measurement
+    TEMPERATURE = "temperature"  # (substance, temperature, "13 degrees celsius at step 7"): a measurement and when
     STATE_OF_MATTER = "state_of_matter"  # (substance, state_of_matter, solid|liquid|gas)
     FOCUS = "focus"  # (agent, focus, object): the object the agent focused on
     CONTAINS = "contains"  # (container or room, contains, object)
@@ -56,7 +56,7 @@ _PHRASES: dict[Relation, str] = {
     Relation.OPEN_STATE: "is",
     Relation.POWER_STATE: "is",
     Relation.READING: "reads",
-    Relation.TEMPERATURE: "has a temperature of",
+    Relation.TEMPERATURE: "was measured at",
     Relation.STATE_OF_MATTER: "is a",
     Relation.FOCUS: "is focused on the",
     Relation.CONTAINS: "contains",

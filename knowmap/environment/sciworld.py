@@ -271,6 +271,35 @@ class ScienceWorld:
             raise ScienceWorldError(f"ScienceWorld could not list its object referents: {e}") from e
         return {str(uuid): [str(r) for r in row.get("referents", [])] for uuid, row in table.items()}
 
+    def doors(self, everywhere: bool = True) -> list[dict[str, Any]]:
+        """The doors of the loaded episode, read from the JVM: ``{"uuid", "rooms": [a, b] (sorted), "open"}``.
+
+        Doors are portals, which :meth:`object_tree` leaves out; this walks the rooms' portals through the py4j
+        gateway (``Room.getPortals``, ``PortalProperties.isOpen``, ``Portal.getConnectsTo``). Drains and other
+        portals that are not doors are left out. Every room's (about 0.1 s), or with ``everywhere=False`` only
+        those of the agent's room (the only ones an action can change).
+
+        Raises:
+            ScienceWorldError: no task is loaded, or the JVM refused.
+        """
+        self._require_loaded()
+        try:
+            here = self._env.server.agent().get().getContainer().get()
+            rooms = _scala_items(here.getContainer().get().getContainedObjects(False)) if everywhere else [here]
+            doors: dict[str, dict[str, Any]] = {}
+            for room in rooms:
+                for portal in _scala_items(room.getPortals(False)):
+                    uuid = str(portal.uuid())
+                    if uuid in doors or not portal.getClass().getName().endswith(".Door"):
+                        continue
+                    other = portal.getConnectsTo(room)
+                    rooms = sorted([str(room.name()).lower(), str(other.get().name()).lower()]) if (
+                        other.isDefined()) else [str(room.name()).lower()]
+                    doors[uuid] = {"uuid": uuid, "rooms": rooms, "open": bool(portal.propPortal().get().isOpen())}
+            return list(doors.values())
+        except Exception as e:  # py4j raises plain Exceptions
+            raise ScienceWorldError(f"ScienceWorld could not list its doors: {e}") from e
+
     def valid_actions(self) -> list[str]:
         self._require_loaded()
         return [str(a) for a in self._env.get_valid_action_object_combinations()]
@@ -310,6 +339,14 @@ class ScienceWorld:
             raise ScienceWorldError("this ScienceWorld env is closed")
         if self.task is None:
             raise ScienceWorldError("no task is loaded: call load(task, variation, split) first")
+
+
+def _scala_items(collection: Any) -> list[Any]:
+    """The elements of a Scala collection returned through py4j."""
+    items, it = [], collection.iterator()
+    while it.hasNext():
+        items.append(it.next())
+    return items
 
 
 def info(env: ScienceWorld) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from knowmap.errors import KnowMapError, SnapshotError, WriteAheadLogError
-from knowmap.kb.environment_kb import EnvironmentKB
+from knowmap.kb.environment_kb import EnvironmentKB, extract_logged
 from knowmap.kb.storage import (
     LOG_NAME,
     PREVIOUS_LOG_NAME,
@@ -363,7 +363,7 @@ class DurableEnvironmentKB:
             from knowmap.kb.extraction import RuleBasedExtractor
 
             self._extractor = RuleBasedExtractor()
-        return self._extractor.extract(observation)
+        return extract_logged(self._extractor, observation, self.env_id)
 
     def _resent(self, record: dict[str, Any]) -> tuple[bool, str]:
         """Whether ``record`` repeats a recent write, and its digest (for :meth:`_write` to remember)."""

@@ -14,15 +14,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from knowmap.errors import KnowMapError, SnapshotError
+from knowmap.kb.identity import AGENT, door_name
 from knowmap.schemas import CARDINALITY, Cardinality, Fact, Observation, Relation, Trajectory, Triple
 
 SNAPSHOT_FORMAT = 1
+_DOOR_TO = re.compile(r"^door to (.+)$")
+_log = logging.getLogger(__name__)
+_RESIDUE_LOGGED: set[str] = set()
+_RESIDUE_LOG_LIMIT = 10_000  # distinct lines remembered; beyond it, residue is no longer logged
+
+
+def extract_logged(extractor: Any, observation: Observation, env_id: str) -> Any:
+    """``extractor.extract(observation)``, logging (once per distinct text, per process) what no rule understood,
+    when the extractor reports it (``extract_with_residue``)."""
+    if not hasattr(extractor, "extract_with_residue"):
+        return extractor.extract(observation)
+    extraction, residue = extractor.extract_with_residue(observation)
+    for text in residue:
+        if text not in _RESIDUE_LOGGED and len(_RESIDUE_LOGGED) < _RESIDUE_LOG_LIMIT:
+            _RESIDUE_LOGGED.add(text)
+            _log.warning("env %s: observation text no extraction rule understood (kept as residue, no facts): %r",
+                         env_id, text[:300])
+    return extraction
 
 
 class EnvironmentKB:
@@ -53,7 +74,7 @@ class EnvironmentKB:
             from knowmap.kb.extraction import RuleBasedExtractor
 
             self._extractor = RuleBasedExtractor()
-        extraction = self._extractor.extract(observation)
+        extraction = extract_logged(self._extractor, observation, self.env_id)
         return self.ingest_triples(observation.step, extraction.triples, extraction.full_sets)
 
     def ingest_triples(
@@ -84,8 +105,9 @@ class EnvironmentKB:
             )
         self.last_step = step
         changes = 0
-        triples = list(triples)
+        triples, full_sets = self._name_doors(triples, full_sets)
         observed: dict[tuple[str, Relation], set[str]] = {}
+        lost: list[str] = []  # objects taken out of a container observed in full
         for t in triples:
             observed.setdefault(t.key, set()).add(t.object)
         for subject, relation in full_sets:
@@ -102,9 +124,48 @@ class EnvironmentKB:
                     if relation is Relation.CONTAINS:
                         # The object is no longer in this container: its location there ends too.
                         changes += self._close((obj, Relation.LOCATION), key[0], step)
+                        lost.append(obj)
         for triple in triples:
             changes += self._assert(triple, step)
+        return changes + self._forget_vanished(lost, step)
+
+    def _forget_vanished(self, lost: list[str], step: int) -> int:
+        """Close every fact about objects that left a container observed in full and were seen nowhere else:
+        the KB no longer knows where, or whether, they exist (water the soil absorbed, a pea plant that became
+        "pea plant in flower pot 8" once a second one appeared). What they contained goes with them."""
+        changes = 0
+        while lost:
+            name = lost.pop()
+            if self._open.get((name, Relation.LOCATION)):
+                continue  # it was seen somewhere else in this same step
+            for relation in Relation:
+                for obj in list(self._open.get((name, relation), {})):
+                    changes += self._close((name, relation), obj, step)
+                    if relation is Relation.CONTAINS:
+                        changes += self._close((obj, Relation.LOCATION), name, step)
+                        lost.append(obj)
         return changes
+
+    def _name_doors(self, triples: Sequence[Triple], full_sets: Iterable[tuple[str, Relation | str]]
+                    ) -> tuple[list[Triple], list[tuple[str, Relation | str]]]:
+        """Name each ``door to X`` by the two rooms it joins, ``door between hallway and kitchen``: the text names
+        a door by where it leads, so the same name from three rooms would be three doors sharing one state. The
+        agent's room is the one this observation places it in, else the KB's current one; unknown: unchanged."""
+        room = next((t.object for t in triples if t.subject == AGENT and t.relation is Relation.LOCATION), None)
+        if room is None:
+            here = self._open.get((AGENT, Relation.LOCATION), {})
+            room = next(iter(here), None)
+        if room is None:
+            return list(triples), list(full_sets)
+
+        def named(name: str) -> str:
+            if (m := _DOOR_TO.match(name)) and m.group(1) != room:
+                return door_name(room, m.group(1))
+            return name
+
+        out = [t if not (_DOOR_TO.match(t.subject) or _DOOR_TO.match(t.object)) else
+               Triple(subject=named(t.subject), relation=t.relation, object=named(t.object)) for t in triples]
+        return out, [(named(s), r) for s, r in full_sets]
 
     def _assert(self, triple: Triple, step: int) -> int:
         key, obj = triple.key, triple.object

@@ -24,10 +24,8 @@ from typing import Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowmap.kb.extraction_patterns import (
-    AGENT,
     DOOR,
     POWER_STATES,
-    FactSink,
     clean_name,
     describe,
     entity,
@@ -36,6 +34,7 @@ from knowmap.kb.extraction_patterns import (
     listing_lines,
     object_line,
 )
+from knowmap.kb.identity import AGENT, FactSink, resolve
 from knowmap.schemas import CARDINALITY, Cardinality, Observation, Relation, Triple
 
 __all__ = ["Extraction", "FactExtractor", "LineFacts", "RuleBasedExtractor", "extract_line", "listing_container",
@@ -100,24 +99,28 @@ _FEEDBACK: list[tuple[str, re.Pattern[str]]] = [
     ("recipe", re.compile(r"^The recipe reads:\s*To make (.+?), you need to mix (.+?)\.?$", re.S)),
 ]
 _ACTION_DOOR = re.compile(r"^(?:open|close) (door to .+)$")
+_ACTION_OPEN = re.compile(r"^(?:open|close) (.+)$")
 _ACTION_USE = re.compile(r"^use .+? on (.+)$")
 _ACTION_MIX = re.compile(r"^mix (.+)$")
 _ACTION_LOOK_AT = re.compile(r"^(?:look at|examine) .+")
 # Actions name objects by a referent plus where it is ("unknown substance b in inventory"); the place is
 # not part of the object's name. A life stage ("... in the adult stage") is, so it is kept.
 _IN_PLACE = re.compile(r" in (?!the \w+ stage)(?:the )?[^,]+$")
+# A referent may name an object by its contents ("mix cup containing blue paint and red paint"), which mixing
+# changes: the contents are not part of its name.
+_CONTAINING = re.compile(r" containing .+$")
 # ScienceWorld's generic referents ("use thermometer on substance in metal pot"): without the place they would
 # name every substance, so the place stays in the name.
 _GENERIC = frozenset({"substance", "living thing", "organism", "component", "object", "thing"})
 
 
 def _action_object(phrase: str, sink: FactSink) -> str:
-    name = entity(_IN_PLACE.sub("", phrase.strip()), sink)
+    name = entity(_CONTAINING.sub("", _IN_PLACE.sub("", phrase.strip())), sink)
     return clean_name(phrase) if name in _GENERIC else name
 
 
-def _feedback(text: str, action: str, sink: FactSink) -> None:
-    """Facts from the action's feedback text."""
+def _feedback(text: str, action: str, step: int, sink: FactSink) -> None:
+    """Facts from the action's feedback text (``step``: when it was observed, for measurements)."""
     text = _DISCONNECTING.sub("", text.strip()).strip()
     if not text or listing(text, sink):
         return
@@ -139,8 +142,13 @@ def _feedback(text: str, action: str, sink: FactSink) -> None:
         sink.full(entity(m.group(1), sink), Relation.CONTAINS)
     elif kind == "state":
         name = clean_name(m.group(1))
-        if name == "door" and (door := _ACTION_DOOR.match(action)):
-            name = clean_name(door.group(1))
+        if name == "door":  # "The door is now open.": the action says which door, or whose ("open cupboard")
+            if door := _ACTION_DOOR.match(action):
+                name = clean_name(door.group(1))
+            elif opened := _ACTION_OPEN.match(action):
+                name = _action_object(opened.group(1), sink)
+            else:
+                return
         state = m.group(2)
         if state in ("open", "closed"):
             sink.add(name, Relation.OPEN_STATE, state)
@@ -150,7 +158,7 @@ def _feedback(text: str, action: str, sink: FactSink) -> None:
         sink.add(AGENT, Relation.FOCUS, entity(m.group(1), sink))
     elif kind == "measure":
         if target := _ACTION_USE.match(action):
-            sink.add(_action_object(target.group(1), sink), Relation.TEMPERATURE, m.group(1))
+            sink.add(_action_object(target.group(1), sink), Relation.TEMPERATURE, f"{m.group(1)} at step {step}")
     elif kind == "mix":
         product = entity(m.group(2), sink)
         sink.add(product, Relation.PROPERTY, f"made by mixing {m.group(1).lower()}")
@@ -176,26 +184,31 @@ class RuleBasedExtractor:
 
     def extract(self, observation: Observation) -> Extraction:
         """Return the facts of ``observation``; text the templates do not cover yields no facts, never an error."""
+        return self.extract_with_residue(observation)[0]
+
+    def extract_with_residue(self, observation: Observation) -> tuple[Extraction, list[str]]:
+        """The facts of ``observation`` and the parts of its text that no rule understood."""
         sink = FactSink()
         action = " ".join(observation.action.lower().split())
-        seen = {observation.text.strip()}
-        _feedback(observation.text, action, sink)
+        # The feedback of "look around" is the look again, up to spacing: parse each text once, or every object
+        # in it would be listed twice.
+        seen = {" ".join(observation.text.split())}
+        _feedback(observation.text, action, observation.step, sink)
         for extra in (observation.look, observation.inventory):
-            if extra and extra.strip() not in seen:
-                seen.add(extra.strip())
-                triples, full_sets = _listing_facts(extra)
-                sink.triples.update(dict.fromkeys(triples))
-                sink.full_sets.update(dict.fromkeys(full_sets))
-        return Extraction(triples=list(sink.triples), full_sets=list(sink.full_sets))
+            if extra and (key := " ".join(extra.split())) not in seen:
+                seen.add(key)
+                sink.extend(_listing_sink(extra))
+        triples, full_sets, residue = resolve(sink)
+        return Extraction(triples=triples, full_sets=full_sets), residue
 
 
 @functools.lru_cache(maxsize=1024)
-def _listing_facts(text: str) -> tuple[tuple[Triple, ...], tuple[tuple[str, Relation], ...]]:
-    """A listing's facts, cached: an agent sees the same room and inventory text step after step, and parsing a
-    room is most of an ingest's cost. Pure in ``text``; triples are frozen, so sharing them is safe."""
+def _listing_sink(text: str) -> FactSink:
+    """A listing's parse, cached: an agent sees the same room and inventory text step after step, and parsing a
+    room is most of an ingest's cost. Pure in ``text``; callers only read it (:meth:`FactSink.extend` copies)."""
     sink = FactSink()
     listing(text, sink)
-    return tuple(sink.triples), tuple(sink.full_sets)
+    return sink
 
 
 # -- per-line coverage (for the benchmark) --------------------------------------------------------------------------
@@ -238,4 +251,5 @@ def extract_line(line: str, container: str) -> LineFacts:
     """
     sink = FactSink()
     object_line(line, clean_name(container), sink)
-    return LineFacts(line=line, triples=list(sink.triples), full_sets=list(sink.full_sets), residue=sink.residue)
+    triples, full_sets, residue = resolve(sink)
+    return LineFacts(line=line, triples=triples, full_sets=full_sets, residue=residue)

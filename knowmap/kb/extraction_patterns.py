@@ -11,14 +11,12 @@ counts as understood only when nothing is left over.
 
 from __future__ import annotations
 
+import functools
 import re
 
-from pydantic import ValidationError
+from knowmap.kb.identity import AGENT, INVENTORY, FactSink, Name, Node, door_name
+from knowmap.schemas import Relation
 
-from knowmap.schemas import Relation, Triple
-
-AGENT = "agent"
-INVENTORY = "inventory"
 
 # -- names ---------------------------------------------------------------------------------------------------------
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
@@ -30,6 +28,7 @@ _STATE_WORD = {"solid": "solid", "liquid": "liquid", "gaseous": "gas"}
 _WATER_STATES = {"water": "liquid", "ice": "solid", "steam": "gas"}
 _TITLED = re.compile(r"^(.+?) titled (.+)$")
 _CONDITION = re.compile(r"^(dead|wilting|burned|blank) (.+)$")
+_LIVING = re.compile(r"^(?:dead |wilting )?.+? in the [a-z]+ stage\b|^dead ")
 _PLANT_STAGE = re.compile(r"^(.+?) in the ([a-z]+) stage(?: with (.+))?$")
 _ANIMAL_STAGE_PREFIX = re.compile(r"^(baby|hatchling|juvenile|adult|young|larva|pupa) .+$")
 _ANIMAL_STAGE_SUFFIX = re.compile(r"^.+ (egg|pupa|larva)$")
@@ -41,93 +40,89 @@ def clean_name(text: str) -> str:
     return _ARTICLE.sub("", text).lower()
 
 
-class FactSink:
-    """Collects triples and full-set keys in first-seen order, without duplicates, plus unparsed residue."""
-
-    __slots__ = ("triples", "full_sets", "residue")
-
-    def __init__(self) -> None:
-        self.triples: dict[Triple, None] = {}
-        self.full_sets: dict[tuple[str, Relation], None] = {}
-        self.residue: list[str] = []
-
-    def add(self, subject: str, relation: Relation, obj: str) -> None:
-        """Add ``(subject, relation, obj)``; a blank or over-long name is no fact and is kept as residue."""
-        try:
-            self.triples[Triple(subject=subject, relation=relation, object=obj)] = None
-        except ValidationError:
-            self.residue.append(f"{subject} {relation.value} {obj}"[:200])
-
-    def full(self, subject: str, relation: Relation) -> None:
-        """Record that the whole set of ``(subject, relation)`` was observed (it may be empty)."""
-        subject = _SPACES.sub(" ", subject).strip().lower()
-        if subject:
-            self.full_sets[(subject, relation)] = None
-
-    def unparsed(self, text: str) -> None:
-        text = text.strip(" .")
-        if text:
-            self.residue.append(text)
-
-
-def entity(raw: str, sink: FactSink) -> str:
+def entity(raw: str, sink: FactSink, node: Node | None = None) -> str:
     """The entity name of a displayed name, adding the facts the name itself carries (state, stage, title).
 
     ``"liquid chocolate"`` -> ``chocolate`` with (chocolate, state_of_matter, liquid);
     ``"apple tree in the adult stage"`` -> ``apple tree`` with (apple tree, property, in the adult stage);
-    ``"substance called ice"`` -> ``ice`` with (ice, state_of_matter, solid).
+    ``"substance called ice"`` -> ``ice`` with (ice, state_of_matter, solid). With ``node`` the facts are about
+    that described object instead of the bare name.
     """
+    name, facts, full_properties = _name_facts(raw)
+    subject: Name = node if node is not None else name
+    for relation, obj in facts:
+        sink.add(subject, relation, obj)
+    if full_properties:
+        sink.full(subject, Relation.PROPERTY)
+    return name
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_facts(raw: str) -> tuple[str, tuple[tuple[Relation, str], ...], bool]:
+    """``(entity name, facts the displayed name carries, whether its properties were shown in full)``."""
     name = clean_name(raw)
+    facts: list[tuple[Relation, str]] = []
+    full = False
     if m := _SUBSTANCE.match(name):
         name = m.group(1)
     if m := _TITLED.match(name):
         name = m.group(1)
-        sink.add(name, Relation.PROPERTY, f"titled {m.group(2)}")
+        facts.append((Relation.PROPERTY, f"titled {m.group(2)}"))
     if m := _CONDITION.match(name):
         name = m.group(2)
-        sink.add(name, Relation.PROPERTY, m.group(1))
-        sink.full(name, Relation.PROPERTY)  # a dead, wilting, burned or blank thing shows no other property
+        facts.append((Relation.PROPERTY, m.group(1)))
+        full = True  # a dead, wilting, burned or blank thing shows no other property
     if m := _STATE_PREFIX.match(name):
         name = m.group(2)
-        sink.add(name, Relation.STATE_OF_MATTER, _STATE_WORD[m.group(1)])
+        facts.append((Relation.STATE_OF_MATTER, _STATE_WORD[m.group(1)]))
     elif name in _WATER_STATES:
-        sink.add(name, Relation.STATE_OF_MATTER, _WATER_STATES[name])
+        facts.append((Relation.STATE_OF_MATTER, _WATER_STATES[name]))
     if m := _PLANT_STAGE.match(name):
         # A plant keeps its name across stages, so its shown properties replace the old ones.
         name = m.group(1)
-        sink.add(name, Relation.PROPERTY, f"in the {m.group(2)} stage")
+        facts.append((Relation.PROPERTY, f"in the {m.group(2)} stage"))
         if m.group(3):
-            sink.add(name, Relation.PROPERTY, f"with {m.group(3)}")
-        sink.full(name, Relation.PROPERTY)
+            facts.append((Relation.PROPERTY, f"with {m.group(3)}"))
+        full = True
     elif m := _ANIMAL_STAGE_PREFIX.match(name) or _ANIMAL_STAGE_SUFFIX.match(name):
-        sink.add(name, Relation.PROPERTY, f"in the {m.group(1)} stage")
+        facts.append((Relation.PROPERTY, f"in the {m.group(1)} stage"))
     elif name == "caterpillar":  # the butterfly's and moth's larva stage has its own name
-        sink.add(name, Relation.PROPERTY, "in the larva stage")
-    return name
+        facts.append((Relation.PROPERTY, "in the larva stage"))
+    return name, tuple(facts), full
 
 
 # -- lists ---------------------------------------------------------------------------------------------------------
 # A list item never starts with these: they continue the previous item ("a switch, which is off").
 _CONTINUATION = re.compile(r"^(?:which is |currently reading |that is covered in pollen|with: )")
+# "On the pea plant you see:" / "In the bee hive is:" inside a list item opens a nested list.
+_NESTED_LIST = re.compile(r"(?:On|In|Inside) the [^:]+? (?:is|you see):$")
 
 
 def split_list(text: str) -> list[str]:
     """Split a ScienceWorld object list at top-level commas (or newlines, in the multi-line form).
 
     ``"a bowl (containing a, b), a switch, which is off"`` -> ``["a bowl (containing a, b)", "a switch, which is
-    off"]``. ``"nothing"`` gives ``[]``.
+    off"]``. A nested list (``"a pea plant. On the pea plant you see: a flower, a seed. , soil"``) belongs to its
+    item up to the ``". ,"`` that ScienceWorld writes after it. ``"nothing"`` gives ``[]``.
     """
     text = text.strip()
     if "\n" in text:
         parts = [p.strip() for p in text.split("\n")]
     else:
-        parts, depth, start = [], 0, 0
+        parts, depth, start, nested = [], 0, 0, False
         for i, ch in enumerate(text):
             if ch == "(":
                 depth += 1
             elif ch == ")":
                 depth = max(0, depth - 1)
-            elif ch == "," and depth == 0 and text.startswith(", ", i):
+            elif depth:
+                continue
+            elif ch == ":" and _NESTED_LIST.search(text, start, i + 1):
+                nested = True
+            elif nested and ch == "." and text.startswith(". , ", i):
+                parts.append(text[start:i + 1])
+                start, nested = i + 4, False
+            elif ch == "," and not nested and i >= start and text.startswith(", ", i):
                 parts.append(text[start:i])
                 start = i + 2
         parts.append(text[start:])
@@ -159,6 +154,7 @@ DOOR = re.compile(r"^A door to the (.+?) \(that is (open|closed)\)\.?$", re.IGNO
 _NAME_END = re.compile(
     r" \(containing |, which is |, currently reading |, with: |, that is covered in pollen| \(that looks unwell\)"
     r"| \(on fire\)|\.(?:\s|$)| ?its (?:anode|cathode|terminal \d+) is connected to: "
+    r"|, |;"  # no name has these: a clause no rule knows, kept as residue rather than read as part of the name
 )
 _S = r"\.?\s*"  # a clause that is a new sentence may or may not follow the previous one's period
 # One word per power state: looks say "turned on" (sink), "on" (light bulb) or "activated" (stopwatch) while the
@@ -194,80 +190,88 @@ def first_match(rules: list[tuple[str, re.Pattern[str]]], text: str) -> tuple[st
     return None
 
 
-def describe(text: str, sink: FactSink) -> str:
-    """Parse one object description into ``sink``; return the object's entity name ("" if there is none).
+def describe(text: str, sink: FactSink, parent: Node | str | None = None) -> Node | None:
+    """Parse one object description into ``sink``; return the described object (None if no name was found).
 
-    Handles nesting: ``(containing ...)``, ``On/In the X is: ...`` and inclined planes' ``with:`` lists add
+    ``parent`` is what the object was listed in (None: not known, e.g. the feedback of ``look at``). Handles
+    nesting: ``(containing ...)``, ``On/In the X is: ...`` and inclined planes' ``with:`` lists add
     (X, contains, child) for each child and mark (X, contains) as a full set. Unknown clauses go to the residue.
     """
     text = text.strip()
     end = _NAME_END.search(text)
     head, rest = (text[: end.start()], text[end.start():]) if end else (text, "")
-    name = entity(head, sink)
+    name, _, _ = _name_facts(head)
     if not name:
         sink.unparsed(text)
-        return ""
+        return None
+    node = sink.node(name, parent)
+    entity(head, sink, node)
+    if _LIVING.match(clean_name(head)):
+        # A plant shows what is on it ("On the pea plant you see: ..."), or nothing when nothing is: seeds that
+        # fell when it died are in its pot now, not on it. (A closed container is different: it hides contents.)
+        sink.full(node, Relation.CONTAINS)
     while rest and not _TAIL.match(rest):
         hit = first_match(_CLAUSES, rest)
         if hit is None:
             sink.unparsed(rest)
-            return name
+            return node
         kind, m = hit
         rest = rest[m.end():]
         if kind == "containing":
             close = _closing_paren(rest, 0)
-            _contents(name, rest[:close], sink)
+            _contents(node, rest[:close], sink)
             rest = rest[close + 1:]
         elif kind == "which":
             state = m.group(1)
             if state in ("open", "closed"):
-                sink.add(name, Relation.OPEN_STATE, state)
+                sink.add(node, Relation.OPEN_STATE, state)
             elif state == "flushing":
-                sink.add(name, Relation.PROPERTY, "flushing")
+                sink.add(node, Relation.PROPERTY, "flushing")
             else:
-                sink.add(name, Relation.POWER_STATE, POWER_STATES[state])
+                sink.add(node, Relation.POWER_STATE, POWER_STATES[state])
         elif kind == "reading":
-            sink.add(name, Relation.READING, m.group(1))
+            sink.add(node, Relation.READING, m.group(1))
         elif kind == "ticks":
-            sink.add(name, Relation.READING, f"{m.group(1)} ticks")
+            sink.add(node, Relation.READING, f"{m.group(1)} ticks")
         elif kind in ("door", "openness"):
-            sink.add(name, Relation.OPEN_STATE, m.group(2))
+            sink.add(node, Relation.OPEN_STATE, m.group(2))
         elif kind == "list":
             body = m.group(2).rstrip()
-            _contents(name, body[:-1] if body.endswith(".") else body, sink)
+            _contents(node, body[:-1] if body.endswith(".") else body, sink)
         elif kind == "plane":
-            _plane(name, m.group(1), sink)
+            _plane(node, m.group(1), sink)
         elif kind == "terminal":
             if clean_name(m.group(2)) != "nothing":
-                sink.add(name, Relation.PROPERTY, f"{m.group(1)} connected to {clean_name(m.group(2))}")
+                sink.add(node, Relation.PROPERTY, f"{m.group(1)} connected to {clean_name(m.group(2))}")
         elif kind == "unwell":
-            sink.add(name, Relation.PROPERTY, "unwell")
+            sink.add(node, Relation.PROPERTY, "unwell")
         elif kind == "fire":
-            sink.add(name, Relation.PROPERTY, "on fire")
+            sink.add(node, Relation.PROPERTY, "on fire")
         elif kind == "pollen":
-            sink.add(name, Relation.PROPERTY, "covered in pollen")
+            sink.add(node, Relation.PROPERTY, "covered in pollen")
         elif kind == "artist":
-            sink.add(name, Relation.PROPERTY, f"painted by {m.group(1).lower()}")
+            sink.add(node, Relation.PROPERTY, f"painted by {m.group(1).lower()}")
         # "connected" (a bare terminal's own links) names no object to attach them to: consumed, no fact.
-    return name
+    return node
 
 
-def _contents(container: str, body: str, sink: FactSink) -> None:
+def _contents(container: Node, body: str, sink: FactSink) -> None:
     sink.full(container, Relation.CONTAINS)
     for item in split_list(body):
-        child = describe(item, sink)
-        if child:
+        if child := describe(item, sink, container):
             sink.add(container, Relation.CONTAINS, child)
 
 
-def _plane(plane: str, body: str, sink: FactSink) -> None:
+def _plane(plane: Node, body: str, sink: FactSink) -> None:
     sink.full(plane, Relation.CONTAINS)
     for item in split_list(body):
         m = _PLANE_ITEM.match(item)
         if not m:
             sink.unparsed(item)
             continue
-        block = entity(m.group(1), sink)
+        name, _, _ = _name_facts(m.group(1))
+        block = sink.node(name, plane)
+        entity(m.group(1), sink, block)
         sink.add(plane, Relation.CONTAINS, block)
         sink.add(block, Relation.PROPERTY, m.group(2))
         sink.full(block, Relation.PROPERTY)  # its position replaces the previous one
@@ -276,21 +280,24 @@ def _plane(plane: str, body: str, sink: FactSink) -> None:
 def object_line(line: str, container: str, sink: FactSink) -> None:
     """Facts from one listed line of ``container`` (a room, the inventory, or any container).
 
-    A door line gives (room, connects_to, other room) and (door to other room, open_state, ...); ``the agent``
-    gives (agent, location, room); any other object gives (container, contains, object) and its own facts.
+    A door line gives (room, connects_to, other room) and (door between the two rooms, open_state, ...);
+    ``the agent`` gives (agent, location, room); any other object gives
+    (container, contains, object) and its own facts.
     """
     line = line.strip()
     if m := DOOR.match(line):
         other = clean_name(m.group(1))
         sink.add(container, Relation.CONNECTS_TO, other)
-        sink.add(f"door to {other}", Relation.OPEN_STATE, m.group(2).lower())
+        sink.add(door_name(container, other), Relation.OPEN_STATE, m.group(2).lower())
         return
-    name = describe(line, sink)
-    if name == AGENT:
+    node = describe(line, sink, container)
+    if node is None:
+        return
+    if node.name == AGENT:
         if container != INVENTORY:
             sink.add(AGENT, Relation.LOCATION, container)
-    elif name:
-        sink.add(container, Relation.CONTAINS, name)
+    else:
+        sink.add(container, Relation.CONTAINS, node)
 
 
 # -- listings (look around, inventory, look in) ---------------------------------------------------------------------

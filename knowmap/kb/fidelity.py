@@ -4,18 +4,19 @@ The judge is the simulator, never a model: :class:`WorldState` reads ``env.getOb
 its container, open/closed, activation, material and life records) and ScienceWorld's referent table (the names
 an object is shown and addressed by). :class:`FidelityTally` compares the KB's current facts with it after a step.
 
-Names. The KB keys entities by display name, lower-cased, without article, state prefix or life stage
-(:func:`knowmap.kb.extraction_patterns.entity`). A tree object answers to that same normalisation of its tree
-name and of each of its referents, generic ones (``substance``, ``living thing``, ...) left out. A KB name may
-match several objects (two drawers, two oranges): a fact is true if *any* of them satisfies it, and the check is
-counted as ``ambiguous`` as well, because shared names are one of the defects being measured.
+Names. A tree object answers to the KB's normalisation (:func:`normalise`) of its tree name, of its referents
+(generic ones such as ``substance`` left out) and of those with its colour in front, as the display shows them.
+KB names qualified by the KB's identity rules (``"pea seed #2 in pea plant in flower pot 8"``) resolve through
+their container (:meth:`WorldState.resolve`); up to two leading modifiers the tree does not record (a flower's
+colour and size) are dropped when nothing matches otherwise. A name that still denotes objects in several places is counted as
+``ambiguous``; a fact about it is true if any of them satisfies it.
 
-Scope. An object is *in view* at a step when it is inside the agent's room (at any depth, inventory included)
-and one of its names occurs, as whole words, in that step's texts (feedback, look around, inventory): what the
+Scope. An object is *in view* at a step when it is inside the agent's room (inventory included; inside other
+objects only where the text lists their contents) and one of its names occurs, as whole words, in that step's texts (feedback, look around, inventory): what the
 agent could have read. Precision counts the KB's current facts whose subject or object is in view (the agent's
 location always is; a name that matches no object anywhere counts too, as ``unmatched``, and is false); facts
 only about objects out of view are reported apart as ``memory``. Recall counts the true facts about objects in
-view that the step's text reveals (containment always; open/closed, on/off, state of matter, a thermometer's
+view that the step's text reveals (containment always, each of n identical items apart; open/closed, on/off, state of matter, a thermometer's
 reading, death, sickness and fire only where ScienceWorld's display template states them next to the object's
 name, tested by the regexes of :func:`revealed`).
 A KB fact that was true at an earlier check and is false now is *stale* (a change the KB missed).
@@ -29,29 +30,24 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from knowmap.kb.extraction_patterns import AGENT, INVENTORY, FactSink, entity
+from knowmap.kb.extraction_patterns import FactSink, entity
+from knowmap.kb.identity import AGENT, INVENTORY, door_name
 from knowmap.schemas import Fact, Relation
 
 # Relations the tree can judge, as reported; "containment" joins contains and (non-agent) location facts, which
 # the KB keeps as inverses of each other.
-CHECKED = ("containment", "agent_location", "open_state", "power_state", "state_of_matter", "temperature",
+CHECKED = ("containment", "agent_location", "door_state", "connects_to", "open_state", "power_state", "state_of_matter",
+           "temperature",
            "reading", "property")
-UNCHECKABLE: dict[str, str] = {
-    "portal": "doors and drains are portals (Door, LiquidDrain), which EnvObject.toJSON leaves out of the tree "
-              "(it walks getContainedObjects, not getPortals): their open state and containment are not checked",
-    "connects_to": "room connections are portals too: not in the tree",
-    "reading (ticks)": "a stopwatch's ticks are counted by the device, not stored in the tree (a thermometer's "
-                       "reading is its own temperatureC, which is checked)",
-    "focus": "the focused object is task state, not object state",
-    "property (other)": "life stage, titles, pollen, positions on a plane, wiring and recipes are not in the "
-                        "tree's JSON (LifeProperties.toJSON has isDead and isSickly, not the stage)",
-}
 TEMPERATURE_TOLERANCE_C = 1.0  # the thermometer prints whole degrees
 _GENERIC = frozenset({"substance", "living thing", "organism", "object", "thing", "component", "plant", "animal",
-                      "electrical component", "device", "container", "seed"})
+                      "electrical component", "device", "container", "seed", "generator"})
 _PART = re.compile(r"^(?:terminal \d+|anode|cathode)$")  # every object's electrical connection points
-_PORTAL = re.compile(r"^(?:door to .+|drain)$")
-_PLACED = re.compile(r"^(.+?) in (?:the )?(.+)$")
+_PORTAL = re.compile(r"^(?:door to .+|drain)$")  # a door the KB could not place, and drains: not judged
+_DOOR = re.compile(r"^door between (.+) and (.+)$")
+DOOR_KINDS = ("door_state", "connects_to")  # judged only with the doors read from the JVM
+_INSTANCE = re.compile(r"^(.+) #(\d+)$")
+_MEASURED = re.compile(r" at step (\d+)$")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _PROPERTY_CHECKS = {"dead": "dead", "on fire": "burning", "unwell": "sick"}
 
@@ -67,6 +63,7 @@ class TreeObject:
 
     uuid: str
     name: str
+    label: str  # the tree name as the KB would key it
     parent: str | None
     names: frozenset[str]
     aliases: frozenset[str]  # names plus generic referents ("substance"), for place-qualified KB names
@@ -86,14 +83,23 @@ class WorldState:
     Args:
         tree: ``env.getObjectTree()`` (the universe and everything in it).
         referents: uuid -> referents, from ``get_all_object_ids_types_referents_LUTJSON``; optional.
+        doors: the doors, as :meth:`knowmap.environment.sciworld.ScienceWorld.doors` reads them (the tree leaves
+            portals out); None: door states and room connections are not judged.
 
     Raises:
         ValueError: the tree holds no agent.
     """
 
-    def __init__(self, tree: Mapping[str, Any], referents: Mapping[str, Iterable[str]] | None = None) -> None:
+    def __init__(self, tree: Mapping[str, Any], referents: Mapping[str, Iterable[str]] | None = None,
+                 doors: Iterable[Mapping[str, Any]] | None = None) -> None:
+        self.doors: dict[str, bool] | None = None  # "door between a and b" -> open
+        self.door_rooms: dict[str, tuple[str, str]] = {}
+        if doors is not None:
+            self.door_rooms = {door_name(*d["rooms"]): tuple(sorted(d["rooms"])) for d in doors if len(d["rooms"]) == 2}
+            self.doors = {door_name(*d["rooms"]): bool(d["open"]) for d in doors if len(d["rooms"]) == 2}
         self.objects: dict[str, TreeObject] = {}
         self.by_name: dict[str, list[str]] = {}
+        self._resolved: dict[str, tuple[list[TreeObject], int]] = {}
         referents = referents or {}
         stack: list[tuple[Mapping[str, Any], str | None]] = [(tree, None)]
         while stack:
@@ -115,8 +121,43 @@ class WorldState:
         self.room = self.objects[self.agent].parent or self.agent
 
     def matches(self, name: str) -> list[TreeObject]:
-        """The objects a KB name may denote (empty: no object answers to it)."""
+        """The objects whose own names include ``name`` (empty: no object answers to it)."""
         return [self.objects[u] for u in self.by_name.get(name, [])]
+
+    def resolve(self, name: str) -> tuple[list[TreeObject], int]:
+        """The objects a KB entity name may denote, and its instance number.
+
+        Reads the KB's identity scheme (:mod:`knowmap.kb.identity`): ``"apple #2"`` is the second of identical
+        apples in one container (instance 2), ``"pea plant in flower pot 8"`` is a pea plant inside an object
+        that ``"flower pot 8"`` resolves to (recursively), and a generic referent with its place (``"substance in
+        metal pot"``) resolves the way ScienceWorld's parser would, among that container's contents.
+        """
+        if name not in self._resolved:
+            self._resolved[name] = ([], 1)  # a name that contains itself resolves to nothing
+            self._resolved[name] = self._resolve(name)
+        return self._resolved[name]
+
+    def _resolve(self, name: str) -> tuple[list[TreeObject], int]:
+        for known in _modified(name) if " in " not in name else [name]:
+            if known in self.by_name:  # an object shown by that very name beats ones that merely answer to it
+                found = self.matches(known)
+                return [o for o in found if o.label == known] or found, 1
+            if (m := _INSTANCE.match(known)) and m.group(1) in self.by_name:
+                return self.matches(m.group(1)), int(m.group(2))
+        start = 0
+        while (i := name.find(" in ", start)) >= 0:
+            head, tail, start = name[:i], name[i + 4:], i + 1
+            containers = self.resolve(tail)[0]
+            if not containers:
+                continue
+            k = 1
+            if m := _INSTANCE.match(head):
+                head, k = m.group(1), int(m.group(2))
+            for known in _modified(head):
+                found = [self.objects[c] for p in containers for c in p.children if known in self.objects[c].aliases]
+                if found:
+                    return found, k
+        return [], 1
 
     def parent_names(self, obj: TreeObject) -> frozenset[str]:
         return self.objects[obj.parent].names if obj.parent in self.objects else frozenset()
@@ -124,9 +165,10 @@ class WorldState:
     def in_view(self, texts: Iterable[str]) -> set[str]:
         """Objects in the agent's room that one of ``texts`` names (see the module docstring), plus the room.
 
-        The walk does not enter a closed container unless the text lists its contents (``"a glass jar
-        (containing ..."``; ScienceWorld shows some closed containers' contents): a drawer inside a closed
-        cupboard is not in view because another drawer is named on the counter.
+        The walk enters an object only if the text lists its contents (``"a glass jar (containing"``, ``"On the pea
+        plant you see:"``, ``"In the sink is:"``; the room, the agent and the inventory always): a drawer inside a
+        closed cupboard is not in view because another drawer is named on the counter, nor are bees inside a
+        flower (a flower shows no contents) because other bees fly in the room.
         """
         text = " ".join(" ".join(t.lower() for t in texts if t).split())  # ScienceWorld doubles some spaces
         view = {self.room}
@@ -135,17 +177,25 @@ class WorldState:
             obj = self.objects[stack.pop()]
             if obj.name == INVENTORY or any(_mentioned(n, text) for n in obj.names):
                 view.add(obj.uuid)
-            if obj.is_open is False and not any(f"{n} (containing" in text for n in obj.names):
-                continue
-            stack.extend(obj.children)
+            if obj.name in (AGENT, INVENTORY) or any(_lists_contents(n, text) for n in obj.names):
+                stack.extend(obj.children)
         return view
+
+
+def _lists_contents(name: str, text: str) -> bool:
+    return (f"{name} (containing" in text or f"the {name} you see:" in text or f"the {name} is:" in text
+            or f"{name}, with:" in text)
 
 
 def _tree_object(uuid: str, node: Mapping[str, Any], parent: str | None, referents: Iterable[str]) -> TreeObject:
     raw = str(node.get("name", ""))
     names = {normalise(raw)} | {normalise(r) for r in referents}
     specific = {n for n in names if n and (n not in _GENERIC or n == raw.lower())}
-    obj = TreeObject(uuid=uuid, name=raw.lower(), parent=parent, names=frozenset(specific),
+    color = str((node.get("propMaterial") or {}).get("color") or "").lower()
+    if color:  # the display shows an object's colour before its name ("a white pillow"); the tree does not
+        specific |= {f"{color} {n}" for n in specific if not n.startswith(color)}
+        names |= specific
+    obj = TreeObject(uuid=uuid, name=raw.lower(), label=normalise(raw), parent=parent, names=frozenset(specific),
                      aliases=frozenset(n for n in names if n))
     if (c := node.get("propContainer")) and c.get("isClosable"):
         obj.is_open = bool(c.get("isOpen"))
@@ -160,6 +210,13 @@ def _tree_object(uuid: str, node: Mapping[str, Any], parent: str | None, referen
     return obj
 
 
+def _modified(name: str) -> list[str]:
+    """``name``, then without one and two leading words: the display puts modifiers the tree does not record
+    before some names (a flower's colour and size come from the plant's genes: "small red flower" is a flower)."""
+    words = name.split(" ")
+    return [name] + [" ".join(words[cut:]) for cut in (1, 2) if len(words) > cut]
+
+
 def _mentioned(name: str, text: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text) is not None
 
@@ -167,7 +224,11 @@ def _mentioned(name: str, text: str) -> bool:
 def canonical(fact: Fact) -> tuple[str, str, str, str]:
     """``(checked relation, subject, relation word, object)``: ``(x, location, y)`` becomes ``(y, contains, x)``
     unless x is the agent, so containment is counted once however the KB stored it."""
-    if _PORTAL.match(fact.subject) or (fact.relation is Relation.CONTAINS and _PORTAL.match(fact.object)) or (
+    if _DOOR.match(fact.subject) and fact.relation is Relation.OPEN_STATE:
+        return ("door_state", fact.subject, fact.relation.value, fact.object)
+    if fact.relation is Relation.CONNECTS_TO:
+        return ("connects_to", fact.subject, fact.relation.value, fact.object)
+    if _PORTAL.match(fact.subject) or _DOOR.match(fact.subject) or (fact.relation is Relation.CONTAINS and _PORTAL.match(fact.object)) or (
             fact.relation is Relation.LOCATION and _PORTAL.match(fact.object)):
         return ("portal", fact.subject, fact.relation.value, fact.object)
     if fact.relation is Relation.LOCATION:
@@ -185,48 +246,57 @@ def canonical(fact: Fact) -> tuple[str, str, str, str]:
 
 
 def judge(world: WorldState, kind: str, subject: str, obj: str, view: set[str] = frozenset(),
-          previous: WorldState | None = None) -> tuple[bool, int, bool]:
-    """Whether a canonical KB fact holds in ``world``: ``(true, candidate objects, unmatched)``.
+          previous: WorldState | None = None,
+          measured: Mapping[int, Mapping[str, float]] | None = None) -> tuple[bool, int, bool]:
+    """Whether a canonical KB fact holds in ``world``: ``(true, places, unmatched)``.
 
-    A temperature or reading also holds if it matches the object in ``previous`` (the world before this step):
-    a thermometer reads before the step's tick, the tree is written after it, and a heated object can change
-    by more than the tolerance in one tick.
+    Names resolve through :meth:`WorldState.resolve`. A containment fact ``(S, contains, X #k)`` holds when an
+    object ``S`` denotes holds at least k objects that ``X`` denotes. Any other fact holds when one of the objects
+    its subject denotes satisfies it (those in ``view``, if any are). ``places`` is the number of containers the
+    subject's (containment: the child's) candidates in view lie in: more than one means the name is ambiguous.
+    ``unmatched`` is True when a name answers to no object at all (the fact is then false).
 
-    The candidates for a name are the objects in ``view`` that answer to it, or, if none is in view, every object
-    that does; more than one candidate means the name is ambiguous. ``unmatched`` is True when a name in the fact
-    answers to no object at all (the fact is then false).
+    A measurement ``"N degrees celsius at step s"`` holds if the object had that temperature at step s or just
+    before it (``measured``: step -> uuid -> temperature, what the tally saw; a thermometer reads before the step's
+    tick, the tree is written after it). A current reading holds if it matches the object now or in ``previous``.
     """
     if kind == "agent_location":
         return obj in world.objects[world.room].names, 1, False
+    if kind == "door_state":
+        if world.doors is None or subject not in world.doors:
+            return False, 0, True
+        return world.doors[subject] == (obj == "open"), 1, False
+    if kind == "connects_to":
+        return world.doors is not None and door_name(subject, obj) in world.doors, 1, False
     if kind == "containment":
-        # The container disambiguates: any object of that name in any container of that name makes it true
-        # (the kitchen's sink while the agent looks at the bathroom's); ambiguity is counted among those in view.
-        children = _candidates(world, obj, view)
-        if not children or not world.matches(subject):
-            return False, len(children), True
-        everywhere = world.matches(obj) or children
-        return any(subject in world.parent_names(c) for c in everywhere), len(children), False
-    candidates = _candidates(world, subject, view)
+        parents = world.resolve(subject)[0]
+        children, k = world.resolve(obj)
+        if not parents or not children:
+            return False, _places(children, view) if children else 0, True
+        held = Counter(c.parent for c in children)
+        ok = any(held[p.uuid] >= k for p in parents)
+        return ok, _places(children, view), False
+    candidates = world.resolve(subject)[0]
     if not candidates:
         return False, 0, True
-    ok = any(_holds(c, kind, obj) for c in candidates)
+    seen = [c for c in candidates if c.uuid in view] or candidates
+    if kind == "temperature" and measured is not None and (m := _MEASURED.search(obj)):
+        step, value = int(m.group(1)), float(_NUMBER.search(obj).group())
+        ok = any(abs(temps[c.uuid] - value) <= TEMPERATURE_TOLERANCE_C for s in (step, step - 1)
+                 if (temps := measured.get(s)) is not None for c in seen if c.uuid in temps)
+        return ok, _places(seen, view), False
+    ok = any(holds(c, kind, obj) for c in seen)
     if not ok and previous is not None and kind in ("temperature", "reading"):
-        ok = any(_holds(previous.objects[c.uuid], kind, obj) for c in candidates if c.uuid in previous.objects)
-    return ok, len(candidates), False
+        ok = any(holds(previous.objects[c.uuid], kind, obj) for c in seen if c.uuid in previous.objects)
+    return ok, _places(seen, view), False
 
 
-def _candidates(world: WorldState, name: str, view: set[str]) -> list[TreeObject]:
-    found = world.matches(name)
-    if not found and (m := _PLACED.match(name)):
-        # The KB keeps the place in a generic referent's name ("substance in metal pot"): resolve it the way
-        # ScienceWorld's parser would, among the objects inside a container of that name.
-        found = [o for o in world.objects.values()
-                 if m.group(1) in o.aliases and m.group(2) in world.parent_names(o)]
-    seen = [o for o in found if o.uuid in view]
-    return seen or found
+def _places(objects: list[TreeObject], view: set[str]) -> int:
+    seen = [o for o in objects if o.uuid in view] or objects
+    return len({o.parent for o in seen})
 
 
-def _holds(o: TreeObject, kind: str, value: str) -> bool:
+def holds(o: TreeObject, kind: str, value: str) -> bool:
     if kind == "open_state":
         return o.is_open is not None and o.is_open == (value == "open")
     if kind == "power_state":
@@ -278,129 +348,11 @@ def revealed(world: WorldState, view: set[str], texts: Iterable[str]) -> list[tu
             out.append(("property", uuid, o.names, "unwell"))
         if o.burning and re.search(rf"{names} \(on fire\)", text):
             out.append(("property", uuid, o.names, "on fire"))
+    here = world.objects[world.room].name
+    for door, rooms in world.door_rooms.items():  # the doors of this room that the text names
+        other = rooms[1] if rooms[0] == here else rooms[0] if rooms[1] == here else None
+        if other is not None and re.search(rf"door to (?:the )?{re.escape(other)}\b", text):
+            out.append(("door_state", door, frozenset({door}), "open" if world.doors[door] else "closed"))
+            out.append(("connects_to", door, frozenset({here}), other))
     return out
 
-
-@dataclass
-class Counts:
-    """Precision, recall and staleness counts of one relation (or one task, or everything)."""
-
-    checked: int = 0
-    true: int = 0
-    stale: int = 0
-    ambiguous: int = 0
-    unmatched: int = 0
-    memory_checked: int = 0
-    memory_true: int = 0
-    truth: int = 0
-    found: int = 0
-    collapsed: int = 0
-
-    def add(self, other: Counts) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def summary(self) -> dict[str, Any]:
-        """The counts with precision, recall, staleness and memory precision (None where nothing was counted)."""
-        def ratio(a: int, b: int) -> float | None:
-            return round(a / b, 6) if b else None
-        return {**{k: getattr(self, k) for k in self.__dataclass_fields__},
-                "precision": ratio(self.true, self.checked), "recall": ratio(self.found, self.truth),
-                "staleness": ratio(self.stale, self.checked),
-                "memory_precision": ratio(self.memory_true, self.memory_checked)}
-
-
-class FidelityTally:
-    """Accumulates the per-step comparison of an env KB with the world, per relation, over an episode or more.
-
-    Call :meth:`check` after every step with the KB's current facts; read :attr:`per_relation`,
-    :attr:`unchecked` (KB facts of relations the tree cannot judge) and :meth:`examples` (the false facts).
-    """
-
-    def __init__(self, max_examples: int = 40) -> None:
-        self.per_relation: dict[str, Counts] = {k: Counts() for k in CHECKED}
-        self.unchecked: Counter[str] = Counter()
-        self.false_facts: Counter[tuple[str, str]] = Counter()  # (fact, why) -> fact-steps it was open and false
-        self._first_false: dict[tuple[str, str], str] = {}
-        self.max_examples = max_examples
-        self._was_true: set[tuple[str, str, str, str, int]] = set()
-        self._previous: WorldState | None = None
-
-    def examples(self, n: int | None = None) -> list[dict[str, Any]]:
-        """The false facts, most often checked first: fact, why, first episode@step, how many fact-steps."""
-        return [{"fact": f, "why": why, "first": self._first_false[(f, why)], "fact_steps": count}
-                for (f, why), count in self.false_facts.most_common(n or self.max_examples)]
-
-    def new_episode(self) -> None:
-        """Forget which facts were true before (fact identities restart with a new KB)."""
-        self._was_true.clear()
-        self._previous = None
-
-    def check(self, world: WorldState, facts: Iterable[Fact], texts: Iterable[str], step: int = 0,
-              label: str = "") -> dict[str, Counts]:
-        """Compare ``facts`` (the KB's current ones) with ``world`` after a step; returns this step's counts per
-        relation (:func:`total` adds them up)."""
-        texts = list(texts)
-        view = world.in_view(texts)
-        view_names = {n for u in view for n in world.objects[u].names} | {AGENT}
-        step_counts = {k: Counts() for k in CHECKED}
-        kb: set[tuple[str, str, str]] = set()
-        values: dict[tuple[str, str], list[str]] = {}
-        first: dict[tuple[str, str, str, str], int] = {}  # a contains fact and its inverse location fact: once
-        for fact in facts:
-            key4 = canonical(fact)
-            first[key4] = min(first.get(key4, fact.valid_from), fact.valid_from)
-        for (kind, subject, word, obj), valid_from in first.items():
-            if kind not in step_counts:
-                self.unchecked[kind] += 1
-                continue
-            kb.add((kind, subject, obj))
-            values.setdefault((kind, subject), []).append(obj)
-            ok, candidates, unmatched = judge(world, kind, subject, obj, view, self._previous)
-            c = step_counts[kind]
-            in_view = unmatched or subject in view_names or (kind == "containment" and obj in view_names)
-            if not in_view:
-                c.memory_checked += 1
-                c.memory_true += ok
-                continue
-            key = (kind, subject, word, obj, valid_from)
-            c.checked += 1
-            c.true += ok
-            c.ambiguous += candidates > 1
-            c.unmatched += unmatched
-            if ok:
-                self._was_true.add(key)
-            else:
-                c.stale += key in self._was_true
-                why = ("unmatched name" if unmatched else "was true, no longer" if key in self._was_true else
-                       "false when first checked")
-                example = (f"({subject}, {word}, {obj})", why)
-                self.false_facts[example] += 1
-                self._first_false.setdefault(example, f"{label}@{step}")
-        seen: Counter[tuple[str, frozenset[str], frozenset[str]]] = Counter()
-        for kind, uuid, subjects, _value in revealed(world, view, texts):
-            c = step_counts[kind]
-            c.truth += 1
-            names = world.objects[uuid].names
-            if kind == "containment":
-                c.found += any((kind, s, n) in kb for s in subjects for n in names)
-                seen[(kind, subjects, names)] += 1
-            elif kind == "agent_location":
-                c.found += any((kind, AGENT, n) in kb for n in world.objects[world.room].names)
-            else:
-                o = world.objects[uuid]  # found: a KB value for one of its names that holds (numbers within 1 C)
-                c.found += any(_holds(o, kind, v) for n in subjects for v in values.get((kind, n), ()))
-        for (kind, _, _), n in seen.items():
-            step_counts[kind].collapsed += n - 1  # identical objects in one container: one KB fact for n of them
-        for kind, c in step_counts.items():
-            self.per_relation[kind].add(c)
-        self._previous = world
-        return step_counts
-
-
-def total(per_relation: Mapping[str, Counts]) -> Counts:
-    """The sum of per-relation counts."""
-    out = Counts()
-    for counts in per_relation.values():
-        out.add(counts)
-    return out

@@ -6,7 +6,8 @@ import pytest
 
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.kb.environment_kb import EnvironmentKB
-from knowmap.kb.fidelity import Counts, FidelityTally, WorldState, total
+from knowmap.kb.fidelity import WorldState
+from knowmap.kb.fidelity_tally import Counts, FidelityTally, total
 from knowmap.schemas import StepRecord, Trajectory
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def test_fidelity_of_two_short_episodes_against_the_real_tree() -> None:
                 kb.ingest(record.as_observation())
                 referents = runner.env.object_referents()
                 with_referents += bool(referents)
-                world = WorldState(runner.env.object_tree(), referents)
+                world = WorldState(runner.env.object_tree(), referents, runner.env.doors())
                 counts.add(total(tally.check(world, kb.current(), [record.observation, record.look, record.inventory],
                                       record.step, label)))
 
@@ -41,3 +42,6 @@ def test_fidelity_of_two_short_episodes_against_the_real_tree() -> None:
     assert 0.0 < summary["precision"] <= 1.0 and 0.0 < summary["recall"] <= 1.0
     assert 0.0 <= summary["staleness"] <= 1.0
     assert tally.per_relation["agent_location"].summary()["precision"] == 1.0
+    # Doors come from the JVM (the tree leaves portals out); the KB names them by both rooms.
+    doors = tally.per_relation["door_state"].summary()
+    assert doors["checked"] > 0 and doors["precision"] == 1.0 and doors["recall"] == 1.0

@@ -91,8 +91,9 @@ def test_nothing_is_an_observed_empty_set(kitchen: Extraction) -> None:
 def test_doors_give_open_state_and_room_connections(kitchen: Extraction) -> None:
     assert kitchen.objects("kitchen", Relation.CONNECTS_TO) == ["bathroom", "hallway", "outside"]
     assert kitchen.is_full("kitchen", Relation.CONNECTS_TO)
-    assert t("door to hallway", Relation.OPEN_STATE, "open") in kitchen.triples
-    assert t("door to bathroom", Relation.OPEN_STATE, "closed") in kitchen.triples
+    # A listed door is named by the two rooms it joins (its room is the listing's).
+    assert t("door between hallway and kitchen", Relation.OPEN_STATE, "open") in kitchen.triples
+    assert t("door between bathroom and kitchen", Relation.OPEN_STATE, "closed") in kitchen.triples
     for container in ("cupboard", "freezer", "fridge", "oven"):
         assert t(container, Relation.OPEN_STATE, "closed") in kitchen.triples
 
@@ -117,7 +118,9 @@ def test_thermometer_reading(kitchen: Extraction) -> None:
 
 
 def _measured(r: dict[str, Any]) -> str:
-    return re.search(r"(-?\d+ degrees celsius)", r["text"]).group(1)
+    """A measurement as the KB keeps it: the value and the step it was taken at (a temperature changes)."""
+    value = re.search(r"(-?\d+ degrees celsius)", r["text"]).group(1)
+    return f"{value} at step {r['step']}"
 
 
 def test_thermometer_measurement_takes_its_subject_from_the_action() -> None:
@@ -191,24 +194,34 @@ def test_animals_and_plants_with_life_stages() -> None:
     assert t("juvenile blue jay", Relation.PROPERTY, "in the juvenile stage") in outside.triples
     assert t("blue jay egg", Relation.PROPERTY, "in the egg stage") in outside.triples
     assert t("blue jay", Relation.PROPERTY, "dead") in outside.triples  # "a dead blue jay"
-    assert outside.objects("self watering flower pot 5", C) == ["apple tree", "soil", "water"]
-    assert outside.objects("apple tree", Relation.PROPERTY)[:1] == ["dead"]
-    assert t("apple tree", Relation.PROPERTY, "in the seedling stage") in outside.triples
-    assert outside.is_full("apple tree", Relation.PROPERTY)
+    # Four pots hold an apple tree each (and soil): four entities, each named by its pot.
+    pot5 = "self watering flower pot 5"
+    assert outside.objects(pot5, C) == [f"apple tree in {pot5}", f"soil in {pot5}", f"water in {pot5}"]
+    assert outside.objects(f"apple tree in {pot5}", Relation.PROPERTY) == ["dead"]
+    assert outside.is_full(f"apple tree in {pot5}", Relation.PROPERTY)
+    seedling = "apple tree in self watering flower pot 6"
+    assert outside.objects(seedling, Relation.PROPERTY) == ["in the seedling stage"]
+    assert outside.objects("apple tree in self watering flower pot 7", Relation.PROPERTY) == ["in the adult stage"]
 
     greenhouse = extract(record("mendelian-genetics-known-plant", action="open bee hive"))
     assert t("bee hive", Relation.OPEN_STATE, "open") in greenhouse.triples
-    assert greenhouse.objects("bee hive", C) == ["adult bee"]
-    assert t("pea plant", Relation.PROPERTY, "with a tall height") in greenhouse.triples
-    assert t("pea plant", Relation.PROPERTY, "in the reproducing stage") in greenhouse.triples
-    assert greenhouse.objects("flower pot 5", C) == ["pea plant", "soil"]
-    assert greenhouse.objects("pea plant", C) == ["purple flower"]
+    # Three bees in the hive and two in the room: five entities, counted per container.
+    assert greenhouse.objects("bee hive", C) == ["adult bee in bee hive", "adult bee #2 in bee hive",
+                                                 "adult bee #3 in bee hive"]
+    assert greenhouse.objects("greenhouse", C)[1:3] == ["adult bee in greenhouse", "adult bee #2 in greenhouse"]
+    # Two pea plants (pots 5 and 8), one tall and one short: two entities, each with its own flower.
+    tall, short = "pea plant in flower pot 5", "pea plant in flower pot 8"
+    assert greenhouse.objects(tall, Relation.PROPERTY) == ["in the reproducing stage", "with a tall height"]
+    assert greenhouse.objects(short, Relation.PROPERTY) == ["in the reproducing stage", "with a short height"]
+    assert greenhouse.objects("flower pot 5", C) == [tall, "soil in flower pot 5"]
+    assert greenhouse.objects(tall, C) == [f"purple flower in {tall}"]
 
 
 def test_seeds_keep_their_traits_in_the_name() -> None:
     r = record("mendelian-genetics-known-plant", action="look at seed jar")
     jar = extract(r, feedback_only=True)
-    assert set(jar.objects("seed jar", C)) == {"round green pea seed", "wrinkly green pea seed"}
+    # Two identical round seeds are two entities: counts are kept.
+    assert jar.objects("seed jar", C) == ["round green pea seed", "round green pea seed #2", "wrinkly green pea seed"]
     assert jar.is_full("seed jar", C)
 
 
