@@ -39,7 +39,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python benchmarks/extraction_coverage.py
+	$(BIN)/python benchmarks/extraction_lines_consumed.py
 	$(BIN)/python benchmarks/kb_fidelity.py
 
 clean:

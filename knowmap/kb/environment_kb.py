@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from knowmap.errors import KnowMapError, SnapshotError
-from knowmap.kb.identity import AGENT, door_name
+from knowmap.kb.identity import AGENT, display_name, door_name
 from knowmap.schemas import CARDINALITY, Cardinality, Fact, Observation, Relation, Trajectory, Triple
 
 SNAPSHOT_FORMAT = 1
@@ -98,6 +98,8 @@ class EnvironmentKB:
             KnowMapError: ``step`` is earlier than the last ingested step, or a full set names a single-valued
                 relation.
         """
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise KnowMapError(f"step must be an integer >= 0, got {step!r}")
         if step < self.last_step:
             raise KnowMapError(
                 f"step {step} is before the last ingested step {self.last_step} of env {self.env_id!r}: "
@@ -177,12 +179,12 @@ class EnvironmentKB:
             for old in list(current):
                 changes += self._close(key, old, step)
                 if triple.relation is Relation.LOCATION:
-                    # The object left its old container, unless both were seen in this same step (two
-                    # objects with the same name in different containers of one observation).
-                    idx = self._open.get((old, Relation.CONTAINS), {}).get(triple.subject)
-                    if idx is not None and self._facts[idx].valid_from < step:
-                        changes += self._close((old, Relation.CONTAINS), triple.subject, step)
-        self._facts.append(Fact(subject=key[0], relation=key[1], object=obj, valid_from=step))
+                    # The object left its old container (namesakes in two containers have two names: the
+                    # extractor qualifies them, knowmap.kb.identity).
+                    changes += self._close((old, Relation.CONTAINS), triple.subject, step)
+        # The triple was validated; a fact is that triple and a step, so it is built without validating again.
+        self._facts.append(Fact.model_construct(subject=key[0], relation=key[1], object=obj, valid_from=step,
+                                                valid_to=None))
         current[obj] = len(self._facts) - 1
         changes += 1
         if triple.relation is Relation.LOCATION:
@@ -219,17 +221,20 @@ class EnvironmentKB:
         return [f for f in self._facts if f.subject == subject and f.relation is relation]
 
     def entities(self) -> set[str]:
-        """Every subject and object name the KB has seen."""
+        """Every subject and object name the KB has seen, and the display names of qualified ones
+        (``"pea plant"`` for ``"pea plant in flower pot 8"``)."""
         names = {f.subject for f in self._facts}
         names.update(f.object for f in self._facts if f.relation in (Relation.CONTAINS, Relation.LOCATION,
                                                                       Relation.FOCUS, Relation.CONNECTS_TO))
-        return names
+        return names | {display_name(n) for n in names}
 
     def about(self, objects: Iterable[str], step: int | None = None) -> list[Fact]:
-        """Facts whose subject or object is one of ``objects``, as of ``step`` (default: now)."""
+        """Facts whose subject or object is one of ``objects``, as of ``step`` (default: now). A display name
+        (``"pea plant"``) also finds the entities it names (``"pea plant in flower pot 8"``, ``"pea plant #2"``)."""
         names = {" ".join(o.split()).lower() for o in objects}
         facts = self.current() if step is None else self.as_of(step)
-        return [f for f in facts if f.subject in names or f.object in names]
+        return [f for f in facts if f.subject in names or f.object in names
+                or display_name(f.subject) in names or display_name(f.object) in names]
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": SNAPSHOT_FORMAT, "env_id": self.env_id, "last_step": self.last_step,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowmap.kb.extraction_patterns import (
     DOOR,
+    LISTING_HEADERS,
     POWER_STATES,
     clean_name,
     describe,
@@ -147,7 +148,9 @@ def _feedback(text: str, action: str, step: int, sink: FactSink) -> None:
                 name = clean_name(door.group(1))
             elif opened := _ACTION_OPEN.match(action):
                 name = _action_object(opened.group(1), sink)
-            else:
+                if name.endswith(" door"):  # "open bedroom door": a referent of the door to the bedroom
+                    name = f"door to {name[:-5]}"
+            if name == "door":  # no telling which
                 return
         state = m.group(2)
         if state in ("open", "closed"):
@@ -188,18 +191,32 @@ class RuleBasedExtractor:
 
     def extract_with_residue(self, observation: Observation) -> tuple[Extraction, list[str]]:
         """The facts of ``observation`` and the parts of its text that no rule understood."""
-        sink = FactSink()
+        feedback = FactSink()
         action = " ".join(observation.action.lower().split())
         # The feedback of "look around" is the look again, up to spacing: parse each text once, or every object
         # in it would be listed twice.
-        seen = {" ".join(observation.text.split())}
-        _feedback(observation.text, action, observation.step, sink)
+        seen: set[str] = set()
+        listed = {listing_container(t) for t in (observation.look, observation.inventory) if t} - {None}
+        if listing_container(observation.text) not in listed:  # "look at kitchen" in the kitchen: once
+            seen.add(" ".join(observation.text.split()))
+            _feedback(observation.text, action, observation.step, feedback)
+        listings: list[str] = []
         for extra in (observation.look, observation.inventory):
             if extra and (key := " ".join(extra.split())) not in seen:
                 seen.add(key)
-                sink.extend(_listing_sink(extra))
-        triples, full_sets, residue = resolve(sink)
-        return Extraction(triples=triples, full_sets=full_sets), residue
+                listings.append(extra)
+        if any(node.parent is not None for node in feedback.nodes):
+            # The feedback lists objects too ("inventory", "look in"): one identity space for everything.
+            for text in listings:
+                feedback.extend(_listing_sink(text))
+            triples, full_sets, residue, _ = resolve(feedback)
+        else:  # the usual step: the listings resolve as on the last step (cached), the feedback beside them
+            listed_triples, listed_sets, listed_residue, shared = _resolved_listings(tuple(listings))
+            triples, full_sets, residue, _ = resolve(feedback, shared)
+            triples = list(dict.fromkeys([*triples, *listed_triples]))
+            full_sets = list(dict.fromkeys([*full_sets, *listed_sets]))
+            residue = [*residue, *listed_residue]
+        return Extraction.model_construct(triples=triples, full_sets=full_sets), residue
 
 
 @functools.lru_cache(maxsize=1024)
@@ -209,6 +226,17 @@ def _listing_sink(text: str) -> FactSink:
     sink = FactSink()
     listing(text, sink)
     return sink
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved_listings(texts: tuple[str, ...]) -> tuple[tuple[Triple, ...], tuple[tuple[str, Relation], ...],
+                                                        tuple[str, ...], frozenset[str]]:
+    """The look and inventory of a step resolved together, cached (they repeat step after step)."""
+    sink = FactSink()
+    for text in texts:
+        sink.extend(_listing_sink(text))
+    triples, full_sets, residue, shared = resolve(sink)
+    return tuple(triples), tuple(full_sets), tuple(residue), shared
 
 
 # -- per-line coverage (for the benchmark) --------------------------------------------------------------------------
@@ -239,8 +267,11 @@ def object_lines(text: str) -> list[str]:
 
 def listing_container(text: str) -> str | None:
     """The room or container a listing observation lists (``"kitchen"``, ``"inventory"``), else None."""
-    parsed = listing_lines(text)
-    return parsed[0] if parsed else None
+    header = text.lstrip("\n").split("\n", 1)[0].strip()
+    for pattern in LISTING_HEADERS:
+        if m := pattern.match(header):
+            return clean_name(m.group(1))
+    return None
 
 
 def extract_line(line: str, container: str) -> LineFacts:
@@ -251,5 +282,5 @@ def extract_line(line: str, container: str) -> LineFacts:
     """
     sink = FactSink()
     object_line(line, clean_name(container), sink)
-    triples, full_sets, residue = resolve(sink)
+    triples, full_sets, residue, _ = resolve(sink)
     return LineFacts(line=line, triples=triples, full_sets=full_sets, residue=residue)

@@ -58,6 +58,7 @@ class FidelityTally:
         self._was_true: set[tuple[str, str, str, str, int]] = set()
         self._previous: WorldState | None = None
         self._measured: dict[int, dict[str, float]] = {}  # step -> uuid -> temperature, this episode
+        self._timed: dict[tuple[str, str] | None, tuple[bool, int, bool]] = {}  # measurement -> verdict
 
     def examples(self, n: int | None = None) -> list[dict[str, Any]]:
         """The false facts, most often checked first: fact, why, first episode@step, how many fact-steps."""
@@ -69,6 +70,7 @@ class FidelityTally:
         self._was_true.clear()
         self._previous = None
         self._measured.clear()
+        self._timed.clear()
 
     def check(self, world: WorldState, facts: Iterable[Fact], texts: Iterable[str], step: int = 0,
               label: str = "") -> dict[str, Counts]:
@@ -104,7 +106,13 @@ class FidelityTally:
                 for o in subjects:
                     values.setdefault((kind, o.uuid), []).append(obj)
                 in_view = kind == "agent_location" or any(o.uuid in view for o in subjects)
-            ok, places, unmatched = judge(world, kind, subject, obj, view, self._previous, self._measured)
+            timed = (subject, obj) if kind == "temperature" and " at step " in obj else None
+            if timed in self._timed:  # a measurement is about its step: judged once, when it was taken
+                ok, places, unmatched = self._timed[timed]
+            else:
+                ok, places, unmatched = judge(world, kind, subject, obj, view, self._previous, self._measured)
+                if timed:
+                    self._timed[timed] = (ok, places, unmatched)
             c = step_counts[kind]
             if not (in_view or unmatched):
                 c.memory_checked += 1

@@ -20,6 +20,15 @@ INVENTORY = "inventory"
 _SPACES = re.compile(r"\s+")
 
 
+_QUALIFIED = re.compile(r"(?: #\d+)?(?: in .+)?$")
+
+
+def display_name(entity: str) -> str:
+    """The name an entity is shown by, without the count and container that tell namesakes apart:
+    ``"pea seed #2 in pea plant in flower pot 8"`` -> ``"pea seed"``."""
+    return _QUALIFIED.sub("", entity) or entity
+
+
 def door_name(room: str, other: str) -> str:
     """A door's entity name: by the two rooms it joins, ``"door between hallway and kitchen"`` (sorted, lower case).
     ScienceWorld names a door by where it leads, so "door to kitchen" seen from two rooms is two doors."""
@@ -90,16 +99,18 @@ class FactSink:
         self.nodes.extend(other.nodes)
 
 
-def resolve(sink: FactSink) -> tuple[list[Triple], list[tuple[str, Relation]], list[str]]:
-    """The sink's facts with every :class:`Node` named: ``(triples, full-set keys, residue)``.
+def resolve(sink: FactSink, shared_elsewhere: frozenset[str] = frozenset()
+            ) -> tuple[list[Triple], list[tuple[str, Relation]], list[str], frozenset[str]]:
+    """The sink's facts with every :class:`Node` named: ``(triples, full-set keys, residue, shared names)``.
 
     Identity rules, applied over everything the observation showed (feedback, look around and inventory together):
 
     - the k-th of several identical items in one container is ``"name #k"`` (k >= 2), so counts are kept;
     - a name listed in more than one container is qualified by its container: ``"pea plant in flower pot 8"``
       (recursively, ``"purple flower in pea plant in flower pot 8"``); the display name is its first words;
-    - location and containment facts that the action's feedback states with a name qualified this way are
-      dropped: the listings of the same observation say which of the objects is where.
+    - location and containment facts that the action's feedback states with a name qualified this way (here or,
+      ``shared_elsewhere``, in listings of the same observation resolved apart) are dropped: the listings say
+      which of the objects is where.
 
     A fact whose name is blank or over-long is no fact and goes to the residue.
     """
@@ -137,8 +148,8 @@ def resolve(sink: FactSink) -> tuple[list[Triple], list[tuple[str, Relation]], l
     residue = list(sink.residue)
     triples: dict[Triple, None] = {}
     for subject, relation, obj in sink.facts:
-        if relation in (Relation.LOCATION, Relation.CONTAINS) and (
-                (isinstance(subject, str) and is_shared(subject)) or (isinstance(obj, str) and is_shared(obj))):
+        if relation in (Relation.LOCATION, Relation.CONTAINS) and any(
+                isinstance(name, str) and (name in shared_elsewhere or is_shared(name)) for name in (subject, obj)):
             continue
         try:
             triples[_triple(named(subject), relation, named(obj))] = None
@@ -148,7 +159,7 @@ def resolve(sink: FactSink) -> tuple[list[Triple], list[tuple[str, Relation]], l
     for subject, relation in sink.full_sets:
         if name := _SPACES.sub(" ", named(subject)).strip().lower():
             full_sets[(name, relation)] = None
-    return list(triples), list(full_sets), residue
+    return list(triples), list(full_sets), residue, frozenset(n for n in by_name if is_shared(n))
 
 
 @functools.lru_cache(maxsize=65536)

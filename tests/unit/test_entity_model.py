@@ -153,3 +153,33 @@ def test_unexpected_text_never_raises_and_is_logged_once(caplog: pytest.LogCaptu
     logged = [rec for rec in caplog.records if "no extraction rule understood" in rec.getMessage()]
     assert len(logged) == 1 and "hums a tune" in logged[0].getMessage()
     assert {f.object for f in kb.current() if f.subject == "kitchen"} == {"agent", "sink", "chair"}
+
+
+def test_a_display_name_finds_the_namesakes() -> None:
+    """An action names "pea plant"; the KB's facts are about "pea plant in flower pot 5" and "... 8"."""
+    kb = EnvironmentKB("display")
+    kb.ingest(observation(first_look("mendelian-genetics-known-plant", "adult stage with a tall height",
+                                     "seedling stage")))
+    assert "pea plant" in kb.entities()
+    subjects = {f.subject for f in kb.about(["pea plant"]) if f.relation is P}
+    assert subjects == {"pea plant in flower pot 5", "pea plant in flower pot 8"}
+
+
+def test_no_mangled_observation_raises_out_of_ingest() -> None:
+    """Real texts cut, spliced and sprinkled with brackets, colons and commas: ingest keeps what it can, and the
+    rest is residue, never an exception."""
+    import random
+
+    rng = random.Random(17)
+    texts = [t for r in records()[:60] for t in (r["text"], r["look"] or "") if t]
+    kb = EnvironmentKB("mangled")
+    for number in range(400):
+        text = rng.choice(texts)
+        cut = rng.randrange(len(text) + 1)
+        other = rng.choice(texts)
+        junk = "".join(rng.choice("(),.:;\n\t ") for _ in range(rng.randrange(6)))
+        mangled = text[:cut] + junk + other[rng.randrange(len(other) + 1):]
+        kb.ingest(Observation(step=number, action=rng.choice(["look around", "open door to kitchen", "mix cup",
+                                                             "use thermometer on x", ""]), text=mangled,
+                              look=rng.choice([None, mangled[::-1], text])))
+    assert kb.last_step == 399

@@ -71,11 +71,17 @@ def test_partial_observation_adds_to_a_set_without_closing() -> None:
     assert {f.object for f in kb.current() if f.relation is Relation.CONNECTS_TO} == {"hallway", "outside"}
 
 
-def test_same_name_in_two_containers_of_one_observation_keeps_both_contains() -> None:
+def test_one_name_is_one_object_so_its_last_container_wins() -> None:
+    """Namesakes in two containers get two names from the extractor ("drawer in counter", "drawer in cupboard");
+    given one name twice, the KB keeps one object in one place."""
     kb = EnvironmentKB("env-1")
     kb.ingest_triples(1, [t("counter", "contains", "drawer"), t("cupboard", "contains", "drawer")])
     now = objects(kb.current())
-    assert ("counter", "contains", "drawer") in now and ("cupboard", "contains", "drawer") in now
+    assert ("cupboard", "contains", "drawer") in now and ("counter", "contains", "drawer") not in now
+    kb.ingest_triples(2, [t("counter", "contains", "drawer in counter"),
+                          t("cupboard", "contains", "drawer in cupboard")])
+    now = objects(kb.current())
+    assert ("counter", "contains", "drawer in counter") in now and ("cupboard", "contains", "drawer in cupboard") in now
 
 
 def test_repeated_observation_changes_nothing() -> None:
