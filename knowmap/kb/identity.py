@@ -18,8 +18,6 @@ from knowmap.schemas import Relation, Triple
 AGENT = "agent"
 INVENTORY = "inventory"
 _SPACES = re.compile(r"\s+")
-
-
 _QUALIFIED = re.compile(r"(?: #\d+)?(?: in .+)?$")
 
 
@@ -39,7 +37,7 @@ class Node:
     """One object described in an observation, before it has its final entity name.
 
     Objects that share a display name are told apart when the observation's facts are resolved
-    (:meth:`FactSink.resolve`): the k-th identical item in one container is ``"name #k"``, and a name shown in more
+    (:func:`resolve`): the k-th identical item in one container is ``"name #k"``, and a name shown in more
     than one container is qualified by its container, ``"pea plant in flower pot 8"``.
     """
 
