@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowmap.schemas import ENV_ID_PATTERN, Fact, KBKind, KnowledgeItem, Observation, RetrainStatus, Trajectory
 
@@ -24,6 +24,26 @@ API_VERSION = "v1"
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        """Refuse text that is not Unicode (a lone surrogate such as ``"\\ud800"``, which JSON can escape but
+        no tokenizer takes) here, per request, before it can reach a batch shared with other clients."""
+        stack: list[tuple[Any, str]] = [(data, "body")]
+        while stack:
+            value, where = stack.pop()
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{where} is not valid Unicode text (character {e.start} is a lone "
+                                     "surrogate); send text that encodes as UTF-8") from None
+            elif isinstance(value, dict):
+                stack.extend((v, f"{where}.{k}") for k, v in value.items())
+            elif isinstance(value, list):
+                stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
+        return data
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

@@ -28,41 +28,77 @@ logger = logging.getLogger("ray.serve")
 
 
 # -- pure batch functions (tested without Ray) -----------------------------------------------------------------
-def encode_requests(encode: Any, requests: Sequence[Sequence[str]]) -> list[np.ndarray]:
+def encode_requests(encode: Any, requests: Sequence[Sequence[str]]) -> list[np.ndarray | Exception]:
     """Embed several requests' texts in one call and give each request its rows back.
+
+    If the one call fails, each request is embedded alone, so a request whose texts the model cannot take (the
+    tokenizer refuses them) gets its own error and the others in the batch still get their vectors.
 
     Args:
         encode: ``list[str] -> (n, dim)`` array.
         requests: each request's texts.
 
     Returns:
-        one ``(len(texts), dim)`` array per request, in order.
+        one ``(len(texts), dim)`` array per request, in order, or the exception that request's texts raised.
     """
-    flat = [text for texts in requests for text in texts]
-    vectors = np.asarray(encode(flat), dtype=np.float32) if flat else np.zeros((0, 0), dtype=np.float32)
-    out, start = [], 0
-    for texts in requests:
-        out.append(vectors[start:start + len(texts)])
-        start += len(texts)
-    return out
+    def run(batch: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        flat = [text for texts in batch for text in texts]
+        vectors = np.asarray(encode(flat), dtype=np.float32) if flat else np.zeros((0, 0), dtype=np.float32)
+        out, start = [], 0
+        for texts in batch:
+            out.append(vectors[start:start + len(texts)])
+            start += len(texts)
+        return out
+
+    return _isolated(run, requests)
 
 
-def score_requests(predict: Any, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+def score_requests(predict: Any, requests: Sequence[tuple[str, Sequence[str]]]) -> list[list[float] | Exception]:
     """Score several ``(query, documents)`` requests with one cross-encoder call over all their pairs.
+
+    Like :func:`encode_requests`, a failed call is retried request by request, so only the request that caused
+    it gets an error.
 
     Args:
         predict: ``list[(query, document)] -> list[float]``.
 
     Returns:
-        one list of scores per request, in document order.
+        one list of scores per request, in document order, or the exception that request raised.
     """
-    pairs = [(query, doc) for query, docs in requests for doc in docs]
-    scores = list(predict(pairs)) if pairs else []
-    out, start = [], 0
-    for _, docs in requests:
-        out.append([float(s) for s in scores[start:start + len(docs)]])
-        start += len(docs)
+    def run(batch: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        pairs = [(query, doc) for query, docs in batch for doc in docs]
+        scores = list(predict(pairs)) if pairs else []
+        out, start = [], 0
+        for _, docs in batch:
+            out.append([float(s) for s in scores[start:start + len(docs)]])
+            start += len(docs)
+        return out
+
+    return _isolated(run, requests)
+
+
+def _isolated(run: Any, requests: Sequence[Any]) -> list[Any]:
+    """``run(requests)``; if that raises, ``run([request])[0]`` for each request, with a failing request's
+    exception in its place: one request's bad input never fails the others batched with it."""
+    try:
+        return list(run(requests))
+    except Exception as e:  # noqa: BLE001 - the model's own errors (tokenizer, shapes) belong to a request
+        if len(requests) == 1:
+            return [e]
+    out: list[Any] = []
+    for request in requests:
+        try:
+            out.append(run([request])[0])
+        except Exception as e:  # noqa: BLE001 - this request's error, for this request only
+            out.append(e)
     return out
+
+
+def _raised(result: Any) -> Any:
+    """A batch gives each request its result or, when only that request failed, its exception: raise that."""
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 class IdleGate:
@@ -135,7 +171,7 @@ class EmbedderDeployment:
 
     async def encode(self, texts: list[str], model: str | None = None) -> EncodedTexts:
         """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
-        return await self._gate.call(self._encode_batch, (list(texts), model))
+        return _raised(await self._gate.call(self._encode_batch, (list(texts), model)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
@@ -148,7 +184,7 @@ class EmbedderDeployment:
         current = self._current
         chosen = [model if model in self._models else current for _, model in requests]
         models = {path: self._models[path] for path in chosen}  # held here even if a swap evicts one meanwhile
-        results: list[EncodedTexts | None] = [None] * len(requests)
+        results: list[EncodedTexts | Exception | None] = [None] * len(requests)
         for path, embedder in models.items():  # normally one model; two only while a swap is under way
             members = [i for i, p in enumerate(chosen) if p == path]
             started = time.perf_counter()
@@ -158,7 +194,8 @@ class EmbedderDeployment:
             self._stats["requests"] += len(members)
             self._stats["texts"] += sum(len(requests[i][0]) for i in members)
             for i, vectors in zip(members, rows, strict=True):
-                results[i] = EncodedTexts(vectors=vectors, model=path, version=embedder.version, current=current)
+                results[i] = vectors if isinstance(vectors, Exception) else EncodedTexts(
+                    vectors=vectors, model=path, version=embedder.version, current=current)
         return results  # type: ignore[return-value]
 
     async def info(self) -> dict[str, Any]:
@@ -198,7 +235,7 @@ class RerankerDeployment:
         if self._model is None:
             raise RerankerUnavailableError("this service runs without a reranker: start it with "
                                            "`knowmap serve --reranker PATH` (a directory `knowmap train` wrote)")
-        return await self._gate.call(self._score_batch, (query, list(documents)))
+        return _raised(await self._gate.call(self._score_batch, (query, list(documents))))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[ScoredDocuments]:
@@ -208,7 +245,8 @@ class RerankerDeployment:
                 raise RerankerUnavailableError("the reranker was removed while this request waited; retry without "
                                                "rerank")
             scores = await asyncio.to_thread(score_requests, model.predict, requests)
-            return [ScoredDocuments(scores=s, version=model.version) for s in scores]
+            return [s if isinstance(s, Exception) else ScoredDocuments(scores=s, version=model.version)
+                    for s in scores]
         finally:
             self._gate.release()
 

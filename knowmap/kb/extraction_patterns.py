@@ -17,7 +17,6 @@ import re
 from knowmap.kb.identity import AGENT, INVENTORY, FactSink, Name, Node, door_name
 from knowmap.schemas import Relation
 
-
 # -- names ---------------------------------------------------------------------------------------------------------
 _ARTICLE = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
 _SPACES = re.compile(r"\s+")

@@ -2,23 +2,24 @@
 
 The judge is the simulator, never a model: :class:`WorldState` reads ``env.getObjectTree()`` (every object with
 its container, open/closed, activation, material and life records) and ScienceWorld's referent table (the names
-an object is shown and addressed by). :class:`FidelityTally` compares the KB's current facts with it after a step.
+an object is shown and addressed by), and the doors the JVM reports. :class:`~knowmap.kb.fidelity_tally.FidelityTally`
+compares the KB's current facts with it after every step.
 
 Names. A tree object answers to the KB's normalisation (:func:`normalise`) of its tree name, of its referents
-(generic ones such as ``substance`` left out) and of those with its colour in front, as the display shows them.
-KB names qualified by the KB's identity rules (``"pea seed #2 in pea plant in flower pot 8"``) resolve through
-their container (:meth:`WorldState.resolve`); up to two leading modifiers the tree does not record (a flower's
-colour and size) are dropped when nothing matches otherwise. A name that still denotes objects in several places is counted as
+(generic ones such as ``substance`` left out) and of those with its colour in front, as the display shows them. KB
+names qualified by the KB's identity rules (``"pea seed #2 in pea plant in flower pot 8"``) resolve through their
+container (:meth:`WorldState.resolve`); up to two leading modifiers the tree does not record (a flower's colour and
+size) are dropped when nothing matches otherwise. A name that still denotes objects in several places is counted as
 ``ambiguous``; a fact about it is true if any of them satisfies it.
 
-Scope. An object is *in view* at a step when it is inside the agent's room (inventory included; inside other
-objects only where the text lists their contents) and one of its names occurs, as whole words, in that step's texts (feedback, look around, inventory): what the
-agent could have read. Precision counts the KB's current facts whose subject or object is in view (the agent's
-location always is; a name that matches no object anywhere counts too, as ``unmatched``, and is false); facts
-only about objects out of view are reported apart as ``memory``. Recall counts the true facts about objects in
-view that the step's text reveals (containment always, each of n identical items apart; open/closed, on/off, state of matter, a thermometer's
-reading, death, sickness and fire only where ScienceWorld's display template states them next to the object's
-name, tested by the regexes of :func:`revealed`).
+Scope. An object is *in view* at a step when it is inside the agent's room (inventory included; inside other objects
+only where the text lists their contents) and one of its names occurs, as whole words, in that step's texts
+(feedback, look around, inventory): what the agent could have read. Precision counts the KB's current facts whose
+subject or object is in view (the agent's location always is; a name that matches no object anywhere counts too, as
+``unmatched``, and is false); facts only about objects out of view are reported apart as ``memory``. Recall counts
+the true facts about objects in view that the step's text reveals (containment always, each of n identical items
+apart; open/closed, on/off, state of matter, a thermometer's reading, death, sickness and fire only where
+ScienceWorld's display template states them next to the object's name, tested by the regexes of :func:`revealed`).
 A KB fact that was true at an earlier check and is false now is *stale* (a change the KB missed).
 """
 
@@ -228,8 +229,8 @@ def canonical(fact: Fact) -> tuple[str, str, str, str]:
         return ("door_state", fact.subject, fact.relation.value, fact.object)
     if fact.relation is Relation.CONNECTS_TO:
         return ("connects_to", fact.subject, fact.relation.value, fact.object)
-    if _PORTAL.match(fact.subject) or _DOOR.match(fact.subject) or (fact.relation is Relation.CONTAINS and _PORTAL.match(fact.object)) or (
-            fact.relation is Relation.LOCATION and _PORTAL.match(fact.object)):
+    if _PORTAL.match(fact.subject) or _DOOR.match(fact.subject) or (
+            fact.relation in (Relation.CONTAINS, Relation.LOCATION) and _PORTAL.match(fact.object)):
         return ("portal", fact.subject, fact.relation.value, fact.object)
     if fact.relation is Relation.LOCATION:
         if fact.subject == AGENT:

@@ -134,7 +134,7 @@ class FidelityTally:
                 self._first_false.setdefault(example, f"{label}@{step}")
         groups: Counter[tuple[str | None, frozenset[str]]] = Counter()
         uncredited: Counter[tuple[str | None, frozenset[str]]] = Counter()
-        for kind, uuid, subjects, value in revealed(world, view, texts):
+        for kind, uuid, _subjects, value in revealed(world, view, texts):
             c = step_counts[kind]
             c.truth += 1
             found = c.found

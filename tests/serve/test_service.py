@@ -92,6 +92,34 @@ def test_concurrent_embedding_requests_share_batches(service: dict, client: Know
     np.testing.assert_allclose(vectors[3], client.embed([texts[3]])[0], atol=1e-4)  # batching changes no vector
 
 
+def test_a_clients_unencodable_text_fails_only_its_own_request(service: dict) -> None:
+    """Issue 20's reproduction: 3 requests with a lone surrogate among 40 normal embedding requests and 30 normal
+    retrieves, all at once. Before, the tokenizer's error failed every request batched with a bad one (20 of 40
+    normal ones got 500); now the bad ones get 422 and every normal one 200."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bad_embed = '{"input": ["\\ud800"]}'  # the JSON escape of a lone surrogate, as a client would send it
+    jobs = [("/v1/embeddings", json.dumps({"input": [f"the pot is on stove {i}"]}), 200) for i in range(40)]
+    jobs += [("/v1/retrieve", json.dumps({"query": f"boil water {i}", "kbs": ["experience"]}), 200)
+             for i in range(30)]
+    jobs += [("/v1/embeddings", bad_embed, 422)] * 3
+    jobs += [("/v1/retrieve", '{"query": "boil \\udfff water", "kbs": ["experience"]}', 422)] * 2
+    order = list(range(len(jobs)))
+    order = order[::2] + order[1::2]  # bad ones spread among the normal ones
+
+    def send(i: int) -> tuple[int, int]:
+        path, body, _ = jobs[i]
+        response = requests.post(service["url"] + path, data=body, timeout=120,
+                                 headers={"Authorization": f"Bearer {service['key']}",
+                                          "Content-Type": "application/json"})
+        return i, response.status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        got = dict(pool.map(send, order))
+    wrong = {jobs[i][0] + " " + jobs[i][1][:40]: status for i, status in got.items() if status != jobs[i][2]}
+    assert wrong == {}
+
+
 def test_rerank_orders_documents(client: KnowMapClient) -> None:
     docs = ["a kitchen with a stove", "boil the water in the pot on the stove", "a red apple"]
     result = client.rerank("how do I boil water", docs, top_n=2)

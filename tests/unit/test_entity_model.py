@@ -16,7 +16,7 @@ from knowmap.kb.extraction import Extraction, RuleBasedExtractor
 from knowmap.schemas import Observation, Relation, Triple
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "observations.json"
-C, P, O = Relation.CONTAINS, Relation.PROPERTY, Relation.OPEN_STATE
+C, P, OPEN = Relation.CONTAINS, Relation.PROPERTY, Relation.OPEN_STATE
 
 
 @cache
@@ -85,13 +85,13 @@ def test_a_door_is_named_by_the_two_rooms_it_joins() -> None:
     kb = EnvironmentKB("doors")
     for number in range(5):  # hallway: open door to kitchen; go to kitchen; open door to outside; go outside
         kb.ingest(observation(step("identify-life-stages-2", number)))
-    doors = {f.subject: f.object for f in kb.current() if f.relation is O and f.subject.startswith("door")}
+    doors = {f.subject: f.object for f in kb.current() if f.relation is OPEN and f.subject.startswith("door")}
     assert doors["door between hallway and kitchen"] == "open"
     assert doors["door between kitchen and outside"] == "open"
     assert doors["door between foundry and outside"] == "closed"
     assert not any(name.startswith("door to") for name in doors)
     # "The door is now open." names no room: the KB places it in the agent's room.
-    history = kb.history("door between hallway and kitchen", O)
+    history = kb.history("door between hallway and kitchen", OPEN)
     assert [f.object for f in history] == ["closed", "open"] and history[1].valid_from == 1
 
 
@@ -101,7 +101,7 @@ def test_a_look_at_another_room_lists_that_rooms_doors() -> None:
     kb.ingest(Observation(step=1, action="look at hallway", text=(
         "This room is called the hallway. In it, you see: \n\ta substance called air\nYou also see:\n\t"
         "A door to the art studio (that is closed)\n\tA door to the living room (that is open)")))
-    doors = {f.subject for f in kb.current() if f.relation is O}
+    doors = {f.subject for f in kb.current() if f.relation is OPEN}
     assert doors == {"door between art studio and hallway", "door between hallway and living room"}
 
 

@@ -45,6 +45,28 @@ def test_score_requests_splits_scores_back_per_request() -> None:
     assert score_requests(lambda pairs: [], []) == []
 
 
+def test_one_requests_bad_text_fails_only_that_request() -> None:
+    """The tokenizer refuses a lone surrogate; the batch is retried request by request, so the other requests
+    in it still get their vectors and only the bad one gets the error."""
+    def encode(texts: list[str]) -> np.ndarray:
+        for text in texts:
+            text.encode("utf-8")  # raises UnicodeEncodeError on "\ud800", as the tokenizer does
+        return fake_encode(texts)
+
+    out = encode_requests(encode, [["a"], ["\ud800", "b"], ["cc"]])
+    assert isinstance(out[1], UnicodeEncodeError)
+    np.testing.assert_array_equal(out[0], fake_encode(["a"]))
+    np.testing.assert_array_equal(out[2], fake_encode(["cc"]))
+
+    def predict(pairs: list[tuple[str, str]]) -> list[float]:
+        if any(d == "boom" for _, d in pairs):
+            raise ValueError("bad document")
+        return [1.0] * len(pairs)
+
+    scored = score_requests(predict, [("q", ["a"]), ("q", ["boom"]), ("q", ["b", "c"])])
+    assert scored[0] == [1.0] and isinstance(scored[1], ValueError) and scored[2] == [1.0, 1.0]
+
+
 @pytest.fixture
 def outside_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     """``@serve.batch`` reads only ``max_ongoing_requests`` from the replica context (for a warning): give it one."""
