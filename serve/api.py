@@ -119,7 +119,9 @@ _DOCS = {"/docs", "/openapi.json"}
 
 class Guard:
     """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs
-    when ``serve.public_docs``), then 413 if the declared body is over ``serve.max_body_bytes``.
+    when ``serve.public_docs``), then 413 if the body is over ``serve.max_body_bytes``: the declared length, and
+    the bytes actually received (a chunked upload declares none), counted as they arrive; reading stops at the
+    limit, so an oversized body is never held whole.
 
     Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs every request in a
     task group with memory streams, a measurable share of the ingress's CPU per request on two cores.
@@ -130,7 +132,15 @@ class Guard:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            rejection = self._check(Request(scope))
+            request = Request(scope)
+            rejection = self._check(request)
+            if rejection is None and request.url.path not in _OPEN:
+                limit = request.app.state.config.serve.max_body_bytes
+                body = await _read_body(receive, limit)
+                if body is None:
+                    rejection = _too_large(f"more than {limit}", limit)
+                else:
+                    receive = _replay(body, receive)
             if rejection is not None:
                 await rejection(scope, receive, send)
                 return
@@ -146,12 +156,45 @@ class Guard:
             return _error(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
                                            "`Authorization: Bearer <key>` (serve.api_keys, or the key file that "
                                            "`knowmap serve` printed)"), {"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length", "")
-        limit = state.config.serve.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            return _error(413, ErrorDetail(type="too_large", message=f"request body of {length} bytes is over "
-                                           f"serve.max_body_bytes ({limit})", code="body_too_large"))
+        length = request.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > state.config.serve.max_body_bytes:
+            return _too_large(length, state.config.serve.max_body_bytes)
         return None
+
+
+def _too_large(size: str, limit: int) -> JSONResponse:
+    return _error(413, ErrorDetail(type="too_large", message=f"request body of {size} bytes is over "
+                                   f"serve.max_body_bytes ({limit})", code="body_too_large"))
+
+
+async def _read_body(receive: Any, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as more than ``limit`` bytes have arrived."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away: what came is what there is
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the app the body already read, then whatever the connection says next."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 app.add_middleware(Guard)

@@ -204,6 +204,17 @@ def test_limits_give_413_with_a_typed_body(service: dict) -> None:
     r = _post(service, "/v1/embeddings", b"x" * (limits.max_body_bytes + 1))
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
+    def chunks():  # chunked transfer: no Content-Length to check, the bytes themselves are counted
+        for _ in range(limits.max_body_bytes // 65536 + 2):
+            yield b" " * 65536
+
+    r = requests.post(service["url"] + "/v1/embeddings", data=chunks(), timeout=60,
+                      headers={"Authorization": f"Bearer {service['key']}", "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    small = requests.post(service["url"] + "/v1/embeddings", data=iter([b'{"input": ', b'["chunked"]}']), timeout=60,
+                          headers={"Authorization": f"Bearer {service['key']}", "Content-Type": "application/json"})
+    assert small.status_code == 200 and len(small.json()["data"]) == 1
+
 
 @pytest.mark.parametrize("path, body", [
     ("/v1/embeddings", "{not json"),
