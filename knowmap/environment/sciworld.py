@@ -293,9 +293,9 @@ class ScienceWorld:
                     if uuid in doors or not portal.getClass().getName().endswith(".Door"):
                         continue
                     other = portal.getConnectsTo(room)
-                    rooms = sorted([str(room.name()).lower(), str(other.get().name()).lower()]) if (
-                        other.isDefined()) else [str(room.name()).lower()]
-                    doors[uuid] = {"uuid": uuid, "rooms": rooms, "open": bool(portal.propPortal().get().isOpen())}
+                    joins = [room] + ([other.get()] if other.isDefined() else [])
+                    doors[uuid] = {"uuid": uuid, "rooms": sorted(str(r.name()).lower() for r in joins),
+                                   "open": bool(portal.propPortal().get().isOpen())}
             return list(doors.values())
         except Exception as e:  # py4j raises plain Exceptions
             raise ScienceWorldError(f"ScienceWorld could not list its doors: {e}") from e

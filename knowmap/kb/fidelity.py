@@ -37,9 +37,8 @@ from knowmap.schemas import Fact, Relation
 
 # Relations the tree can judge, as reported; "containment" joins contains and (non-agent) location facts, which
 # the KB keeps as inverses of each other.
-CHECKED = ("containment", "agent_location", "door_state", "connects_to", "open_state", "power_state", "state_of_matter",
-           "temperature",
-           "reading", "property")
+CHECKED = ("containment", "agent_location", "door_state", "connects_to", "open_state", "power_state",
+           "state_of_matter", "temperature", "reading", "property")
 TEMPERATURE_TOLERANCE_C = 1.0  # the thermometer prints whole degrees
 _GENERIC = frozenset({"substance", "living thing", "organism", "object", "thing", "component", "plant", "animal",
                       "electrical component", "device", "container", "seed", "generator"})
@@ -96,8 +95,10 @@ class WorldState:
         self.doors: dict[str, bool] | None = None  # "door between a and b" -> open
         self.door_rooms: dict[str, tuple[str, str]] = {}
         if doors is not None:
-            self.door_rooms = {door_name(*d["rooms"]): tuple(sorted(d["rooms"])) for d in doors if len(d["rooms"]) == 2}
-            self.doors = {door_name(*d["rooms"]): bool(d["open"]) for d in doors if len(d["rooms"]) == 2}
+            self.doors = {}
+            for door in (d for d in doors if len(d["rooms"]) == 2):
+                name = door_name(*door["rooms"])
+                self.doors[name], self.door_rooms[name] = bool(door["open"]), tuple(sorted(door["rooms"]))
         self.objects: dict[str, TreeObject] = {}
         self.by_name: dict[str, list[str]] = {}
         self._resolved: dict[str, tuple[list[TreeObject], int]] = {}
@@ -190,13 +191,14 @@ def _lists_contents(name: str, text: str) -> bool:
 
 def _tree_object(uuid: str, node: Mapping[str, Any], parent: str | None, referents: Iterable[str]) -> TreeObject:
     raw = str(node.get("name", ""))
-    names = {normalise(raw)} | {normalise(r) for r in referents}
+    label = normalise(raw)
+    names = {label} | {normalise(r) for r in referents}
     specific = {n for n in names if n and (n not in _GENERIC or n == raw.lower())}
     color = str((node.get("propMaterial") or {}).get("color") or "").lower()
     if color:  # the display shows an object's colour before its name ("a white pillow"); the tree does not
         specific |= {f"{color} {n}" for n in specific if not n.startswith(color)}
         names |= specific
-    obj = TreeObject(uuid=uuid, name=raw.lower(), label=normalise(raw), parent=parent, names=frozenset(specific),
+    obj = TreeObject(uuid=uuid, name=raw.lower(), label=label, parent=parent, names=frozenset(specific),
                      aliases=frozenset(n for n in names if n))
     if (c := node.get("propContainer")) and c.get("isClosable"):
         obj.is_open = bool(c.get("isOpen"))

@@ -58,7 +58,7 @@ class FidelityTally:
         self._was_true: set[tuple[str, str, str, str, int]] = set()
         self._previous: WorldState | None = None
         self._measured: dict[int, dict[str, float]] = {}  # step -> uuid -> temperature, this episode
-        self._timed: dict[tuple[str, str] | None, tuple[bool, int, bool]] = {}  # measurement -> verdict
+        self._timed: dict[tuple[str, str], tuple[bool, int, bool]] = {}  # measurement -> verdict at its step
 
     def examples(self, n: int | None = None) -> list[dict[str, Any]]:
         """The false facts, most often checked first: fact, why, first episode@step, how many fact-steps."""
@@ -91,7 +91,7 @@ class FidelityTally:
             if kind not in step_counts or (kind in DOOR_KINDS and world.doors is None):
                 self.unchecked[kind] += 1
                 continue
-            subjects = world.resolve(subject)[0]
+            subjects = [] if kind in DOOR_KINDS else world.resolve(subject)[0]  # doors are not tree objects
             if kind in DOOR_KINDS:
                 values.setdefault((kind, subject), []).append(obj)
                 in_view = here in world.door_rooms.get(subject, ()) or here in (subject, obj)
@@ -107,11 +107,11 @@ class FidelityTally:
                     values.setdefault((kind, o.uuid), []).append(obj)
                 in_view = kind == "agent_location" or any(o.uuid in view for o in subjects)
             timed = (subject, obj) if kind == "temperature" and " at step " in obj else None
-            if timed in self._timed:  # a measurement is about its step: judged once, when it was taken
+            if timed is not None and timed in self._timed:  # a measurement is about its step: judged once
                 ok, places, unmatched = self._timed[timed]
             else:
                 ok, places, unmatched = judge(world, kind, subject, obj, view, self._previous, self._measured)
-                if timed:
+                if timed is not None:
                     self._timed[timed] = (ok, places, unmatched)
             c = step_counts[kind]
             if not (in_view or unmatched):
