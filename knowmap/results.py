@@ -121,12 +121,50 @@ class KindEvaluation(BaseModel):
     systems: dict[str, SystemMetrics] = Field(description="system name ('bm25', 'base', 'base+rerank', ...)")
 
 
+class DecisionEvaluation(BaseModel):
+    """What :func:`knowmap.train.decision.evaluate_decision` measured, judged by gold next actions: per knowledge
+    mode (``none``, ``bm25``, ``kb-base``, ``kb-finetuned``, each retrieving mode also ``+rerank``) the metrics over
+    every judged step (``modes``), over the steps of topic families seen in training (``seen``) and of families
+    never trained on (``unseen``; None: no such step), and the protocol they were measured under."""
+
+    protocol: dict[str, Any]
+    modes: dict[str, MetricValues]
+    seen: dict[str, MetricValues] | None = None
+    unseen: dict[str, MetricValues] | None = None
+    unseen_families: list[str] = Field(default_factory=list)
+
+    def subset(self, name: str = "all") -> dict[str, MetricValues] | None:
+        """Every mode's metrics over the ``all``, ``seen`` or ``unseen`` steps (None: no such step).
+
+        Raises:
+            ValueError: another subset name.
+        """
+        if name not in SUBSETS:
+            raise ValueError(f"unknown subset {name!r}; allowed: {', '.join(SUBSETS)}")
+        return self.modes if name == "all" else getattr(self, name)
+
+    def metric(self, mode: str, name: str, subset: str = "all") -> float | None:
+        """One metric of one mode (None: the subset has no step, the mode was not run or lacks the metric)."""
+        values = (self.subset(subset) or {}).get(mode)
+        found = None if values is None else values.get(name)
+        return None if found is None else float(found)
+
+
 class RetrievalEvaluation(BaseModel):
     """What :func:`knowmap.train.evaluate.evaluate_retrieval` measured: the protocol and, per KB kind, every
-    system's metrics. Its ``model_dump(mode="json")`` is the JSON ``knowmap eval-retrieval`` writes."""
+    system's metrics, and, where it was run, the decision-support evaluation. Its ``model_dump(mode="json")`` is
+    the JSON ``knowmap eval-retrieval`` writes."""
 
     protocol: RetrievalProtocol
     kinds: dict[str, KindEvaluation] = Field(default_factory=dict)
+    decision: DecisionEvaluation | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_unmeasured(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.decision is None:
+            data.pop("decision", None)
+        return data
 
     def system(self, kind: str, system: str) -> SystemMetrics:
         """The metrics of ``system`` on ``kind``.

@@ -133,11 +133,25 @@ class Observation(BaseModel):
     inventory: str | None = Field(default=None, max_length=100_000)
 
 
+class ActionType(BaseModel):
+    """An action as ScienceWorld's tables type it (:mod:`knowmap.environment.action_types`): its template, its
+    objects' types (rooms and doors with their names) and the valid action that means the same."""
+
+    template: str
+    objects: list[str] = Field(default_factory=list)
+    valid_as: str | None = None  # None: no valid action means the same (the action had no effect there)
+
+    def key(self) -> tuple[str, ...] | None:
+        """What two actions share when they are the same behaviour; None for actions on no object."""
+        return (self.template, *self.objects) if self.objects else None
+
+
 class StepRecord(BaseModel):
     """One ScienceWorld step, typed at once from ``(obs, reward, done, info)``.
 
     ``step`` 0 is the initial ``look around`` of a reset; the action of step ``i`` produced ``observation``.
-    ``score`` is ScienceWorld's 0-100 score after the step; ``valid_actions`` is only filled where it was built.
+    ``score`` is ScienceWorld's 0-100 score after the step; ``valid_actions`` (the actions valid after this step)
+    and ``action_type`` are only filled where they were built.
     """
 
     step: int = Field(ge=0)
@@ -149,6 +163,7 @@ class StepRecord(BaseModel):
     look: str | None = None
     inventory: str | None = None
     valid_actions: list[str] | None = None
+    action_type: ActionType | None = None  # ``action`` typed before it was taken (annotated gold replays)
 
     def as_observation(self) -> Observation:
         return Observation(

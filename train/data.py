@@ -65,6 +65,7 @@ def collect_episodes(
     step_limit: int = 100,
     simplifications: str = "",
     java_heap: str = "512m",
+    annotate: bool = False,
 ) -> list[Episode]:
     """Replay the gold paths of ``tasks`` in-process and return them as episodes.
 
@@ -76,6 +77,8 @@ def collect_episodes(
         cache_dir: where trajectories are cached as ``<episode_id>.json``; a cached episode is loaded, not
             replayed, and a fully cached call starts no JVM.
         step_limit, simplifications, java_heap: as for :class:`EpisodeRunner` (gold paths are never cut short).
+        annotate: record every step's valid actions and each action's type (what decision-support evaluation
+            judges with; :meth:`ScienceWorld.play_gold`); a cached episode without them is replayed once more.
 
     Returns:
         the episodes in (task, variation) order.
@@ -107,12 +110,21 @@ def collect_episodes(
             for variation in chosen:
                 spec = EpisodeSpec(task=task, variation=variation, split=split)
                 path = cache / f"{episode_id(task, variation, split)}.json" if cache is not None else None
+                trajectory = None
                 if path is not None and path.is_file():
                     trajectory = Trajectory.model_validate_json(path.read_text(encoding="utf-8"))
-                else:
+                    if annotate and not is_annotated(trajectory):
+                        trajectory = None
+                if trajectory is None:
                     runner = runner or EpisodeRunner(step_limit=step_limit, simplifications=simplifications,
                                                      java_heap=java_heap)
-                    trajectory = runner.run(spec)  # checks the variation against the split
+                    if annotate:
+                        runner.env.check_variation(task, variation, split)
+                        runner.env.step_limit = 1_000_000  # a gold path is a whole demonstration
+                        trajectory = runner.env.play_gold(task, variation, split, look=runner.look_every_step,
+                                                          annotate=True)
+                    else:
+                        trajectory = runner.run(spec)  # checks the variation against the split
                     if path is not None:
                         _write_atomic(path, trajectory.model_dump_json())
                 episodes.append(Episode.from_trajectory(trajectory, segmenter))
@@ -120,6 +132,11 @@ def collect_episodes(
         if runner is not None:
             runner.close()
     return episodes
+
+
+def is_annotated(trajectory: Trajectory) -> bool:
+    """True if every step of ``trajectory`` has its valid actions recorded (an annotated gold replay)."""
+    return bool(trajectory.steps) and all(s.valid_actions is not None for s in trajectory.steps)
 
 
 def load_episodes(trajectories_dir: str | Path, split: str) -> list[Episode]:

@@ -261,12 +261,18 @@ def subgoal_query(trajectory: Trajectory, subgoal: Subgoal) -> str:
     A part that contains one of the sub-goal's own actions (a repeated action) is left out, so that no query
     gives the answer away.
     """
-    previous = next(s for s in trajectory.steps if s.step == subgoal.start_step - 1)
+    return moment_query(trajectory, subgoal.start_step - 1, subgoal.actions)
+
+
+def moment_query(trajectory: Trajectory, step: int, answer: Sequence[str]) -> str:
+    """What the agent knows at ``step``: the task, and that step's action and observation, leaving out a part that
+    contains one of the ``answer`` actions."""
+    previous = next(s for s in trajectory.steps if s.step == step)
     parts = [("Task", _clip(trajectory.task_description, MAX_QUERY_WORDS - MAX_OBSERVATION_WORDS - 20)),
              ("Last action", previous.action),
              ("Observation", _clip(previous.observation, MAX_OBSERVATION_WORDS))]
     kept = [f"{label}: {text}" for label, text in parts
-            if text.strip() and (label == "Task" or not _mentions_any(text, subgoal.actions))]
+            if text.strip() and (label == "Task" or not _mentions_any(text, answer))]
     return _clip("\n".join(kept), MAX_QUERY_WORDS)
 
 

@@ -48,22 +48,20 @@ def knowledge_actions(items: Sequence[KnowledgeItem]) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def shortlist(valid: Sequence[str], query: str, *, size: int, preferred: Sequence[str] = (),
-              recent: Sequence[str] = ()) -> list[str]:
-    """The ``size`` valid actions most relevant to ``query``, best first.
+def actuator_query(subgoal: str, task: str, facts: Sequence[str]) -> str:
+    """What the actuator ranks valid actions against: the current sub-goal (twice: it weighs most), the task and
+    the retrieved env facts."""
+    return " ".join([subgoal, subgoal, task, *facts])
 
-    Args:
-        valid: the step's valid actions.
-        query: what the agent is after: current sub-goal, task, retrieved facts.
-        preferred: actions known to have helped before (from retrieved experience); valid ones rank first.
-        recent: actions taken in the last steps; ranked down so that the agent does not loop.
 
-    Returns:
-        up to ``size`` distinct valid actions; a couple of movement actions are always among them.
+def rank_actions(valid: Sequence[str], query: str, *, preferred: Sequence[str] = (),
+                 recent: Sequence[str] = ()) -> list[str]:
+    """Every distinct valid action, most relevant to ``query`` first: the order :func:`shortlist` picks from.
+
+    Word overlap with ``query`` weighted by rarity among the valid actions, ``preferred`` actions (from retrieved
+    experience) first, ``recent`` ones down so that the agent does not loop.
     """
     valid = list(dict.fromkeys(valid))
-    if not valid:
-        return []
     tokens = [set(words(a)) for a in valid]
     df = Counter(w for ws in tokens for w in ws)
     n = len(valid)
@@ -80,19 +78,38 @@ def shortlist(valid: Sequence[str], query: str, *, size: int, preferred: Sequenc
         s -= 4.0 * recent_count[action]
         return s
 
-    order = sorted(range(n), key=lambda i: (-score(i), len(valid[i]), valid[i]))
+    return [valid[i] for i in sorted(range(n), key=lambda i: (-score(i), len(valid[i]), valid[i]))]
+
+
+def shortlist(valid: Sequence[str], query: str, *, size: int, preferred: Sequence[str] = (),
+              recent: Sequence[str] = (), ranked: Sequence[str] | None = None) -> list[str]:
+    """The ``size`` valid actions most relevant to ``query``, best first.
+
+    Args:
+        valid: the step's valid actions.
+        query: what the agent is after (:func:`actuator_query`).
+        preferred: actions known to have helped before (from retrieved experience); valid ones rank first.
+        recent: actions taken in the last steps; ranked down so that the agent does not loop.
+        ranked: :func:`rank_actions` of the same arguments, where the caller has it already.
+
+    Returns:
+        up to ``size`` distinct valid actions; a couple of movement actions are always among them.
+    """
+    order = list(ranked) if ranked is not None else rank_actions(valid, query, preferred=preferred, recent=recent)
+    preferred_set = set(preferred)
     # At most a quarter of the list per verb: combinatorial verbs (connect X to Y, move X to Y, mix, pour) would
     # otherwise fill it with variations of one idea; known-good actions are exempt.
     cap, per_verb, chosen = max(2, size // 4), Counter(), []
-    for i in order:
-        verb = _verb(valid[i])
-        if valid[i] in preferred_rank or per_verb[verb] < cap:
-            chosen.append(valid[i])
+    for action in order:
+        if len(chosen) == size:
+            break
+        verb = _verb(action)
+        if action in preferred_set or per_verb[verb] < cap:
+            chosen.append(action)
             per_verb[verb] += 1
-            if len(chosen) == size:
-                break
-    chosen += [valid[i] for i in order if valid[i] not in chosen][: size - len(chosen)]
-    movement = [a for a in (valid[i] for i in order) if a.startswith(("go to", "open door"))]
+    taken = set(chosen)
+    chosen += [a for a in order if a not in taken][: size - len(chosen)]
+    movement = [a for a in order if a.startswith(("go to", "open door"))]
     for action in movement[:2]:
         if action in chosen:
             continue
@@ -181,7 +198,7 @@ class Actuator:
         """
         if not valid_actions:
             raise ValueError("the actuator needs the step's valid actions")
-        query = " ".join([plan.subgoal, plan.subgoal, task, *(f.text for f in facts)])
+        query = actuator_query(plan.subgoal, task, [f.text for f in facts])
         candidates = shortlist(valid_actions, query, size=self.shortlist_size,
                                preferred=[a for a in knowledge_actions(experience) if a in set(valid_actions)],
                                recent=recent_actions)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from knowmap.environment.action_types import type_action
 from knowmap.errors import ScienceWorldError, SplitError, UnknownTaskError, VariationOutOfRangeError
 from knowmap.schemas import Split, StepRecord, Trajectory, TrajectorySource, stable_id
 
@@ -58,6 +59,16 @@ def task_names() -> list[str]:
     from scienceworld.constants import ID2TASK
 
     return list(ID2TASK.values())
+
+
+def task_topics() -> dict[str, str]:
+    """Each task's topic family from ScienceWorld's ``tasks.json`` (Matter, Measurement, Electricity,
+    Classification, Biology, Chemistry, Forces): what "unseen" is judged by."""
+    import json
+    from importlib import resources
+
+    rows = json.loads(resources.files("scienceworld").joinpath("tasks.json").read_text(encoding="utf-8"))
+    return {str(row["task_name"]): str(row["topic"]) for row in rows}
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
@@ -304,21 +315,49 @@ class ScienceWorld:
         self._require_loaded()
         return [str(a) for a in self._env.get_valid_action_object_combinations()]
 
-    def play_gold(self, task: str, variation: int, split: Split, *, look: bool = False) -> Trajectory:
-        """Replay the gold path of (task, variation) and return the whole expert trajectory."""
+    def play_gold(self, task: str, variation: int, split: Split, *, look: bool = False,
+                  annotate: bool = False) -> Trajectory:
+        """Replay the gold path of (task, variation) and return the whole expert trajectory.
+
+        Args:
+            annotate: also record, at every step, the valid actions after it and the type of the action taken
+                from it (:class:`~knowmap.schemas.ActionType`, None where the gold action had no valid
+                equivalent): what decision-support evaluation judges with. About 0.1 s a step.
+        """
         first = self.load(task, variation, split, gold=True)
         actions = self.gold_actions()
+        combos = self._typing_tables() if annotate else None
+        if combos is not None:
+            first = first.model_copy(update={"valid_actions": [str(c["action"]) for c in combos[0]]})
         traj = Trajectory(
             episode_id=episode_id(task, variation, split),
             task=task, variation=variation, split=split, source="expert",
             simplifications=self.simplifications, task_description=self.task_description, steps=[first],
         )
         for action in actions:
+            typed = type_action(action, *combos) if combos is not None else None
             record = self.step(action, look=look)
+            if combos is not None:
+                combos = self._typing_tables(combos[1])
+                record = record.model_copy(update={"action_type": typed,
+                                                   "valid_actions": [str(c["action"]) for c in combos[0]]})
             traj.steps.append(record)
             if record.done:
                 break
         return traj
+
+    def _typing_tables(self, templates: dict[int, str] | None = None) -> tuple[list[dict[str, Any]], dict[int, str],
+                                                                              dict[str, dict[str, Any]]]:
+        """The state's valid actions with their templates and objects, the template texts, the object referents."""
+        try:
+            combos = [dict(c) for c in self._env.get_valid_action_object_combinations_with_templates()]
+            if templates is None:
+                templates = {int(t["template_id"]): str(t["action_example"])
+                             for t in self._env.get_possible_actions_with_IDs()}
+            referents = {str(k): dict(v) for k, v in self._env.get_all_object_ids_types_referents_LUTJSON().items()}
+        except Exception as e:  # py4j raises plain Exceptions
+            raise ScienceWorldError(f"ScienceWorld could not type its valid actions: {e}") from e
+        return combos, templates, referents
 
     def new_trajectory(self, source: TrajectorySource, policy: str, seed: int = 0) -> Trajectory:
         """An empty trajectory for the loaded episode, with its stable id."""
