@@ -19,7 +19,7 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.models import registry
 from knowmap.models.embedder import Embedder, default_embedder_path
-from knowmap.results import RetrievalEvaluation, TrainedModel, TrainingReport
+from knowmap.results import DecisionEvaluation, RetrievalEvaluation, TrainedModel, TrainingReport
 from knowmap.train.data import Episode, collect_episodes, load_episodes
 
 
@@ -144,6 +144,123 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
     out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
     plot_metrics(results, out.with_suffix(".png"))
     return results
+
+
+def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
+                     train_tasks: Sequence[str], train_variations: int | None = None,
+                     embedders: dict[str, str], reranker: str = "", rerank_top: int = 20,
+                     rerank_modes: Sequence[str] | None = None,
+                     protocol: dict[str, Any] | None = None,
+                     progress: Callable[[str], None] | None = None) -> DecisionEvaluation:
+    """The decision-support evaluation (:mod:`knowmap.train.decision`) of ``split`` (dev or test).
+
+    Held-out: the first ``variations`` of the split for each of ``tasks``; the experiential KB: the train-split
+    sub-goals of ``train_tasks`` (``train_variations``, default ``scienceworld.variations``). Both are annotated
+    gold replays, cached under ``<data_dir>/episode_cache``.
+
+    Args:
+        embedders: mode name -> embedder dir (empty: the packaged MiniLM), e.g. ``{"kb-base": "", ...}``.
+        reranker: a reranker dir; retrieving modes (those of ``rerank_modes``, default all) are then also run
+            ``+rerank`` (re-ordering their first ``rerank_top``).
+
+    Raises:
+        KnowMapError: ``split`` is train, or no train task to build the experiential KB from.
+    """
+    from knowmap.environment.sciworld import task_topics
+    from knowmap.models.reranker import Reranker
+    from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
+
+    if split == "train":
+        raise KnowMapError("decision support is judged on held-out data: --split dev or test, not train")
+    if not train_tasks:
+        raise KnowMapError("decision support needs the training tasks (their train-split sub-goals are the "
+                           "experiential KB); train a model first or name them")
+    sw = config.scienceworld
+    say = progress or (lambda line: None)
+
+    def episodes(which: Sequence[str], on: str, count: int) -> list[Episode]:
+        say(f"decision support: annotated gold replays of {len(which)} tasks x {count} {on} variations")
+        return collect_episodes(list(which), on, count, cache_dir=episode_cache(config), step_limit=sw.step_limit,
+                                simplifications=sw.simplifications, java_heap=sw.java_heap, annotate=True)
+
+    held = episodes(tasks, split, variations)
+    train = episodes(train_tasks, "train", train_variations or sw.variations)
+    topics = task_topics()
+    record = {"split": split, "tasks": sorted(tasks), "variations": variations, "train_split": "train",
+              "train_variations": train_variations or sw.variations, "episodes": sorted(e.episode_id for e in held),
+              "families": sorted({topics.get(t, t) for t in tasks}), "step_limit": sw.step_limit,
+              "simplifications": sw.simplifications, "scienceworld": _package_version("scienceworld"),
+              "embedders": embedders, "reranker": reranker or None, **(protocol or {})}
+    models = {name: Embedder(path or default_embedder_path(), device=config.models.device)
+              for name, path in embedders.items()}
+    return evaluate_decision(
+        decision_steps(held, recent_window=config.agent.history_window), experience_corpus(train),
+        embedders=models, reranker=Reranker(reranker) if reranker else None, rerank_top=rerank_top,
+        rerank_modes=rerank_modes,
+        k_env=config.agent.k_env, k_experience=config.agent.k_experience, shortlist_size=config.agent.shortlist,
+        train_tasks=train_tasks, protocol=record, progress=progress)
+
+
+def select_on_dev(config: KnowMapConfig, raw_embedder: str, *, tasks: Sequence[str], variations: int,
+                  weights: Sequence[float], train_variations: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[str, dict[str, Any]]:
+    """Choose the fine-tuned embedder's weight-space mix with the base model (WiSE-FT) on the dev split.
+
+    Each weight in ``weights`` gives a candidate (``<raw_embedder>-w<weight>``; weight 1 is the raw fine-tuned
+    model); each is judged by decision support on the first ``variations`` dev variations of ``tasks`` (the
+    training tasks: no other family is looked at before a test report), by shortlist recall@k, then experience
+    and env support. Nothing is judged by an embedder.
+
+    Returns:
+        the chosen embedder dir and the selection record (every candidate's dev metrics, the chosen weight).
+    """
+    import shutil
+
+    from knowmap.train.embedder_trainer import interpolate_weights
+
+    base = config.models.embedder or default_embedder_path()
+    candidates: dict[str, str] = {}
+    for weight in weights:
+        path = raw_embedder if weight == 1 else f"{raw_embedder}-w{weight:g}"
+        if weight != 1 and not Path(path).is_dir():
+            shutil.copytree(raw_embedder, path + ".tmp", dirs_exist_ok=True)
+            interpolate_weights(path + ".tmp", base, weight)
+            Path(path + ".tmp").rename(path)
+        candidates[f"w{weight:g}"] = path
+    results = decision_support(config, split="dev", tasks=tasks, variations=variations, train_tasks=tasks,
+                               train_variations=train_variations, embedders=candidates, progress=progress)
+    size, k_env, k_exp = config.agent.shortlist, config.agent.k_env, config.agent.k_experience
+
+    def merit(name: str) -> tuple[float, float, float]:
+        return tuple(results.metric(name, m) or 0.0 for m in (f"shortlist_recall@{size}",  # type: ignore[return-value]
+                                                              f"support@{k_exp}_experience", f"support@{k_env}_env"))
+    chosen = max(candidates, key=merit)  # ties: the first listed weight
+    return candidates[chosen], {"criterion": [f"shortlist_recall@{size}", f"support@{k_exp}_experience",
+                                              f"support@{k_env}_env"], "split": "dev", "tasks": sorted(tasks),
+                                "variations": variations, "candidates": candidates, "chosen": chosen,
+                                "dev": {name: results.modes.get(name, {}) for name in candidates},
+                                "dev_none": results.modes.get("none", {}), "dev_bm25": results.modes.get("bm25", {})}
+
+
+def decision_table(results: DecisionEvaluation, subset: str = "all") -> str:
+    """A plain-text table of a decision-support evaluation: one row per knowledge mode."""
+    modes = results.subset(subset) or {}
+    names = sorted({k for m in modes.values() for k in m if not k.startswith("steps")},
+                   key=lambda k: (not k.startswith("shortlist"), k))
+    lines = [f"{'mode (' + subset + ')':<22}" + "".join(f"{n:>22}" for n in names) + f"{'steps':>7}"]
+    for mode, values in modes.items():
+        cells = "".join(f"{values[n]:>22.3f}" if n in values else f"{'-':>22}" for n in names)
+        lines.append(f"{mode:<22}{cells}{int(values.get('steps', 0)):>7}")
+    return "\n".join(lines)
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def retrieval_table(results: RetrievalEvaluation, metrics: Sequence[str] = ("recall@1", "recall@5", "recall@10", "mrr",

@@ -131,6 +131,7 @@ def evaluate_decision(
     embedders: Mapping[str, Encoder],
     reranker: Any | None = None,
     rerank_top: int = 20,
+    rerank_modes: Sequence[str] | None = None,
     k_env: int = 5,
     k_experience: int = 3,
     shortlist_size: int = 12,
@@ -145,7 +146,11 @@ def evaluate_decision(
         steps: :func:`decision_steps` of held-out episodes.
         corpus: :func:`experience_corpus` of the train-split episodes (the experiential KB).
         embedders: mode name -> embedder, e.g. ``{"kb-base": ..., "kb-finetuned": ...}``.
-        reranker: anything with ``predict(list[(query, doc)])``; each retrieving mode is also run ``+rerank``.
+        reranker: anything with ``predict(list[(query, doc)])``; retrieving modes are also run ``+rerank``.
+        rerank_top: the first-stage results the reranker re-orders.
+        rerank_modes: which retrieving modes (``bm25`` and the names of ``embedders``) are also run ``+rerank``;
+            None: all of them. The cross-encoder reads ~75 pairs/s on 2 cores: each costs ~3 x rerank_top pairs a
+            step.
         k_env, k_experience: the facts and sub-goals the agent puts in front of its actuator (``agent.k_env``,
             ``agent.k_experience``); the support@k metrics use the same k.
         train_tasks: the tasks the models were trained on; their topic families are "seen".
@@ -164,18 +169,20 @@ def evaluate_decision(
     first: dict[str, _Ranker] = {"bm25": _BM25(), **{name: _Dense(e) for name, e in embedders.items()}}
     rankers: dict[str, _Ranker | None] = {"none": None, **first}
     if reranker is not None:
-        rankers.update({f"{name}+rerank": _Reranked(r, reranker, rerank_top) for name, r in first.items()})
+        scores: dict[tuple[str, str], float] = {}  # one reranker: a pair two modes put in their top is scored once
+        rankers.update({f"{name}+rerank": _Reranked(r, reranker, rerank_top, scores) for name, r in first.items()
+                        if rerank_modes is None or name in rerank_modes})
     texts = [d.text for d in corpus]
     per_mode: dict[str, list[dict[str, float | None]]] = {}
     for mode, ranker in rankers.items():
         env_ranks: list[list[int]] = [[] for _ in steps]
         joint: list[str] = [s.query for s in steps]
         if ranker is not None:
-            ranker.prefetch([t for s in steps for t in (s.query, *s.facts)] + texts)
+            ranker.warm([(s.query, s.facts) for s in steps] + [(s.query, texts) for s in steps])
             env_ranks = [ranker(s.query, s.facts) if s.facts else [] for s in steps]
             joint = [s.query + ("\nKnown facts: " + "; ".join(s.facts[i] for i in r[:joint_facts]) if r else "")
                      for s, r in zip(steps, env_ranks, strict=True)]
-            ranker.prefetch(joint)
+            ranker.warm([(q, texts) for q in joint])
         per_mode[mode] = [_judge(s, r, q, corpus, texts, ranker, k_env, k_experience, shortlist_size)
                           for s, r, q in zip(steps, env_ranks, joint, strict=True)]
         if progress is not None:
@@ -257,6 +264,10 @@ class _Ranker:
     def prefetch(self, texts: Sequence[str]) -> None:
         """Embed ``texts`` in one batch ahead of the calls that need them (dense rankers)."""
 
+    def warm(self, requests: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """Do in batches what the (query, corpus) ``requests`` will need (embeddings, reranker scores)."""
+        self.prefetch([t for query, corpus in requests for t in (query, *corpus)])
+
     def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
         raise NotImplementedError
 
@@ -294,21 +305,28 @@ class _Dense(_Ranker):
 class _Reranked(_Ranker):
     """The first stage's ranking with its top ``top`` re-ordered by the reranker's scores (ties keep the order)."""
 
-    def __init__(self, first: _Ranker, reranker: Any, top: int) -> None:
+    def __init__(self, first: _Ranker, reranker: Any, top: int, scores: dict[tuple[str, str], float]) -> None:
         self.first, self.reranker, self.top = first, reranker, top
-        self._scores: dict[tuple[str, str], float] = {}
+        self._scores = scores
 
     def prefetch(self, texts: Sequence[str]) -> None:
         self.first.prefetch(texts)
 
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        ranking = self.first(query, corpus)
-        wanted = [(query, corpus[i]) for i in ranking[: self.top] if (query, corpus[i]) not in self._scores]
+    def warm(self, requests: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.first.warm(requests)
+        self._score([(q, corpus[i]) for q, corpus in requests if corpus for i in self.first(q, corpus)[: self.top]])
+
+    def _score(self, pairs: Sequence[tuple[str, str]]) -> None:
+        wanted = list(dict.fromkeys(p for p in pairs if p not in self._scores))
         if wanted:
             got = np.asarray(self.reranker.predict(wanted), dtype=np.float64).reshape(-1)
             if len(got) != len(wanted):
                 raise ValueError(f"the reranker returned {len(got)} scores for {len(wanted)} pairs; it must "
                                  "return one score per (query, document) pair")
             self._scores.update(zip(wanted, got.tolist(), strict=True))
+
+    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
+        ranking = self.first(query, corpus)
+        self._score([(query, corpus[i]) for i in ranking[: self.top]])
         head = sorted(ranking[: self.top], key=lambda i: -self._scores[(query, corpus[i])])
         return head + ranking[self.top:]

@@ -1,0 +1,151 @@
+"""Decision support: does retrieved knowledge help the agent choose its next action? Train, select on dev, report
+on test, judged by gold next actions (no model under test labels anything).
+
+Protocol: the tasks of three topic families of ScienceWorld's ``tasks.json`` (Matter, Classification,
+Electricity) are trained on (their train-split gold replays: KnowMap pairs, InfoNCE embedder and reranker on Ray
+Train); the fine-tuned embedder's weight-space mix with the base model is selected on the dev split of those tasks;
+everything is reported on the test split of those tasks (seen families) and of two families never trained on
+(Measurement, Chemistry: unseen). The experiential KB is the training tasks' train-split sub-goals. Baselines,
+measured in the same run on the same steps: no knowledge (``none``), BM25 and the base MiniLM (``kb-base``).
+
+Goals, on test steps of unseen families: kb-finetuned shortlist recall@12 >= 1.25x none, >= 1.1x kb-base and above
+bm25; experience support@3 >= 1.3x kb-base; env support@5 >= 1.2x kb-base. Run from the repository root:
+
+    .venv/bin/python benchmarks/decision_support.py [--train-variations 3] [--test-variations 3] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from knowmap.config import KnowMapConfig
+from knowmap.environment.sciworld import task_topics
+from knowmap.jobs.training import decision_support, decision_table, select_on_dev, train_retriever
+from knowmap.results import DecisionEvaluation
+from knowmap.train.data import collect_episodes
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decision_support.json"
+TRAIN_FAMILIES = ("Matter", "Classification", "Electricity")
+UNSEEN_FAMILIES = ("Measurement", "Chemistry")
+WEIGHTS = (0.5, 0.7, 1.0)
+# The cross-encoder reads ~75 (query, doc) pairs/s here: the served pipeline (kb-finetuned) alone is re-ranked,
+# its top 10 (the agent reads 5 facts and 3 sub-goals); `knowmap eval-retrieval` re-ranks every mode.
+RERANK_TOP = 10
+STARTED = time.perf_counter()
+
+
+def say(line: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:7.0f} s] {line}", flush=True)
+
+
+def goals(test: DecisionEvaluation, size: int, k_env: int, k_exp: int) -> dict[str, dict[str, object]]:
+    """The issue's goals on the unseen families' test steps: each with its value, its bar and whether it is met."""
+    def m(mode: str, name: str) -> float | None:
+        return test.metric(mode, name, subset="unseen")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    recall = f"shortlist_recall@{size}"
+    rows = {
+        "shortlist_finetuned_over_none": (ratio(m("kb-finetuned", recall), m("none", recall)), 1.25),
+        "shortlist_finetuned_over_base": (ratio(m("kb-finetuned", recall), m("kb-base", recall)), 1.1),
+        "shortlist_finetuned_over_bm25": (ratio(m("kb-finetuned", recall), m("bm25", recall)), 1.0 + 1e-9),
+        "experience_support_finetuned_over_base": (ratio(m("kb-finetuned", f"support@{k_exp}_experience"),
+                                                         m("kb-base", f"support@{k_exp}_experience")), 1.3),
+        "env_support_finetuned_over_base": (ratio(m("kb-finetuned", f"support@{k_env}_env"),
+                                                  m("kb-base", f"support@{k_env}_env")), 1.2),
+    }
+    return {name: {"value": value, "goal": round(goal, 6), "met": value is not None and value >= goal}
+            for name, (value, goal) in rows.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-variations", type=int, default=3, help="train-split variations per training task")
+    parser.add_argument("--dev-variations", type=int, default=1, help="dev variations per training task")
+    parser.add_argument("--test-variations", type=int, default=2, help="test variations per task")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-families", default=",".join(TRAIN_FAMILIES), help="tasks.json topics to train on")
+    parser.add_argument("--unseen-families", default=",".join(UNSEEN_FAMILIES), help="topics only tested on")
+    parser.add_argument("--max-tasks", type=int, default=0, help="at most this many tasks per family (0: all)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temporary folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    topics = task_topics()
+    families = [f for f in args.train_families.split(",") if f], [f for f in args.unseen_families.split(",") if f]
+    if set(families[0]) & set(families[1]) or len(families[0]) < 2:
+        parser.error("train on at least two families, none of them among the unseen ones")
+    train_tasks, unseen_tasks = ([t for f in fs for t in [t for t, g in topics.items() if g == f]
+                                  [: args.max_tasks or None]] for fs in families)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="knowmap-decision-"))
+    config = KnowMapConfig(data_dir=data_dir, training={"epochs": args.epochs, "finetuned_weight": 1.0})
+    size, k_env, k_exp = config.agent.shortlist, config.agent.k_env, config.agent.k_experience
+    protocol = {"train_families": families[0], "unseen_families": families[1],
+                "train_tasks": train_tasks, "unseen_tasks": unseen_tasks, "train_variations": args.train_variations,
+                "dev_variations": args.dev_variations, "test_variations": args.test_variations,
+                "epochs": args.epochs, "rerank": f"kb-finetuned, top {RERANK_TOP}",
+                "selection": "WiSE-FT weight among " + ", ".join(f"{w:g}" for w in WEIGHTS)
+                + " on dev decision support of the training tasks", "report": "test split"}
+    say("protocol: " + json.dumps(protocol))
+    seconds: dict[str, float] = {}
+
+    mark = time.perf_counter()
+    sw = config.scienceworld
+    train = collect_episodes(train_tasks, "train", args.train_variations, cache_dir=config.paths.episode_cache,
+                             step_limit=sw.step_limit, java_heap=sw.java_heap, annotate=True)
+    seconds["collect_train"] = time.perf_counter() - mark
+    say(f"collected {len(train)} annotated train episodes")
+
+    mark = time.perf_counter()
+    report = train_retriever(config, episodes=train, record_latest=False,
+                             on_epoch=lambda m, e: say(f"{m} epoch {e.get('epoch')}: loss {e.get('loss'):.4f}"))
+    seconds["train"] = time.perf_counter() - mark
+    say(f"trained on {report.episodes} episodes, pairs {report.pairs}")
+
+    mark = time.perf_counter()
+    chosen, selection = select_on_dev(config, report.embedder.model_dir, tasks=train_tasks,
+                                      variations=args.dev_variations, weights=WEIGHTS,
+                                      train_variations=args.train_variations, progress=say)
+    seconds["select_on_dev"] = time.perf_counter() - mark
+    say(f"selected {selection['chosen']} on dev: " + json.dumps(selection["dev"]))
+
+    mark = time.perf_counter()
+    test = decision_support(config, split="test", tasks=train_tasks + unseen_tasks, variations=args.test_variations,
+                            train_tasks=train_tasks, train_variations=args.train_variations,
+                            embedders={"kb-base": "", "kb-finetuned": chosen}, reranker=report.reranker_dir,
+                            rerank_top=RERANK_TOP, rerank_modes=["kb-finetuned"], protocol=protocol, progress=say)
+    seconds["test"] = time.perf_counter() - mark
+    for subset in ("all", "seen", "unseen"):
+        print(decision_table(test, subset))
+        print()
+
+    met = goals(test, size, k_env, k_exp)
+    for name, row in met.items():
+        value = "-" if row["value"] is None else f"{row['value']:.3f}"
+        print(f"{name:<42} {value:>7}  goal >= {row['goal']:g}  {'met' if row['met'] else 'NOT met'}")
+    headline = met["shortlist_finetuned_over_none"]
+    recall = f"shortlist_recall@{size}"
+    print(f"baseline (none, unseen) shortlist recall@{size}: {test.metric('none', recall, 'unseen')}")
+    print(f"result (kb-finetuned, unseen): {test.metric('kb-finetuned', recall, 'unseen')}")
+    print(f"ratio: {headline['value']}")
+    seconds["total"] = time.perf_counter() - STARTED
+    result = {"metric": f"shortlist_recall@{size}_unseen_finetuned_over_none", "value": headline["value"],
+              "goal": headline["goal"],
+              "details": {"goals": met, "goals_met": all(bool(r["met"]) for r in met.values()),
+                          "test": test.model_dump(mode="json"), "selection": selection, "pairs": report.pairs,
+                          "seconds": seconds, "protocol": protocol}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    say(f"wrote {args.out}")
+    return 0 if result["details"]["goals_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
