@@ -25,7 +25,7 @@ from pathlib import Path
 
 from knowmap.config import KnowMapConfig
 from knowmap.environment.sciworld import task_topics
-from knowmap.jobs.training import decision_support, decision_table, select_on_dev, train_retriever
+from knowmap.jobs.training import decision_support, decision_table, train_retriever
 from knowmap.results import DecisionEvaluation
 from knowmap.train.data import collect_episodes
 
@@ -85,7 +85,9 @@ def main() -> int:
     train_tasks, unseen_tasks = ([t for f in fs for t in [t for t, g in topics.items() if g == f]
                                   [: args.max_tasks or None]] for fs in families)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="knowmap-decision-"))
-    config = KnowMapConfig(data_dir=data_dir, training={"epochs": args.epochs, "finetuned_weight": 1.0})
+    config = KnowMapConfig(data_dir=data_dir, scienceworld={"variations": args.train_variations},
+                           training={"epochs": args.epochs, "select_weights": list(WEIGHTS),
+                                     "select_variations": args.dev_variations})
     size, k_env, k_exp = config.agent.shortlist, config.agent.k_env, config.agent.k_experience
     protocol = {"train_families": families[0], "unseen_families": families[1],
                 "train_tasks": train_tasks, "unseen_tasks": unseen_tasks, "train_variations": args.train_variations,
@@ -104,17 +106,13 @@ def main() -> int:
     say(f"collected {len(train)} annotated train episodes")
 
     mark = time.perf_counter()
-    report = train_retriever(config, episodes=train, record_latest=False,
+    report = train_retriever(config, episodes=train, record_latest=False, select=True,
                              on_epoch=lambda m, e: say(f"{m} epoch {e.get('epoch')}: loss {e.get('loss'):.4f}"))
-    seconds["train"] = time.perf_counter() - mark
-    say(f"trained on {report.episodes} episodes, pairs {report.pairs}")
-
-    mark = time.perf_counter()
-    chosen, selection = select_on_dev(config, report.embedder.model_dir, tasks=train_tasks,
-                                      variations=args.dev_variations, weights=WEIGHTS,
-                                      train_variations=args.train_variations, progress=say)
-    seconds["select_on_dev"] = time.perf_counter() - mark
-    say(f"selected {selection['chosen']} on dev: " + json.dumps(selection["dev"]))
+    seconds["train_and_select"] = time.perf_counter() - mark
+    selection = report.selection or {}
+    chosen = report.embedder.model_dir
+    say(f"trained on {report.episodes} episodes, pairs {report.pairs}; selected {selection.get('chosen')} on dev: "
+        + json.dumps(selection.get("dev")))
 
     mark = time.perf_counter()
     test = decision_support(config, split="test", tasks=train_tasks + unseen_tasks, variations=args.test_variations,

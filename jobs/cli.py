@@ -107,6 +107,10 @@ def train(
     for role, model in report.models().items():
         loss = model.final_loss
         typer.echo(f"{role:<10} {model.model_dir}  (final loss {float('nan') if loss is None else loss:.4f})")
+    if report.selection:
+        chosen = report.selection["chosen"]
+        typer.echo(f"selected   {chosen} on dev by " + ", ".join(report.selection["criterion"]) + ": "
+                   + json.dumps(report.selection["dev"][chosen]))
     typer.echo(f"curves     {config.paths.training}/loss_*.png")
 
 
@@ -120,25 +124,47 @@ def eval_retrieval(
     embedder: Annotated[str, typer.Option(help="Fine-tuned embedder dir; default the newest from `train`.")] = "",
     reranker: Annotated[str, typer.Option(help="Reranker dir; default the newest from `train`.")] = "",
     kinds: Annotated[str, typer.Option(help="Comma-separated: env, experience, joint.")] = "env,experience",
+    decision: Annotated[bool, typer.Option(help="Also judge decision support by gold next actions (annotated "
+                                                "gold replays: ~0.15 s a step, cached).")] = True,
+    rerank_modes: Annotated[str, typer.Option(help="Knowledge modes the decision evaluation also re-ranks: "
+                                                   "comma-separated bm25, kb-base, kb-finetuned, or 'all'.")
+                            ] = "kb-finetuned",
     config_file: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Recall@1/5/10, MRR and nDCG@10 of BM25, base and fine-tuned embedders, with and without the reranker."""
-    from knowmap.jobs.training import evaluate_split, retrieval_table
+    """Recall@1/5/10, MRR and nDCG@10 of BM25, base and fine-tuned embedders, with and without the reranker; and
+    decision support per knowledge mode: support@k and shortlist recall, judged by gold next actions."""
+    from knowmap.jobs.training import decision_table, evaluate_split, retrieval_table
 
     if split not in ("dev", "test"):
         raise KnowMapError(f"--split must be dev or test, got {split!r} (train data is what the models learnt from)")
     config = _config(config_file, data_dir)
     results = evaluate_split(config, split=split, tasks=_split_tasks(tasks) or config.scienceworld.tasks,
                              variations=variations, out=out, embedder=embedder, reranker=reranker,
-                             kinds=[k for k in kinds.split(",") if k.strip()])
+                             kinds=[k for k in kinds.split(",") if k.strip()], decision=decision,
+                             decision_rerank=None if rerank_modes == "all" else _rerank_modes(rerank_modes),
+                             progress=lambda line: typer.echo(line, err=True))
     protocol = results.protocol
     typer.echo(retrieval_table(results))
+    if results.decision is not None:
+        for subset in ("all", "unseen"):
+            if results.decision.subset(subset):
+                typer.echo(decision_table(results.decision, subset))
+        families = ", ".join(results.decision.unseen_families) or "none"
+        typer.echo(f"decision support judged by gold next actions; topic families unseen in training: {families}")
     typer.echo(f"split {split}; tasks {', '.join(protocol.tasks)}; {len(protocol.episodes)} episodes")
     if protocol.unseen_tasks:
         typer.echo(f"unseen tasks (never in training data): {', '.join(protocol.unseen_tasks)}; their numbers "
                    f"are under 'unseen' in {out}")
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _rerank_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in ("bm25", "kb-base", "kb-finetuned")]
+    if unknown:
+        raise KnowMapError(f"unknown --rerank-modes {unknown}; allowed: bm25, kb-base, kb-finetuned, or 'all'")
+    return modes
 
 
 def _split_tasks(tasks: str | None) -> list[str] | None:

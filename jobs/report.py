@@ -155,7 +155,7 @@ def _agent_rows(a: AgentRounds) -> list[str]:
 
 def _retrain_rows(d: RetrainDecision) -> list[str]:
     rows = [("trigger", d.trigger), ("training episodes", str(d.train_episodes)),
-            ("candidate nDCG@10", _fmt(d.candidate_ndcg)), ("serving nDCG@10", _fmt(d.serving_ndcg)),
+            ("candidate (gate metrics)", _fmt(d.candidate_scores)), ("serving (gate metrics)", _fmt(d.serving_scores)),
             ("decision", d.reason), ("seconds", _fmt(d.seconds))]
     return _table(["", ""], rows)
 

@@ -5,10 +5,12 @@ A cycle (:meth:`RetrainController.retrain`):
 1. **Data.** Every stored trajectory (expert replays and agent rollouts) except the gate's held-out dev episodes and
    anything of the test split becomes training episodes; pairs are built as in ``knowmap train``.
 2. **Train** a candidate embedder (and reranker) on Ray Train, from the base model, on all of that data.
-3. **Gate.** Candidate and serving embedder are evaluated on the same held-out dev episodes (the first
-   ``retrain.gate_variations`` dev variations of each gate task, judged by the base embedder, as in
-   ``knowmap eval-retrieval``). The candidate is promoted only if its mean nDCG@10 over ``retrain.kinds`` beats the
-   serving model's by more than ``retrain.min_gain``; otherwise the serving model stays and the decision records why.
+3. **Gate.** Candidate and serving embedder are judged on the same held-out dev episodes (the first
+   ``retrain.gate_variations`` dev variations of each gate task) by decision support, as in
+   ``knowmap eval-retrieval``: relevance comes from the gold next actions, never from an embedder
+   (:mod:`knowmap.train.decision`). The candidate is promoted only if its mean over the gate's metrics (shortlist
+   recall@k, experience support@k, env support@k) beats the serving model's by more than ``retrain.min_gain``;
+   otherwise the serving model stays and the decision records why.
 4. **Promote.** The experiential KB re-embeds every row into the candidate's own collection and returns only when
    that collection is complete (searches keep answering from the old one meanwhile); then the retrieval service
    hot-swaps to the candidate, and ``models/latest.json`` points at it. The previous model and its collection are
@@ -42,29 +44,30 @@ Reindex = Callable[[str], None]
 
 
 def decide(candidate: dict[str, float], serving: dict[str, float], min_gain: float = 0.0) -> tuple[bool, str]:
-    """The promotion gate: promote iff the candidate's mean nDCG@10 beats the serving model's by more than
-    ``min_gain``.
+    """The promotion gate: promote iff the candidate's mean over the gate's metrics beats the serving model's by
+    more than ``min_gain``.
 
     Args:
-        candidate, serving: nDCG@10 per KB kind, on the same held-out episodes.
+        candidate, serving: each decision-support metric (``shortlist_recall@12``, ``support@3_experience``,
+            ``support@5_env``) on the same held-out episodes.
 
     Returns:
-        ``(promote, reason)``; the reason names both means and every kind's numbers.
+        ``(promote, reason)``; the reason names both means and every metric's numbers.
 
     Raises:
-        KnowMapError: the two were not measured on the same kinds, or on none.
+        KnowMapError: the two were not measured on the same metrics, or on none.
     """
     if not candidate or set(candidate) != set(serving):
-        raise KnowMapError(f"the gate needs both models measured on the same KB kinds; got candidate "
+        raise KnowMapError(f"the gate needs both models measured on the same metrics; got candidate "
                            f"{sorted(candidate)} and serving {sorted(serving)}")
-    kinds = sorted(candidate)
-    mean_c = sum(candidate[k] for k in kinds) / len(kinds)
-    mean_s = sum(serving[k] for k in kinds) / len(kinds)
-    detail = ", ".join(f"{k} {candidate[k]:.3f} vs {serving[k]:.3f}" for k in kinds)
+    names = sorted(candidate)
+    mean_c = sum(candidate[k] for k in names) / len(names)
+    mean_s = sum(serving[k] for k in names) / len(names)
+    detail = ", ".join(f"{k} {candidate[k]:.3f} vs {serving[k]:.3f}" for k in names)
     promote = mean_c > mean_s + min_gain
     verdict = "promoted" if promote else "kept the serving model"
-    return promote, (f"{verdict}: candidate mean nDCG@10 {mean_c:.3f} vs serving {mean_s:.3f} "
-                     f"(needs more than serving + {min_gain:g}; {detail})")
+    return promote, (f"{verdict}: candidate mean decision support {mean_c:.3f} vs serving {mean_s:.3f}, judged by "
+                     f"gold next actions (needs more than serving + {min_gain:g}; {detail})")
 
 
 class RetrainController:
@@ -162,12 +165,12 @@ class RetrainController:
             scores = self._evaluate(gate, {"serving": self.state.serving.embedder,
                                            "candidate": candidate.embedder})
             promote, reason = decide(scores["candidate"], scores["serving"], self.config.retrain.min_gain)
-            candidate.ndcg = scores["candidate"]
-            serving = self.state.serving.model_copy(update={"ndcg": scores["serving"]})
+            candidate.scores = scores["candidate"]
+            serving = self.state.serving.model_copy(update={"scores": scores["serving"]})
             decision = RetrainDecision(
                 at=_now(), trigger=trigger, trajectories=trajectories, train_episodes=len(episodes),
-                candidate=candidate, serving=serving, candidate_ndcg=scores["candidate"],
-                serving_ndcg=scores["serving"], gate_episodes=sorted(e.episode_id for e in gate),
+                candidate=candidate, serving=serving, candidate_scores=scores["candidate"],
+                serving_scores=scores["serving"], gate_episodes=sorted(e.episode_id for e in gate),
                 promoted=promote, reason=reason,
             )
             if promote:
@@ -195,15 +198,18 @@ class RetrainController:
             self._save()
             return self.status()
 
-    def gate_episodes(self) -> list[Any]:
-        """The held-out dev episodes the gate judges on (gold replays, cached under the data dir)."""
+    def gate_episodes(self, split: str = "dev") -> list[Any]:
+        """The held-out dev episodes the gate judges on (annotated gold replays, cached under the data dir); with
+        ``split="train"``, the gate tasks' train-split replays whose sub-goals are the experiential KB it
+        retrieves from."""
         from knowmap.jobs.training import episode_cache
         from knowmap.train.data import collect_episodes
 
         sw, rt = self.config.scienceworld, self.config.retrain
-        episodes = collect_episodes(list(rt.gate_tasks or sw.tasks), "dev", rt.gate_variations,
+        variations = rt.gate_variations if split == "dev" else sw.variations
+        episodes = collect_episodes(list(rt.gate_tasks or sw.tasks), split, variations,
                                     cache_dir=episode_cache(self.config), step_limit=sw.step_limit,
-                                    simplifications=sw.simplifications, java_heap=sw.java_heap)
+                                    simplifications=sw.simplifications, java_heap=sw.java_heap, annotate=True)
         if not episodes:
             raise KnowMapError("the gate has no dev episodes; set retrain.gate_tasks to tasks with dev variations")
         return episodes
@@ -226,22 +232,25 @@ class RetrainController:
         # splits: dev holds agent rollouts, never the gate's variations.
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
                                  record_latest=False, out_dir=self.config.paths.retrain,
-                                 tag=f"r{len(self.state.history) + 1}", splits=("train", "dev"))
+                                 tag=f"r{len(self.state.history) + 1}", splits=("train", "dev"), select=False)
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report.embedder.model_dir,
                              reranker=report.reranker_dir or self.state.serving.reranker,
                              train_tasks=report.train_tasks)
 
     def _evaluate(self, gate: Sequence[Any], models: dict[str, str]) -> dict[str, dict[str, float]]:
-        from knowmap.models.embedder import Embedder, default_embedder_path
-        from knowmap.train.evaluate import evaluate_retrieval
+        from knowmap.models.embedder import Embedder
+        from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
 
-        device = self.config.models.device
-        judge = Embedder(self.config.models.embedder or default_embedder_path(), device=device)
+        device, agent = self.config.models.device, self.config.agent
         systems = {name: Embedder(path, device=device) for name, path in models.items()}
-        results = evaluate_retrieval(gate, embedders=systems, kinds=self.config.retrain.kinds,
-                                     relevance_embedder=judge, theta=self.config.training.theta)
-        return {name: results.ndcg_by_kind(name) for name in models}
+        results = evaluate_decision(decision_steps(gate, recent_window=agent.history_window),
+                                    experience_corpus(self.gate_episodes("train")), embedders=systems,
+                                    k_env=agent.k_env, k_experience=agent.k_experience, shortlist_size=agent.shortlist)
+        wanted = (f"shortlist_recall@{agent.shortlist}", f"support@{agent.k_experience}_experience",
+                  f"support@{agent.k_env}_env")
+        return {name: {m: float(results.modes[name][m]) for m in wanted if m in results.modes[name]}
+                for name in models}
 
     def _promote(self, candidate: ServingModels) -> None:
 

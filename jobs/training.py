@@ -43,7 +43,7 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
                     out_dir: Path | None = None, tag: str = "", splits: Sequence[str] = ("train",),
-                    ) -> TrainingReport:
+                    select: bool | None = None) -> TrainingReport:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
     Args:
@@ -55,6 +55,10 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
         splits: the splits ``episodes`` may come from (see :func:`build_pairs`).
         tag: appended to the model dirs (``embedder-<data hash>-<tag>``), so that two models trained on the same
             data with other settings (the retrain controller's cycles) never share a dir or its checkpoints.
+        select: choose the embedder's mix with the base model on the dev split (:func:`select_on_dev`, among
+            ``training.select_weights``, on ``training.select_variations`` dev variations of the training tasks)
+            instead of taking ``training.finetuned_weight``; default: when ``training.select_variations`` > 0. The
+            retrain controller passes False: its gate judges on dev, and must not judge what dev chose.
 
     Returns:
         the :class:`~knowmap.results.TrainingReport` written to ``<out_dir>/report.json``: pair counts,
@@ -83,9 +87,12 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     (out / "pairs.json").write_text(json.dumps(pairset.to_dict()))
     models = config.paths.models
     suffix = pairset.data_hash[:12] + (f"-{tag}" if tag else "")
+    select = config.training.select_variations > 0 if select is None else select
+    # Selecting: train the plain fine-tuned model; the mixes are made from it.
+    training = config.training.model_copy(update={"finetuned_weight": 1.0}) if select else config.training
     with ray_session(config):
         emb = train_embedder(pairs, base_model=str(base_path),
-                             output_dir=str(models / f"embedder-{suffix}"), config=config.training,
+                             output_dir=str(models / f"embedder-{suffix}"), config=training,
                              on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
         plot_loss(emb.history, out / "loss_embedder.png")
         trained_reranker = None
@@ -95,11 +102,16 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
                                  on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
             plot_loss(rer.history, out / "loss_reranker.png")
             trained_reranker = TrainedModel(model_dir=rer.model_dir, history=rer.history, epochs_run=rer.epochs_run)
+    train_tasks = sorted({e.task for e in episodes})
+    chosen, selection = emb.model_dir, None
+    if select:
+        chosen, selection = select_on_dev(config, emb.model_dir, tasks=train_tasks,
+                                          variations=max(1, config.training.select_variations),
+                                          weights=config.training.select_weights)
     report = TrainingReport(
-        episodes=len(episodes), train_tasks=sorted({e.task for e in episodes}), pairs=pairset.counts,
-        data_hash=pairset.data_hash,
-        embedder=TrainedModel(model_dir=emb.model_dir, history=emb.history, epochs_run=emb.epochs_run),
-        reranker=trained_reranker,
+        episodes=len(episodes), train_tasks=train_tasks, pairs=pairset.counts, data_hash=pairset.data_hash,
+        embedder=TrainedModel(model_dir=chosen, history=emb.history, epochs_run=emb.epochs_run),
+        reranker=trained_reranker, selection=selection,
     )
     (out / "report.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2))
     if record_latest:
@@ -109,12 +121,19 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
 
 def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
                    out: Path, embedder: str = "", reranker: str = "",
-                   kinds: Sequence[str] = ("env", "experience")) -> RetrievalEvaluation:
+                   kinds: Sequence[str] = ("env", "experience"), decision: bool = True,
+                   decision_rerank: Sequence[str] | None = ("kb-finetuned",),
+                   progress: Callable[[str], None] | None = None) -> RetrievalEvaluation:
     """Evaluate retrieval on ``split`` (dev or test) for BM25, base, fine-tuned, each with and without reranker.
 
     Args:
         embedder, reranker: model dirs; empty = the newest from ``knowmap train`` (``models/latest.json``), if any.
         out: the JSON to write; a bar chart is written beside it (``.png``).
+        decision: also run the decision-support evaluation (:func:`decision_support`; its results go under
+            ``decision``): the experiential KB is the train-split sub-goals of the tasks the model was trained on
+            (``scienceworld.tasks`` where no model was trained).
+        decision_rerank: the knowledge modes the decision evaluation also runs ``+rerank`` (None: all); the
+            cross-encoder reads ~75 pairs/s on 2 cores, so by default only the served pipeline, kb-finetuned.
 
     Returns:
         the evaluation, with the evaluated model dirs and ``variations`` recorded in its protocol.
@@ -140,6 +159,12 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
                                  kinds=kinds, train_tasks=latest.train_tasks,
                                  theta=config.training.theta)
     results.protocol.record_models(embedder=embedder or None, reranker=reranker or None, variations=variations)
+    if decision:
+        modes = {"kb-base": config.models.embedder, **({"kb-finetuned": embedder} if embedder else {})}
+        results.decision = decision_support(config, split=split, tasks=tasks, variations=variations,
+                                            train_tasks=latest.train_tasks or sw.tasks, embedders=modes,
+                                            reranker=reranker, rerank_top=10, rerank_modes=decision_rerank,
+                                            progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
     plot_metrics(results, out.with_suffix(".png"))

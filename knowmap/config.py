@@ -156,10 +156,15 @@ class TrainingConfig(_Section):
                                          "workers exchange and step, and tokens the training data lacks stay as "
                                          "they were")
     finetuned_weight: float = Field(default=0.7, gt=0, le=1, description="share of the fine-tuned weights in the "
-                                    "saved embedder, the rest the base model's (WiSE-FT); measured on dev: 0.7 beat "
-                                    "1.0 and 0.5 for both KB kinds, and on unseen tasks most")
+                                    "saved embedder, the rest the base model's (WiSE-FT), where it is not chosen on "
+                                    "dev (select_variations 0, and the retrain controller's candidates)")
+    select_weights: list[float] = Field(default_factory=lambda: [0.5, 0.7, 1.0], min_length=1, description="the "
+                                        "fine-tuned shares `knowmap train` chooses among on dev (each in (0, 1])")
+    select_variations: int = Field(default=1, ge=0, le=50, description="dev variations per training task that judge "
+                                   "the candidates by decision support (gold next actions); 0 = no selection, "
+                                   "finetuned_weight as given")
     theta: float = Field(default=0.8, ge=-1, le=1, description="similarity above which two sub-goals form an "
-                         "experience pair")
+                         "experience pair (training positives only: no evaluation or gate uses it)")
     seed: int = 0
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
@@ -178,6 +183,9 @@ class TrainingConfig(_Section):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_workers ({self.num_workers})")
         if self.backend == "nccl" and not self.use_gpu:
             raise ValueError("backend 'nccl' needs use_gpu=true; use 'gloo' for CPU workers")
+        wrong = [w for w in self.select_weights if not 0 < w <= 1]
+        if wrong:
+            raise ValueError(f"select_weights must each be in (0, 1], got {wrong}")
         return self
 
 
@@ -228,9 +236,9 @@ class RetrainConfig(_Section):
                                   "scienceworld.tasks")
     gate_variations: int = Field(default=2, ge=1, description="the first N dev variations of each gate task; "
                                  "never used for training, so the gate judges on held-out episodes")
-    min_gain: float = Field(default=0.0, ge=0, description="the candidate's mean nDCG@10 must beat the serving "
-                            "model's by more than this")
-    kinds: list[Literal["env", "experience"]] = Field(default_factory=lambda: ["env", "experience"], min_length=1)
+    min_gain: float = Field(default=0.0, ge=0, description="the candidate's mean decision support (shortlist "
+                            "recall, experience and env support, judged by gold next actions) must beat the "
+                            "serving model's by more than this")
     reranker: bool = Field(default=True, description="train a reranker with each candidate")
     poll_seconds: float = Field(default=30.0, gt=0, description="how often the watching controller counts "
                                 "trajectories")

@@ -217,6 +217,8 @@ class TrainingReport(BaseModel):
     data_hash: str
     embedder: TrainedModel
     reranker: TrainedModel | None = Field(default=None, exclude_if=lambda model: model is None)
+    selection: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None,
+                                             description="how the embedder was chosen on dev (select_on_dev)")
 
     @property
     def reranker_dir(self) -> str:

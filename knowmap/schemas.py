@@ -10,7 +10,7 @@ import hashlib
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Cardinality(StrEnum):
@@ -281,7 +281,9 @@ class ServingModels(BaseModel):
     embedder: str = Field(description="model dir or name; empty = the packaged base MiniLM")
     reranker: str = ""
     train_tasks: list[str] = Field(default_factory=list, description="the tasks its training data covered")
-    ndcg: dict[str, float] = Field(default_factory=dict, description="nDCG@10 per KB kind on the gate's dev set")
+    scores: dict[str, float] = Field(default_factory=dict, validation_alias=AliasChoices("scores", "ndcg"),
+                                     description="the gate's decision-support metrics on its dev set (state files "
+                                     "written before they replaced nDCG@10 hold nDCG@10 per KB kind)")
     since: str = Field(default="", description="ISO time it started serving")
 
 
@@ -294,8 +296,8 @@ class RetrainDecision(BaseModel):
     train_episodes: int = Field(ge=0)
     candidate: ServingModels
     serving: ServingModels
-    candidate_ndcg: dict[str, float]
-    serving_ndcg: dict[str, float]
+    candidate_scores: dict[str, float] = Field(validation_alias=AliasChoices("candidate_scores", "candidate_ndcg"))
+    serving_scores: dict[str, float] = Field(validation_alias=AliasChoices("serving_scores", "serving_ndcg"))
     gate_episodes: list[str] = Field(default_factory=list, description="dev episodes the gate evaluated on")
     promoted: bool
     reason: str

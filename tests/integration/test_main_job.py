@@ -43,7 +43,10 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path) -> None:
     modes = report["agents"]["modes"]
     assert set(modes) == {"none", "kb-base", "kb-finetuned"}
     assert all(m["episodes"] == 2 and m["failed"] == 0 and m["tokens"] > 0 for m in modes.values())
-    assert report["retrain"]["gate_episodes"] and "nDCG@10" in report["retrain"]["reason"]
+    assert report["retrain"]["gate_episodes"] and "decision support" in report["retrain"]["reason"]
+    decision = report["retrieval"]["decision"]  # judged by gold next actions
+    assert {"none", "bm25", "kb-base", "kb-finetuned", "kb-finetuned+rerank"} <= set(decision["modes"])
+    assert decision["modes"]["none"]["steps"] > 0 and 0 <= decision["modes"]["kb-finetuned"]["shortlist_recall@12"] <= 1
     assert report["serve"]["retrieve p50 ms"] > 0 and report["serve"]["retrieve items (last)"] > 0
     assert "last decision" in report["serve"]["models after retrain"]
     assert all(v > 0 for v in report["throughput"].values())

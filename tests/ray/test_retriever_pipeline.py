@@ -48,5 +48,13 @@ def test_train_then_evaluate_on_held_out_and_unseen_tasks(tmp_path: Path) -> Non
     assert finetuned.metric("queries", "unseen") > 0 and finetuned.metric("queries", "seen") > 0
     assert all(0.0 <= results.ndcg("env", s) <= 1.0 for s in systems)
     assert "finetuned+rerank" in retrieval_table(results)
+    # Decision support, judged by gold next actions (annotated replays; the experiential KB: boil and
+    # find-living-thing's train sub-goals). melt is Matter, as boil is: no family is unseen.
+    decision = results.decision
+    assert decision is not None and decision.unseen_families == [] and decision.unseen is None
+    assert set(decision.modes) == {"none", "bm25", "kb-base", "kb-finetuned", "kb-finetuned+rerank"}
+    assert decision.modes["none"]["steps"] > 0 and 0 <= decision.metric("kb-finetuned", "shortlist_recall@12") <= 1
+    assert decision.protocol["train_tasks"] == ["boil", "find-living-thing"] and decision.protocol["split"] == "dev"
+    assert json.loads(out.read_text())["decision"]["modes"] == decision.model_dump(mode="json")["modes"]
     with pytest.raises(KnowMapError, match="held-out"):
         evaluate_split(config, split="train", tasks=["boil"], variations=1, out=out)

@@ -33,7 +33,7 @@ def test_full_report_with_plots(tmp_path) -> None:
         agents={"modes": {"none": {"mean_score": 4.0, "per_task": {"boil": 4.0}, "episodes": 1, "tokens": 900}}},
         retrain={"at": "2026-01-01T00:00:00+00:00", "trigger": "run", "trajectories": 4, "train_episodes": 4,
                  "candidate": models, "serving": models, "promoted": False, "reason": "kept the serving model: ...",
-                 "candidate_ndcg": {"env": 0.4}, "serving_ndcg": {"env": 0.41}},
+                 "candidate_scores": {"shortlist_recall@12": 0.4}, "serving_scores": {"shortlist_recall@12": 0.41}},
         throughput={"expert steps/s": 3.2},
     )
     path = write_report(report, tmp_path)

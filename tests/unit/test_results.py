@@ -14,6 +14,7 @@ from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends
 from knowmap.jobs.build import BuildSummary, EpisodeSummary
 from knowmap.jobs.report import RunReport
 from knowmap.results import AgentEvaluation, RetrievalEvaluation, RetrievalProtocol, TrainingReport
+from knowmap.schemas import RetrainDecision
 from knowmap.train.data import load_episodes
 from knowmap.train.evaluate import evaluate_retrieval
 
@@ -122,9 +123,11 @@ def test_run_report_json_keeps_its_sections_shape() -> None:
                             "completion_tokens": 0, "llm_calls": 0, "replans": 0, "invalid_answers": 0, "plan": [],
                             "facts_retrieved": 0, "experience_retrieved": 0, "seconds": 0.5, "error": "LLMError: x"}],
               "variations": {"boil": [16]}, "step_limit": 10}
-    models = {"embedder": "/d/models/e", "reranker": "", "train_tasks": ["boil"], "ndcg": {"env": 0.5}, "since": ""}
+    models = {"embedder": "/d/models/e", "reranker": "", "train_tasks": ["boil"],
+              "scores": {"shortlist_recall@12": 0.5}, "since": ""}
     retrain = {"at": "2026-01-01T00:00:00+00:00", "trigger": "knowmap run", "trajectories": 3, "train_episodes": 2,
-               "candidate": models, "serving": models, "candidate_ndcg": {"env": 0.5}, "serving_ndcg": {"env": 0.5},
+               "candidate": models, "serving": models, "candidate_scores": {"shortlist_recall@12": 0.5},
+               "serving_scores": {"shortlist_recall@12": 0.5},
                "gate_episodes": ["boil-dev-14"], "promoted": False, "reason": "kept the serving model", "seconds": 3.5}
     old = {"protocol": {"preset": "quick", "cpus": 2}, "stages": {"build": 9.5, "train": 30.0}, "build": build,
            "training": TRAINING, "retrieval": RETRIEVAL, "agents": agents, "retrain": retrain,
@@ -133,6 +136,14 @@ def test_run_report_json_keeps_its_sections_shape() -> None:
            "errors": []}
     report = RunReport.model_validate(old)
     same_json(report, old)
+    # A decision written when the gate compared nDCG@10 still loads: its numbers under the new names.
+    before = {**retrain, "candidate_ndcg": {"env": 0.4}, "serving_ndcg": {"env": 0.41},
+              "candidate": {**models, "ndcg": {"env": 0.4}}}
+    for name in ("candidate_scores", "serving_scores"):
+        before.pop(name)
+    before["candidate"].pop("scores")
+    loaded = RetrainDecision.model_validate(before)
+    assert loaded.candidate_scores == {"env": 0.4} and loaded.candidate.scores == {"env": 0.4}
     assert report.missing == [] and report.retrieval.ndcg("env", "bm25") == 0.5
 
     # The run holds the whole build summary; report.json keeps its counts, not every episode.

@@ -17,13 +17,14 @@ from knowmap.schemas import ServingModels
 
 
 def test_gate_promotes_only_a_better_mean() -> None:
-    promote, reason = decide({"env": 0.6, "experience": 0.5}, {"env": 0.5, "experience": 0.5})
-    assert promote and "0.550 vs serving 0.500" in reason
-    promote, reason = decide({"env": 0.6, "experience": 0.3}, {"env": 0.5, "experience": 0.5})
+    recall, support = "shortlist_recall@12", "support@3_experience"
+    promote, reason = decide({recall: 0.6, support: 0.5}, {recall: 0.5, support: 0.5})
+    assert promote and "0.550 vs serving 0.500" in reason and "gold next actions" in reason
+    promote, reason = decide({recall: 0.6, support: 0.3}, {recall: 0.5, support: 0.5})
     assert not promote and "kept the serving model" in reason
-    assert not decide({"env": 0.52}, {"env": 0.5}, min_gain=0.05)[0]  # a gain within the margin is not enough
-    with pytest.raises(KnowMapError, match="same KB kinds"):
-        decide({"env": 0.6}, {"experience": 0.5})
+    assert not decide({recall: 0.52}, {recall: 0.5}, min_gain=0.05)[0]  # a gain within the margin is not enough
+    with pytest.raises(KnowMapError, match="same metrics"):
+        decide({recall: 0.6}, {support: 0.5})
 
 
 class Scripted(RetrainController):
@@ -52,7 +53,7 @@ class Scripted(RetrainController):
 
 @pytest.fixture
 def setup(tmp_path):
-    config = load_config(data_dir=tmp_path, retrain={"every": 3, "kinds": ["env"]})
+    config = load_config(data_dir=tmp_path, retrain={"every": 3})
     calls: list[tuple[str, str]] = []
     box = {"count": 0}
     make = lambda scores: Scripted(  # noqa: E731
@@ -113,8 +114,8 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
     """``_train`` and ``_evaluate`` on the typed results, with training and evaluation replaced by fixed values."""
     import knowmap.jobs.training
     import knowmap.models.embedder
-    import knowmap.train.evaluate
-    from knowmap.results import RetrievalEvaluation, TrainingReport
+    import knowmap.train.decision
+    from knowmap.results import DecisionEvaluation, TrainingReport
 
     config, *_ = setup
     report = TrainingReport(episodes=3, train_tasks=["boil"], pairs={"env": 5}, data_hash="h",
@@ -126,15 +127,17 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
     assert candidate.embedder == "/models/embedder-new" and candidate.reranker == "/models/reranker-serving"
     assert candidate.train_tasks == ["boil"]
 
-    def system(ndcg: float) -> dict:
-        return {"all": {"ndcg@10": ndcg, "queries": 2}}
-
-    evaluation = RetrievalEvaluation.model_validate({
-        "protocol": {"splits": ["dev"], "episodes": ["boil-dev-0"], "tasks": ["boil"], "train_tasks": [],
-                     "unseen_tasks": ["boil"], "theta": 0.8, "rerank_top": None, "relevance_embedder": "judge",
-                     "systems": ["bm25", "serving", "candidate"]},
-        "kinds": {"env": {"queries": 2, "systems": {"serving": system(0.5), "candidate": system(0.7)}}}})
+    evaluation = DecisionEvaluation(protocol={}, modes={
+        "none": {"shortlist_recall@12": 0.3, "steps": 4},
+        "serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5, "steps": 4},
+        "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0, "steps": 4}})  # no experience step
     monkeypatch.setattr(knowmap.models.embedder, "Embedder", lambda path, device=None: path)
-    monkeypatch.setattr(knowmap.train.evaluate, "evaluate_retrieval", lambda *a, **k: evaluation)
+    monkeypatch.setattr(knowmap.train.decision, "decision_steps", lambda *a, **k: [])
+    monkeypatch.setattr(knowmap.train.decision, "experience_corpus", lambda *a, **k: [])
+    monkeypatch.setattr(knowmap.train.decision, "evaluate_decision", lambda *a, **k: evaluation)
+    monkeypatch.setattr(RetrainController, "gate_episodes", lambda self, split="dev": [])
     scores = controller._evaluate([], {"serving": "", "candidate": "/models/embedder-new"})
-    assert scores == {"serving": {"env": 0.5}, "candidate": {"env": 0.7}}
+    assert scores == {"serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5},
+                      "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0}}
+    with pytest.raises(KnowMapError, match="same metrics"):  # a metric one model lacks is never compared
+        decide(scores["candidate"], scores["serving"])
