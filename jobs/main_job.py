@@ -3,8 +3,10 @@
 Stages, each timed, each feeding the report (:mod:`knowmap.jobs.report`):
 
 1. **build**: expert trajectories of the train split replayed by the rollout pool; both KBs filled.
-2. **train**: KnowMap pairs, the InfoNCE embedder and the reranker on Ray Train.
-3. **evaluate**: retrieval on held-out dev episodes: BM25, base and fine-tuned embedder, with and without reranker.
+2. **train**: KnowMap pairs, the InfoNCE embedder and the reranker on Ray Train; the embedder's mix with the base
+   model chosen on dev by decision support.
+3. **evaluate**: retrieval on held-out dev episodes: BM25, base and fine-tuned embedder, with and without reranker;
+   decision support per knowledge mode, judged by the gold next actions.
 4. **serve**: the retrieval service (Ray Serve) with the fine-tuned models.
 5. **agents**: LLM-agent rollouts on other dev variations, one round per knowledge mode, feeding both KBs.
 6. **retrain**: one cycle of the retrain controller on everything stored so far (expert and agent trajectories).
@@ -63,7 +65,7 @@ def apply_preset(config: KnowMapConfig, preset: str) -> KnowMapConfig:
     return config.model_copy(update={
         "scienceworld": sw.model_copy(update={"tasks": tasks, "step_limit": min(sw.step_limit, 10)}),
         "training": config.training.model_copy(update={"epochs": 1, "max_seq_length": 64, "batch_size": 16}),
-        # Two gate variations: with one, no dev sub-goal has a similar one in another episode (no experience query).
+        # Two gate variations: the gate judges each model on every step of both dev replays.
         "retrain": config.retrain.model_copy(update={"gate_variations": 2, "reranker": False}),
     })
 

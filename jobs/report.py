@@ -100,6 +100,12 @@ def summary_rows(report: RunReport) -> list[tuple[str, str]]:
                 continue
             ndcg = [evaluation.ndcg(kind, s) for s in ("bm25", "base", "finetuned") if s in block.systems]
             rows.append((f"nDCG@10 {kind} (bm25 / base / fine-tuned)", " / ".join(f"{v:.3f}" for v in ndcg)))
+        decision = evaluation.decision
+        if decision is not None:
+            name = next((k for m in decision.modes.values() for k in m if k.startswith("shortlist_recall")), "")
+            values = [decision.metric(m, name) for m in ("none", "bm25", "kb-base", "kb-finetuned")]
+            rows.append((f"{name} (none / bm25 / base / fine-tuned)",
+                         " / ".join("-" if v is None else f"{v:.3f}" for v in values)))
     if report.agents:
         for mode, round_ in report.agents.modes.items():
             rows.append((f"agent mean score, {mode}", _score(round_.mean_score)))
@@ -142,7 +148,15 @@ def _retrieval_rows(r: RetrievalEvaluation) -> list[str]:
             rows.append((kind, system, *(f"{_or_nan(metrics.metric(m)):.3f}" for m in RETRIEVAL_METRICS)))
     unseen = r.protocol.unseen_tasks
     note = [f"Tasks never seen in training: {', '.join(unseen)}."] if unseen else []
-    return [*_table(["kb", "system", *RETRIEVAL_METRICS], rows), "", *note]
+    out = [*_table(["kb", "system", *RETRIEVAL_METRICS], rows), "", *note]
+    if r.decision is not None:  # judged by gold next actions, not by an embedder
+        names = sorted({k for m in r.decision.modes.values() for k in m if not k.startswith("steps")})
+        table = [(mode, *("-" if n not in m else f"{m[n]:.3f}" for n in names), str(m.get("steps", 0)))
+                 for mode, m in r.decision.modes.items()]
+        out += ["", "Decision support, judged by the gold next action (shortlist: does the actuator's list hold it; "
+                "support: does the top k hold a fact or sub-goal the gold actions need):", "",
+                *_table(["mode", *names, "steps"], table)]
+    return out
 
 
 def _agent_rows(a: AgentRounds) -> list[str]:
