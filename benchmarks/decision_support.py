@@ -34,7 +34,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decision_support.json"
 TRAIN_FAMILIES = ("Matter", "Classification", "Electricity")
 UNSEEN_FAMILIES = ("Measurement", "Chemistry")
 WEIGHTS = (0.5, 0.7, 1.0)
-# The cross-encoder reads ~75 (query, doc) pairs/s here: the served pipeline (kb-finetuned) alone is re-ranked,
+# The cross-encoder reads ~50 (query, doc) pairs/s here: the served pipeline (kb-finetuned) alone is re-ranked,
 # its top 10 (the agent reads 5 facts and 3 sub-goals); `knowmap eval-retrieval` re-ranks every mode.
 RERANK_TOP = 10
 STARTED = time.perf_counter()

@@ -133,7 +133,7 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
             ``decision``): the experiential KB is the train-split sub-goals of the tasks the model was trained on
             (``scienceworld.tasks`` where no model was trained).
         decision_rerank: the knowledge modes the decision evaluation also runs ``+rerank`` (None: all); the
-            cross-encoder reads ~75 pairs/s on 2 cores, so by default only the served pipeline, kb-finetuned.
+            cross-encoder reads ~50 pairs/s on 2 cores, so by default only the served pipeline, kb-finetuned.
 
     Returns:
         the evaluation, with the evaluated model dirs and ``variations`` recorded in its protocol.
@@ -254,14 +254,11 @@ def select_on_dev(config: KnowMapConfig, raw_embedder: str, *, tasks: Sequence[s
         candidates[f"w{weight:g}"] = path
     results = decision_support(config, split="dev", tasks=tasks, variations=variations, train_tasks=tasks,
                                train_variations=train_variations, embedders=candidates, progress=progress)
-    size, k_env, k_exp = config.agent.shortlist, config.agent.k_env, config.agent.k_experience
-
-    def merit(name: str) -> tuple[float, float, float]:
-        return tuple(results.metric(name, m) or 0.0 for m in (f"shortlist_recall@{size}",  # type: ignore[return-value]
-                                                              f"support@{k_exp}_experience", f"support@{k_env}_env"))
-    chosen = max(candidates, key=merit)  # ties: the first listed weight
-    return candidates[chosen], {"criterion": [f"shortlist_recall@{size}", f"support@{k_exp}_experience",
-                                              f"support@{k_env}_env"], "split": "dev", "tasks": sorted(tasks),
+    agent = config.agent
+    criterion = [f"shortlist_recall@{agent.shortlist}", f"support@{agent.k_experience}_experience",
+                 f"support@{agent.k_env}_env"]
+    chosen = max(candidates, key=lambda name: [results.metric(name, m) or 0.0 for m in criterion])  # ties: first
+    return candidates[chosen], {"criterion": criterion, "split": "dev", "tasks": sorted(tasks),
                                 "variations": variations, "candidates": candidates, "chosen": chosen,
                                 "dev": {name: results.modes.get(name, {}) for name in candidates},
                                 "dev_none": results.modes.get("none", {}), "dev_bm25": results.modes.get("bm25", {})}

@@ -107,10 +107,10 @@ def decision_steps(episodes: Sequence[Episode], *, recent_window: int = 6) -> li
             end = sg.end_step if sg is not None else nxt.step
             answer = [s for s in steps if nxt.step <= s.step <= end]
             keys = {s.action_type.key() for s in answer if s.action_type is not None}
-            known = sorted(_entities_between(episode, steps[t].step, end))
-            names = {n for s in answer for n in action_objects(s.action, set(known))}
-            facts = list(dict.fromkeys(_doc(f.text()) for f in _facts_at(episode, steps[t].step)))
+            known = _entities_between(episode, steps[t].step, end)
+            names = {n for s in answer for n in action_objects(s.action, known)}
             held = _facts_at(episode, steps[t].step)
+            facts = list(dict.fromkeys(_doc(f.text()) for f in held))
             relevant_texts = {_doc(f.text()) for f in held if f.subject in names or f.object in names}
             out.append(DecisionStep(
                 episode_id=episode.episode_id, task=episode.task, task_description=episode.trajectory.task_description,
@@ -149,7 +149,7 @@ def evaluate_decision(
         reranker: anything with ``predict(list[(query, doc)])``; retrieving modes are also run ``+rerank``.
         rerank_top: the first-stage results the reranker re-orders.
         rerank_modes: which retrieving modes (``bm25`` and the names of ``embedders``) are also run ``+rerank``;
-            None: all of them. The cross-encoder reads ~75 pairs/s on 2 cores: each costs ~3 x rerank_top pairs a
+            None: all of them. The cross-encoder reads ~50 pairs/s on 2 cores: each costs ~3 x rerank_top pairs a
             step.
         k_env, k_experience: the facts and sub-goals the agent puts in front of its actuator (``agent.k_env``,
             ``agent.k_experience``); the support@k metrics use the same k.
