@@ -104,7 +104,7 @@ def summary_rows(report: RunReport) -> list[tuple[str, str]]:
         if decision is not None:
             name = next((k for m in decision.modes.values() for k in m if k.startswith("shortlist_recall")), "")
             values = [decision.metric(m, name) for m in ("none", "bm25", "kb-base", "kb-finetuned")]
-            rows.append((f"{name} (none / bm25 / base / fine-tuned)",
+            rows.append((f"{name.replace('_', ' ')} (none/bm25/base/tuned)",
                          " / ".join("-" if v is None else f"{v:.3f}" for v in values)))
     if report.agents:
         for mode, round_ in report.agents.modes.items():
