@@ -322,7 +322,7 @@ class ScienceWorld:
         Args:
             annotate: also record, at every step, the valid actions after it and the type of the action taken
                 from it (:class:`~knowmap.schemas.ActionType`, None where the gold action had no valid
-                equivalent): what decision-support evaluation judges with. About 0.1 s a step.
+                equivalent): what decision-support evaluation judges with. About 0.15 s a step.
         """
         first = self.load(task, variation, split, gold=True)
         actions = self.gold_actions()
