@@ -171,7 +171,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"] = "model"
     id: str = Field(description="the version: name and a fingerprint of the weights")
     role: Literal["embedder", "reranker"]
-    path: str
+    path: str = Field(description="the model's name: the last part of its directory or hub name (never a path on the "
+                      "server)")
     dim: int | None = None
     owned_by: str = "knowmap"
 

@@ -14,6 +14,7 @@ and under ``@serve.ingress`` string annotations of module-level aliases (``EnvId
 
 import base64
 import logging
+from pathlib import PurePath
 from typing import Annotated, Any
 
 import numpy as np
@@ -58,7 +59,7 @@ from knowmap.errors import (
     KnowMapError,
     RerankerUnavailableError,
 )
-from knowmap.schemas import Relation, RetrainStatus
+from knowmap.schemas import Relation, RetrainStatus, ServingModels
 from knowmap.serve.auth import key_matches
 
 logger = logging.getLogger("ray.serve")
@@ -242,6 +243,16 @@ def _message(error: Exception) -> str:
     return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
 
 
+def _name(path: str) -> str:
+    """A model's name for clients: its directory's last part (or its hub name), never the server's file layout."""
+    return PurePath(path).name if path else ""
+
+
+def _named(models: ServingModels) -> ServingModels:
+    return models.model_copy(update={"embedder": _name(models.embedder), "reranker": _name(models.reranker)})
+
+
+# Helpers the deployment calls are defined above it: Serve pickles the class when it is decorated.
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
@@ -312,18 +323,26 @@ class Ingress:
         embedder = await self.embedder.info.remote()
         reranker = await self.reranker.info.remote()
         versions = await self.retriever.experience_versions.remote()
-        data = [ModelInfo(id=embedder["version"], role="embedder", path=embedder["path"], dim=embedder["dim"])]
+        data = [ModelInfo(id=embedder["version"], role="embedder", path=_name(embedder["path"]),
+                          dim=embedder["dim"])]
         if reranker:
-            data.append(ModelInfo(id=reranker["version"], role="reranker", path=reranker["path"]))
+            data.append(ModelInfo(id=reranker["version"], role="reranker", path=_name(reranker["path"])))
         return ModelsResponse(data=data, experience_collections=sorted(versions["held"]), retrain=self._retrain())
 
     def _retrain(self) -> RetrainStatus | None:
-        """The retrain controller's persisted state (it may run in another job), without the full history."""
+        """The retrain controller's persisted state (it may run in another job), without the full history and with
+        model names instead of the server's paths."""
         path = self.config.paths.retrain_state
         try:
-            return RetrainStatus.model_validate_json(path.read_text()).model_copy(update={"history": []})
+            state = RetrainStatus.model_validate_json(path.read_text())
         except (OSError, ValueError):  # none yet, or being replaced: report none rather than fail the route
             return None
+        decision = state.last_decision
+        if decision is not None:
+            decision = decision.model_copy(update={"candidate": _named(decision.candidate),
+                                                   "serving": _named(decision.serving)})
+        return state.model_copy(update={"history": [], "serving": _named(state.serving), "last_decision": decision,
+                                        "previous": _named(state.previous) if state.previous else None})
 
     # -- retrieval --------------------------------------------------------------------------------------------
     @app.post("/v1/retrieve", response_model=RetrieveResponse, dependencies=Authorized, tags=["retrieval"],

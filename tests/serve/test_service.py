@@ -50,9 +50,36 @@ def test_health_is_open_and_models_name_the_deployed_versions(service: dict, cli
     models = client.models()
     roles = {m.role: m for m in models.data}
     assert roles["embedder"].id.startswith("all_minilm_l6_v2_") and roles["embedder"].dim == 384
-    assert roles["reranker"].path == service["info"].reranker
+    # Models are named, never located: a client learns nothing of the server's file layout.
+    assert roles["reranker"].path == Path(service["info"].reranker).name and "/" not in roles["embedder"].path
     assert roles["embedder"].id in models.experience_collections
     assert models.retrain is None  # no retrain cycle has run in this data dir
+
+
+def test_models_show_the_retrain_state_without_server_paths(service: dict, client: KnowMapClient) -> None:
+    from knowmap.schemas import RetrainDecision, RetrainStatus, ServingModels
+
+    root = service["config"].data_dir / "models"
+    serving = ServingModels(embedder=str(root / "embedder-b"), reranker=str(root / "reranker-a"))
+    candidate = ServingModels(embedder=str(root / "embedder-c"), reranker=str(root / "reranker-a"))
+    decision = RetrainDecision(at="2026-12-01T00:00:00+00:00", trigger="manual", trajectories=3, train_episodes=2,
+                               candidate=candidate, serving=serving, candidate_scores={"shortlist_recall@12": 0.4},
+                               serving_scores={"shortlist_recall@12": 0.5}, promoted=False, reason="kept")
+    state = RetrainStatus(serving=serving, previous=ServingModels(embedder=str(root / "embedder-a")),
+                          last_decision=decision, history=[decision])
+    path = service["config"].paths.retrain_state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(state.model_dump_json())
+    try:
+        body = requests.get(service["url"] + "/v1/models", timeout=60,
+                            headers={"Authorization": f"Bearer {service['key']}"}).json()
+    finally:
+        path.unlink()
+    assert str(service["config"].data_dir) not in json.dumps(body)
+    retrain = body["retrain"]
+    assert retrain["serving"]["embedder"] == "embedder-b" and retrain["previous"]["embedder"] == "embedder-a"
+    assert retrain["last_decision"]["candidate"]["embedder"] == "embedder-c" and retrain["history"] == []
+    assert retrain["last_decision"]["serving_scores"] == {"shortlist_recall@12": 0.5}
 
 
 def test_openai_client_embeddings_match_the_embedder(service: dict, embedder) -> None:  # noqa: ANN001
