@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist
+from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist, written_actions
 from knowmap.environment.sciworld import task_topics
 from knowmap.kb.segmentation import action_objects
 from knowmap.results import DecisionEvaluation, MetricValues
-from knowmap.train.data import Episode
+from knowmap.train.data import Episode, is_annotated
 from knowmap.train.metrics import BM25Retriever
-from knowmap.train.pairs import Encoder, _doc, _entities_between, _facts_at, moment_query
+from knowmap.train.pairs import Encoder, _doc, _entities_between, _facts_at, _VectorCache, moment_query
 
 Key = tuple[str, ...]
 
@@ -64,8 +64,7 @@ class DecisionStep:
 
 
 def _require_annotated(episode: Episode) -> None:
-    if any(s.valid_actions is None for s in episode.trajectory.steps) or all(
-            s.action_type is None for s in episode.trajectory.steps[1:]):
+    if not is_annotated(episode.trajectory) or all(s.action_type is None for s in episode.trajectory.steps[1:]):
         raise ValueError(f"episode {episode.episode_id} is not annotated with valid actions and action types; "
                          "collect it with collect_episodes(..., annotate=True)")
 
@@ -227,20 +226,13 @@ def _judge(step: DecisionStep, env_rank: list[int], joint: str, corpus: Sequence
                 row["joint"] = float(any(j in relevant_exp for j in ranker(joint, texts)[:k_exp]))
     if step.gold is not None and step.gold in step.valid:
         valid = set(step.valid)
-        preferred = [a for a in _written_actions(experience) if a in valid]
+        preferred = [a for a in written_actions(experience) if a in valid]
         query = actuator_query("", step.task_description, facts)
         ranked = rank_actions(step.valid, query, preferred=preferred, recent=step.recent)
         listed = shortlist(step.valid, query, size=size, preferred=preferred, recent=step.recent, ranked=ranked)
         row["shortlist"] = float(step.gold in listed)
         row["rank"] = float(ranked.index(step.gold) + 1)
     return row
-
-
-def _written_actions(texts: Sequence[str]) -> list[str]:
-    """The actions written in sub-goal texts (their ``Actions: a; b`` line), as the actuator reads them."""
-    found = [a.strip() for text in texts for line in text.splitlines() if line.startswith("Actions:")
-             for a in line.removeprefix("Actions:").split(";") if a.strip()]
-    return list(dict.fromkeys(found))
 
 
 def _aggregate(rows: list[dict[str, float | None]], k_env: int, k_exp: int, size: int) -> MetricValues:
@@ -287,18 +279,14 @@ class _BM25(_Ranker):
 
 class _Dense(_Ranker):
     def __init__(self, embedder: Encoder) -> None:
-        self.embedder = embedder
-        self._vectors: dict[str, np.ndarray] = {}
+        self._vectors = _VectorCache(embedder)  # each distinct text embedded once
 
     def prefetch(self, texts: Sequence[str]) -> None:
-        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        if missing:
-            encoded = np.asarray(self.embedder.encode(missing), dtype=np.float32)
-            self._vectors.update(zip(missing, encoded, strict=True))
+        self._vectors.matrix(list(dict.fromkeys(texts)))
 
     def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        self.prefetch([query, *corpus])
-        scores = np.stack([self._vectors[t] for t in corpus]) @ self._vectors[query]
+        vectors = self._vectors.matrix([query, *corpus])  # (1 + len(corpus), dim): query first
+        scores = vectors[1:] @ vectors[0]
         return [int(i) for i in np.argsort(-scores, kind="stable")]
 
 

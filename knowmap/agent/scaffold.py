@@ -40,9 +40,14 @@ def words(text: str) -> list[str]:
 
 def knowledge_actions(items: Sequence[KnowledgeItem]) -> list[str]:
     """The actions written in retrieved sub-goals (their ``Actions: a; b`` line), in order, without repeats."""
+    return written_actions([item.text for item in items])
+
+
+def written_actions(texts: Sequence[str]) -> list[str]:
+    """The actions written in sub-goal texts (their ``Actions: a; b`` line), in order, without repeats."""
     found: list[str] = []
-    for item in items:
-        for line in item.text.splitlines():
+    for text in texts:
+        for line in text.splitlines():
             if line.startswith("Actions:"):
                 found += [a.strip() for a in line.removeprefix("Actions:").split(";") if a.strip()]
     return list(dict.fromkeys(found))
