@@ -26,13 +26,13 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from knowmap.config import KnowMapConfig
-from knowmap.errors import KnowMapError
+from knowmap.errors import EnvNotFoundError, KnowMapError
 from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.storage import list_env_kbs, validate_env_id
 from knowmap.schemas import Observation, Trajectory, Triple
 
 __all__ = ["EnvKBActor", "env_kb_actor_name", "create_env_kb_slot", "env_kb_directory", "get_or_create_env_kb",
-           "list_env_kbs", "retire_env_kb"]
+           "list_env_kbs", "reset_env_kb", "retire_env_kb"]
 
 
 class EnvKBActor:
@@ -65,6 +65,13 @@ class EnvKBActor:
     def ingest(self, observation: Observation | Mapping[str, Any]) -> int:
         """Log and apply one observation; returns the number of facts opened or closed."""
         return self._kb.ingest(observation)
+
+    @ray.method(max_task_retries=0)
+    def ingest_many(self, observations: Sequence[Observation | Mapping[str, Any]]) -> dict[str, Any]:
+        """Apply a batch of observations whole or not at all (:meth:`DurableEnvironmentKB.ingest_many`); returns
+        ``changes`` and the KB's stats after it."""
+        changes = self._kb.ingest_many(observations)
+        return {"changes": changes, **self.stats()}
 
     @ray.method(max_task_retries=0)
     def ingest_triples(self, step: int, triples: Sequence[Triple | Mapping[str, Any]],
@@ -190,6 +197,31 @@ def retire_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any],
             return stats
         time.sleep(0.05)
     raise KnowMapError(f"env KB actor {name!r} was killed but its name was not released within {timeout_s} s")
+
+
+def reset_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Forget every fact of an env, durably (an operator's repair: a client sent a step it cannot go back from).
+
+    The env's actor, if one runs, is ended first (:func:`retire_env_kb`); its KB is opened here, reset and closed,
+    and the next request revives it empty. Returns the KB's stats before the reset.
+
+    Raises:
+        EnvNotFoundError: no KB exists for ``env_id``.
+        InvalidEnvIdError: ``env_id`` is not allowed.
+        KnowMapError: Ray is not initialised, or another process holds the KB open (a running episode's agent).
+    """
+    config = _config(config)
+    directory = env_kb_directory(config)
+    if not (directory / validate_env_id(env_id)).is_dir():
+        raise EnvNotFoundError(f"no env KB for env id {env_id!r} under {directory}")
+    retire_env_kb(env_id, config)
+    kb = DurableEnvironmentKB(env_id, directory, snapshot_every=config.ray.env_kb_snapshot_every, lock_timeout_s=5)
+    try:
+        before = kb.stats()
+        kb.reset()
+    finally:
+        kb.close()
+    return before
 
 
 def _config(config: KnowMapConfig | Mapping[str, Any]) -> KnowMapConfig:

@@ -2,7 +2,8 @@
 
 Milvus Lite allows one process per database file, so every writer and reader goes through this actor (see
 :mod:`knowmap.kb.experience_versions` for what it holds and why adds survive a re-index). Re-indexing runs in its
-own thread (concurrency group ``reindex``) so searches and adds go on meanwhile.
+own thread (concurrency group ``reindex``) so searches and adds go on meanwhile; so does adding a trajectory
+(``contribute``: embedding a 2,000-step trajectory's sub-goals takes seconds, and readers must not wait on it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ class ExperienceKBActor(VersionedExperienceKB):
     def ensure_index(self, embedder_path: str, make_current: bool = False) -> dict[str, Any]:
         return super().ensure_index(embedder_path, make_current)
 
+    @ray.method(concurrency_group="contribute")
+    def add_trajectory(self, trajectory: dict[str, Any], subgoals: list[dict[str, Any]]) -> int:
+        """Embedding a long trajectory's sub-goals takes seconds: in its own thread, searches go on meanwhile."""
+        return super().add_trajectory(trajectory, subgoals)
+
 
 def experience_actor_name(config: KnowMapConfig) -> str:
     """``experience-<hash of the store URI>``: one actor per Milvus store, whichever job asks for it."""
@@ -42,7 +48,7 @@ def get_experience_kb(config: KnowMapConfig) -> ray.actor.ActorHandle:
     options = dict(name=experience_actor_name(config), namespace=config.ray.namespace, get_if_exists=True,
                    lifetime="detached", num_cpus=0, max_restarts=config.ray.max_restarts,
                    max_task_retries=config.ray.max_task_retries, max_concurrency=1)
-    actor = ray.remote(concurrency_groups={"reindex": 1})(ExperienceKBActor)
+    actor = ray.remote(concurrency_groups={"reindex": 1, "contribute": 1})(ExperienceKBActor)
     return actor.options(**options).remote(config.model_dump(mode="json"))
 
 

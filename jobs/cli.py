@@ -384,6 +384,23 @@ def retrain_rollback(config_file: ConfigOption = None, data_dir: DataDirOption =
     typer.echo(f"serving {status['serving']['embedder'] or 'the packaged base embedder'}")
 
 
+env_app = typer.Typer(help="Env KBs: an operator's repairs.", no_args_is_help=True)
+app.add_typer(env_app, name="env")
+
+
+@env_app.command("reset")
+def env_reset(env_id: Annotated[str, typer.Argument(help="the env id, as in /v1/envs/{env_id}")],
+              config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Forget every fact of one env, durably; its actor (if running) is ended and revives empty."""
+    from knowmap.actors.env_kb import reset_env_kb
+    from knowmap.jobs.session import ray_session
+
+    config = _config(config_file, data_dir)
+    with ray_session(config):
+        before = reset_env_kb(env_id, config)
+    typer.echo(f"env {env_id}: {before['facts']} facts through step {before['last_step']} forgotten")
+
+
 @app.command("config")
 def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
     """Print the configuration in force (defaults, file, KNOWMAP_* env vars) as JSON."""

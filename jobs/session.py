@@ -10,12 +10,14 @@ job). Inside a session that is already open (a job called by another job), it do
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import ray
 
 from knowmap.actors.experience import release_experience_kb
 from knowmap.config import KnowMapConfig
+from knowmap.serve.proxy import proxy_environment
 
 
 @contextlib.contextmanager
@@ -28,6 +30,8 @@ def ray_session(config: KnowMapConfig, **init_kwargs: object) -> Iterator[None]:
     """
     started = not ray.is_initialized()
     if started:
+        if not config.ray.address:  # the processes of a Ray started here inherit it (serve.proxy: head timeout)
+            os.environ.update(proxy_environment(config))
         # The dashboard stays on: it serves the state API that Ray Train's controller polls (without it, the log
         # fills with "State API may be temporarily unavailable"), and users watch jobs there.
         ray.init(address=config.ray.address or None, namespace=config.ray.namespace, log_to_driver=True,

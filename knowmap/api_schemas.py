@@ -13,13 +13,26 @@ routes from ``config.serve``; the bounds here are the ones every deployment shar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from knowmap.schemas import ENV_ID_PATTERN, Fact, KBKind, KnowledgeItem, Observation, RetrainStatus, Trajectory
+from knowmap.schemas import (
+    ENV_ID_PATTERN,
+    MAX_NAME,
+    MAX_STEP,
+    MAX_TEXT,
+    Fact,
+    KBKind,
+    KnowledgeItem,
+    Observation,
+    RetrainStatus,
+    Trajectory,
+)
 
 API_VERSION = "v1"
+MAX_TEXTS = 100_000  # texts of one request; ``serve.max_texts`` is the deployment's (lower) limit
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
 class _Request(BaseModel):
@@ -48,7 +61,7 @@ class _Request(BaseModel):
 
 # -- errors ----------------------------------------------------------------------------------------------------
 ErrorType = Literal["unauthorized", "invalid_request", "too_large", "not_found", "conflict", "unavailable",
-                    "internal_error"]
+                    "timeout", "internal_error"]
 
 
 class ErrorDetail(BaseModel):
@@ -69,12 +82,14 @@ class ErrorResponse(BaseModel):
 class EmbeddingRequest(_Request):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients may send fields a future API adds (e.g. user)
 
-    input: str | list[str] = Field(description="one text or a list of texts")
+    input: Text | Annotated[list[Text], Field(max_length=MAX_TEXTS)] = Field(description="one text or a list of "
+                                                                               "texts")
     model: str = Field(default="", max_length=512, description="ignored: the deployed embedder answers "
                        "(GET /v1/models names it); kept for OpenAI compatibility")
     encoding_format: Literal["float", "base64"] = Field(default="float", description="base64 = little-endian "
                                                         "float32 bytes, as OpenAI")
-    dimensions: int | None = Field(default=None, ge=1, description="must equal the model's dimension if given")
+    dimensions: int | None = Field(default=None, ge=1, le=65_536, description="must equal the model's dimension "
+                                   "if given")
     user: str | None = Field(default=None, max_length=512)
 
 
@@ -98,9 +113,10 @@ class EmbeddingResponse(BaseModel):
 
 # -- rerank ----------------------------------------------------------------------------------------------------
 class RerankRequest(_Request):
-    query: str = Field(min_length=1)
-    documents: list[str] = Field(min_length=1)
-    top_n: int | None = Field(default=None, ge=1, description="return only the best top_n; None = all")
+    query: str = Field(min_length=1, max_length=MAX_TEXT)
+    documents: list[Text] = Field(min_length=1, max_length=MAX_TEXTS)
+    top_n: int | None = Field(default=None, ge=1, le=MAX_TEXTS, description="return only the best top_n; "
+                              "None = all")
 
 
 class RerankResult(BaseModel):
@@ -116,15 +132,16 @@ class RerankResponse(BaseModel):
 
 # -- retrieve --------------------------------------------------------------------------------------------------
 class RetrieveRequest(_Request):
-    query: str = Field(min_length=1, description="the situation: task, current sub-goal, recent observation")
-    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, description="whose env facts to search; "
-                               "without it only experience is searched")
-    task: str | None = Field(default=None, max_length=128, description="restrict experience to this "
+    query: str = Field(min_length=1, max_length=MAX_TEXT, description="the situation: task, current sub-goal, "
+                       "recent observation")
+    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="whose env "
+                               "facts to search; without it only experience is searched")
+    task: str | None = Field(default=None, max_length=MAX_NAME, description="restrict experience to this "
                              "ScienceWorld task; None = all tasks")
-    k: int = Field(default=5, ge=1, description="items per KB (at most serve.max_k)")
+    k: int = Field(default=5, ge=1, le=10_000, description="items per KB (at most serve.max_k)")
     kbs: list[KBKind] = Field(default_factory=lambda: ["env", "experience"], min_length=1, max_length=2)
     rerank: bool = Field(default=False, description="re-order each KB's candidates with the cross-encoder")
-    as_of_step: int | None = Field(default=None, ge=0, description="env facts as of this step; None = now")
+    as_of_step: int | None = Field(default=None, ge=0, le=MAX_STEP, description="env facts as of this step; None = now")
 
 
 class RetrieveResponse(BaseModel):
@@ -136,7 +153,8 @@ class RetrieveResponse(BaseModel):
 
 # -- env KBs ---------------------------------------------------------------------------------------------------
 class ObservationsRequest(_Request):
-    observations: list[Observation] = Field(min_length=1, description="in step order; a step may not go back")
+    observations: list[Observation] = Field(min_length=1, max_length=MAX_TEXTS, description="in step order; a "
+                                            "step may not go back; applied whole or not at all")
 
 
 class ObservationsResponse(BaseModel):
@@ -156,8 +174,8 @@ class FactsResponse(BaseModel):
 # -- trajectories ----------------------------------------------------------------------------------------------
 class TrajectoryRequest(_Request):
     trajectory: Trajectory = Field(description="the finished episode; stored with source 'agent'")
-    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, description="the env KB the episode's "
-                               "observations went to: its facts are attached to the sub-goals")
+    env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="the env KB "
+                               "the episode's observations went to: its facts are attached to the sub-goals")
 
 
 class TrajectoryResponse(BaseModel):

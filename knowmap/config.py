@@ -208,7 +208,23 @@ class ServeConfig(_Section):
     max_text_chars: int = Field(default=8_192, ge=16, le=1_000_000, description="characters per text")
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="request body size")
     max_k: int = Field(default=100, ge=1, le=10_000, description="items per KB a retrieve may ask for")
-    max_trajectory_steps: int = Field(default=2_000, ge=1)
+    max_trajectory_steps: int = Field(default=2_000, ge=1, le=100_000)
+    max_step: int = Field(default=1_000_000, ge=1, le=2**31 - 1, description="the largest step number an "
+                          "observation or trajectory step may carry (ScienceWorld episodes have a few hundred)")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
+                                    "whole request head this long after connecting (or after its last response) is "
+                                    "closed")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=600, description="a declared body that stops arriving "
+                                  "for this long is answered 408 and the connection closed")
+    keep_alive_s: int = Field(default=5, ge=1, le=3_600, description="an idle keep-alive connection is closed "
+                              "after this long")
+    request_timeout_s: float = Field(default=120.0, gt=0, le=3_600, description="every request's deadline once "
+                                     "its body is read: past it the answer is 504 and its work is cancelled")
+    max_env_actors: int = Field(default=32, ge=1, le=100_000, description="env-KB actors the service keeps alive "
+                                "(per retriever replica, ~65 MB each); beyond it the least recently used idle one "
+                                "is snapshotted and ended, and revived from disk on its next request")
+    env_idle_s: float = Field(default=600.0, gt=0, description="an env-KB actor unused this long is ended the "
+                              "same way")
     rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="embedder hits per KB the reranker "
                                    "re-orders")
     embedder_replicas: int = Field(default=1, ge=1)

@@ -61,6 +61,10 @@ class EnvNotFoundError(KnowMapError):
     """No env KB exists for an env id."""
 
 
+class EnvKBClosedError(KnowMapError):
+    """A write reached an env KB that was closed (its actor retired meanwhile): reopen it and send again."""
+
+
 class EpisodeConflictError(KnowMapError):
     """A contributed trajectory would overwrite an expert episode."""
 

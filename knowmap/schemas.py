@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -123,23 +123,35 @@ class Fact(Triple):
         return Triple(subject=self.subject, relation=self.relation, object=self.object)
 
 
+# Hard ceilings of the domain types, which every API request body is built from: a deployment's own limits
+# (``serve.max_text_chars``, ``serve.max_step``, ...) are checked by the routes and may only be lower.
+MAX_STEP = 2**31 - 1  # fits every store's integer column; ScienceWorld episodes are a few hundred steps
+MAX_TEXT = 100_000  # an observation, a look, a task description
+MAX_ACTION = 1_000  # an action or a valid action's text
+MAX_NAME = 256  # a task name, an id, a type class
+MAX_VALID_ACTIONS = 20_000  # ScienceWorld lists a few thousand at most
+MAX_STEPS = 100_000  # steps of one trajectory
+ActionText = Annotated[str, Field(max_length=MAX_ACTION)]
+Label = Annotated[str, Field(max_length=MAX_NAME)]
+
+
 class Observation(BaseModel):
     """What an agent saw at one step: the action's feedback, and optionally a full look and inventory."""
 
-    step: int = Field(ge=0)
-    action: str = ""
-    text: str = Field(default="", max_length=100_000)
-    look: str | None = Field(default=None, max_length=100_000)
-    inventory: str | None = Field(default=None, max_length=100_000)
+    step: int = Field(ge=0, le=MAX_STEP)
+    action: ActionText = ""
+    text: str = Field(default="", max_length=MAX_TEXT)
+    look: str | None = Field(default=None, max_length=MAX_TEXT)
+    inventory: str | None = Field(default=None, max_length=MAX_TEXT)
 
 
 class ActionType(BaseModel):
     """An action as ScienceWorld's tables type it (:mod:`knowmap.environment.action_types`): its template, its
     objects' types (rooms and doors with their names) and the valid action that means the same."""
 
-    template: str
-    objects: list[str] = Field(default_factory=list)
-    valid_as: str | None = None  # None: no valid action means the same (the action had no effect there)
+    template: Label
+    objects: list[Label] = Field(default_factory=list, max_length=16)
+    valid_as: ActionText | None = None  # None: no valid action means the same (the action had no effect there)
 
     def key(self) -> tuple[str, ...] | None:
         """What two actions share when they are the same behaviour; None for actions on no object."""
@@ -154,15 +166,15 @@ class StepRecord(BaseModel):
     and ``action_type`` are only filled where they were built.
     """
 
-    step: int = Field(ge=0)
-    action: str
-    observation: str
-    score: float
-    reward: float = 0.0
+    step: int = Field(ge=0, le=MAX_STEP)
+    action: ActionText
+    observation: str = Field(max_length=MAX_TEXT)
+    score: float = Field(allow_inf_nan=False)
+    reward: float = Field(default=0.0, allow_inf_nan=False)
     done: bool = False
-    look: str | None = None
-    inventory: str | None = None
-    valid_actions: list[str] | None = None
+    look: str | None = Field(default=None, max_length=MAX_TEXT)
+    inventory: str | None = Field(default=None, max_length=MAX_TEXT)
+    valid_actions: list[ActionText] | None = Field(default=None, max_length=MAX_VALID_ACTIONS)
     action_type: ActionType | None = None  # ``action`` typed before it was taken (annotated gold replays)
 
     def as_observation(self) -> Observation:
@@ -182,14 +194,14 @@ TrajectorySource = Literal["expert", "agent"]
 class Trajectory(BaseModel):
     """A whole episode. ``episode_id`` is stable for the same (task, variation, split, source, policy, seed)."""
 
-    episode_id: str = Field(min_length=1, max_length=256)
-    task: str
-    variation: int = Field(ge=0)
+    episode_id: str = Field(min_length=1, max_length=MAX_NAME)
+    task: Label
+    variation: int = Field(ge=0, le=MAX_STEP)
     split: Split
     source: TrajectorySource = "expert"
-    simplifications: str = ""
-    task_description: str = ""
-    steps: list[StepRecord] = Field(default_factory=list)
+    simplifications: Label = ""
+    task_description: str = Field(default="", max_length=MAX_TEXT)
+    steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_STEPS)
 
     @property
     def final_score(self) -> float:

@@ -21,11 +21,12 @@ import numpy as np
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from knowmap.api_schemas import (
     API_VERSION,
@@ -60,13 +61,13 @@ from knowmap.errors import (
     RerankerUnavailableError,
 )
 from knowmap.schemas import Relation, RetrainStatus, ServingModels
-from knowmap.serve.auth import key_matches
+from knowmap.serve.guard import Guard, error_response
 
 logger = logging.getLogger("ray.serve")
 
 
-_ERRORS = {401: "unauthorized", 404: "not_found", 405: "invalid_request", 409: "conflict", 413: "too_large",
-           422: "invalid_request", 503: "unavailable"}
+_ERRORS = {401: "unauthorized", 404: "not_found", 405: "invalid_request", 408: "timeout", 409: "conflict",
+           413: "too_large", 422: "invalid_request", 503: "unavailable", 504: "timeout"}
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse, "description": d} for s, d in
     [(401, "missing or wrong API key"), (413, "over a configured limit"), (422, "invalid or malformed body")]}
@@ -78,124 +79,35 @@ app = FastAPI(title="KnowMap retrieval API", version=API_VERSION, docs_url=None,
                           "embeddings, reranking. Every route but /healthz needs `Authorization: Bearer <key>`.")
 
 
-def _error(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorResponse(error=detail).model_dump(exclude_none=True), status_code=status,
-                        headers=headers)
-
-
 @app.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+async def _apierror_response(request: Request, exc: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     detail = ErrorDetail(type=exc.type, message=exc.message, code=exc.code, param=exc.param)  # type: ignore[arg-type]
-    return _error(exc.status, detail, headers)
+    return error_response(exc.status, detail, headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validationerror_response(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     param = ".".join(str(p) for p in first["loc"]) or None
     code = "json_invalid" if any(e["type"] == "json_invalid" for e in errors) else "validation_error"
-    return _error(422, ErrorDetail(type="invalid_request", message=f"{param or 'body'}: {first['msg']}",
+    return error_response(422, ErrorDetail(type="invalid_request", message=f"{param or 'body'}: {first['msg']}",
                                    code=code, param=param, errors=errors))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, ErrorDetail(type=_ERRORS.get(exc.status_code, "invalid_request"),  # type: ignore[arg-type]
+async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error_response(exc.status_code, ErrorDetail(type=_ERRORS.get(exc.status_code, "invalid_request"),  # type: ignore[arg-type]
                                                message=str(exc.detail)))
 
 
 @app.exception_handler(Exception)
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+async def _internalerror_response(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return _error(500, ErrorDetail(type="internal_error", message=f"internal error ({type(exc).__name__}); "
+    return error_response(500, ErrorDetail(type="internal_error", message=f"internal error ({type(exc).__name__}); "
                                    "see the service log"))
-
-
-_OPEN = {"/healthz"}
-_DOCS = {"/docs", "/openapi.json"}
-
-
-class Guard:
-    """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs
-    when ``serve.public_docs``), then 413 if the body is over ``serve.max_body_bytes``: the declared length, and
-    the bytes actually received (a chunked upload declares none), counted as they arrive; reading stops at the
-    limit, so an oversized body is never held whole.
-
-    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs every request in a
-    task group with memory streams, a measurable share of the ingress's CPU per request on two cores.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            request = Request(scope)
-            rejection = self._check(request)
-            if rejection is None and request.url.path not in _OPEN:
-                limit = request.app.state.config.serve.max_body_bytes
-                body = await _read_body(receive, limit)
-                if body is None:
-                    rejection = _too_large(f"more than {limit}", limit)
-                else:
-                    receive = _replay(body, receive)
-            if rejection is not None:
-                await rejection(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _check(request: Request) -> JSONResponse | None:
-        state, path = request.app.state, request.url.path
-        if path in _OPEN or (path in _DOCS and state.config.serve.public_docs):
-            return None
-        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(presented.strip(), state.key_digests):
-            return _error(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
-                                           "`Authorization: Bearer <key>` (serve.api_keys, or the key file that "
-                                           "`knowmap serve` printed)"), {"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length", "").strip()
-        if length.isdigit() and int(length) > state.config.serve.max_body_bytes:
-            return _too_large(length, state.config.serve.max_body_bytes)
-        return None
-
-
-def _too_large(size: str, limit: int) -> JSONResponse:
-    return _error(413, ErrorDetail(type="too_large", message=f"request body of {size} bytes is over "
-                                   f"serve.max_body_bytes ({limit})", code="body_too_large"))
-
-
-async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as more than ``limit`` bytes have arrived."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # the client went away: what came is what there is
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A ``receive`` that gives the app the body already read, then whatever the connection says next."""
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
 
 
 app.add_middleware(Guard)
@@ -221,10 +133,20 @@ def _check_texts(config: KnowMapConfig, texts: list[str], param: str, count: boo
                            param=f"{param}[{i}]")
 
 
+def _check_steps(config: KnowMapConfig, steps: list[int], param: str) -> None:
+    for i, step in enumerate(steps):
+        if step > config.serve.max_step:
+            raise APIError(422, "invalid_request", f"{param}[{i}].step is {step}; at most serve.max_step "
+                           f"({config.serve.max_step})", code="step_too_large", param=f"{param}[{i}].step")
+
+
 async def _call(response: Any) -> Any:
-    """Await a deployment call, mapping KnowMap errors to HTTP ones."""
+    """Await a deployment call, mapping KnowMap errors (raised, or returned by the retriever) to HTTP ones."""
     try:
-        return await response
+        result = await response
+        if isinstance(result, KnowMapError):
+            raise result
+        return result
     except RerankerUnavailableError as e:
         raise APIError(409, "conflict", str(e).splitlines()[-1], code="no_reranker") from e
     except EnvNotFoundError as e:
@@ -250,6 +172,9 @@ def _name(path: str) -> str:
 
 def _named(models: ServingModels) -> ServingModels:
     return models.model_copy(update={"embedder": _name(models.embedder), "reranker": _name(models.reranker)})
+
+
+_SWAGGER_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"}
 
 
 # Helpers the deployment calls are defined above it: Serve pickles the class when it is decorated.
@@ -282,7 +207,16 @@ class Ingress:
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self) -> Any:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="KnowMap retrieval API")
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="KnowMap retrieval API",
+                                   swagger_js_url="/docs/swagger-ui-bundle.js", swagger_css_url="/docs/swagger-ui.css",
+                                   swagger_favicon_url="/docs/favicon-32x32.png")
+
+    @app.get("/docs/{asset}", include_in_schema=False)
+    async def docs_asset(self, asset: str) -> Any:
+        """Swagger UI's scripts and styles, from the ``swagger-ui-bundle`` package: /docs works offline."""
+        if asset not in _SWAGGER_ASSETS:
+            raise APIError(404, "not_found", f"no docs asset {asset!r}")
+        return FileResponse(PurePath(swagger_ui_path) / asset, headers={"Cache-Control": "public, max-age=86400"})
 
     # -- models -----------------------------------------------------------------------------------------------
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, dependencies=Authorized, tags=["models"])
@@ -368,6 +302,7 @@ class Ingress:
         for field in ("look", "inventory", "action"):
             _check_texts(self.config, [getattr(o, field) or "" for o in body.observations],
                          f"observations.{field}", count=False)
+        _check_steps(self.config, [o.step for o in body.observations], "observations")
         return await _call(self.retriever.add_observations.remote(env_id, body))
 
     @app.get("/v1/envs/{env_id}/facts", response_model=FactsResponse, dependencies=Authorized, tags=["env KB"],
@@ -396,8 +331,11 @@ class Ingress:
             raise APIError(413, "too_large", f"{len(steps)} steps; at most serve.max_trajectory_steps "
                            f"({self.config.serve.max_trajectory_steps})", code="too_many_steps",
                            param="trajectory.steps")
-        for field in ("observation", "action"):
-            _check_texts(self.config, [getattr(s, field) for s in steps], f"trajectory.steps.{field}", count=False)
+        for field in ("observation", "action", "look", "inventory"):
+            _check_texts(self.config, [getattr(s, field) or "" for s in steps], f"trajectory.steps.{field}",
+                         count=False)
+        _check_texts(self.config, [body.trajectory.task_description], "trajectory.task_description", count=False)
+        _check_steps(self.config, [s.step for s in steps], "trajectory.steps")
         return await _call(self.retriever.add_trajectory.remote(body))
 
 

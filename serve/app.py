@@ -123,7 +123,9 @@ def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranke
     if not ray.is_initialized():
         raise KnowMapError("start_service needs Ray: run it inside knowmap.jobs.session.ray_session(config)")
     ray.get(get_experience_kb(config).ensure_index.remote(embedder))  # its collection exists before traffic
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    s = config.serve  # the ingress answers 504 at request_timeout_s; the proxy's own timeout is a backstop behind it
+    serve.start(http_options={"host": s.host, "port": s.port, "keep_alive_timeout_s": s.keep_alive_s,
+                              "request_timeout_s": s.request_timeout_s + 30})
     args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=embedder, reranker=reranker,
                         key_digests=[digest(k) for k in keys])
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -17,12 +17,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import ray
 from ray import serve
 
-from knowmap.actors.env_kb import env_kb_directory, get_or_create_env_kb
 from knowmap.actors.experience import get_experience_kb
 from knowmap.api_schemas import (
     ObservationsRequest,
@@ -33,14 +33,27 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.errors import EnvNotFoundError, EpisodeConflictError, KnowMapError
-from knowmap.kb.storage import validate_env_id
+from knowmap.errors import EpisodeConflictError, KnowMapError
 from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal
+from knowmap.serve.envs import EnvActors
 
-_MAX_ENV_HANDLES = 1024
 _ATTEMPTS = 3
+T = TypeVar("T")
+
+
+async def _answer(fn: Callable[[], T]) -> T | KnowMapError:
+    """``fn()`` in a worker thread. A KnowMapError (what the client sent was refused: an unknown env, a step out of
+    order, an expert's episode id) is returned, not raised: Serve logs every raised error as a failed request with
+    its traceback, and a client's mistake is one access-log line. The ingress raises it as its 4xx."""
+    try:
+        return await asyncio.to_thread(fn)
+    except (KnowMapError, ValueError) as e:
+        cause = getattr(e, "cause", None) or e  # an env-KB actor's error arrives wrapped in a RayTaskError
+        if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
+            return cause
+        return KnowMapError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
 
 
 class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -66,13 +79,13 @@ class RetrieverDeployment:
         self._model: str | None = None  # the embedder model new requests are pinned to
         self._retrievers: OrderedDict[str, Retriever] = OrderedDict()  # per model: each has its own fact cache
         self._versions: dict[str, str] = {}  # model dir -> embedder version
-        self._env_handles: OrderedDict[str, Any] = OrderedDict()
+        self._envs = EnvActors(self._config)
         self._reranker_version: str | None = None
 
     # -- retrieval -------------------------------------------------------------------------------------------
     async def retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
         """Env facts, then experiential sub-goals, for the request (see :meth:`Retriever.retrieve`)."""
-        return await asyncio.to_thread(self._retrieve, request)
+        return await _answer(lambda: self._retrieve(request))
 
     def _retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
         model = self._model or self._embedder.info.remote().result()["path"]
@@ -130,35 +143,11 @@ class RetrieverDeployment:
         return scored.scores
 
     # -- env KBs ---------------------------------------------------------------------------------------------
-    def _env_exists(self, env_id: str) -> bool:
-        return env_id in self._env_handles or (env_kb_directory(self._config) / env_id).is_dir()
-
-    def _env(self, env_id: str, create: bool) -> Any:
-        validate_env_id(env_id)
-        with self._lock:
-            handle = self._env_handles.get(env_id)
-            if handle is not None:
-                self._env_handles.move_to_end(env_id)
-                return handle
-        if not create and not self._env_exists(env_id):
-            raise EnvNotFoundError(f"no env KB for env id {env_id!r}: POST /v1/envs/{env_id}/observations first")
-        handle = get_or_create_env_kb(env_id, self._config)
-        with self._lock:
-            self._env_handles[env_id] = handle
-            while len(self._env_handles) > _MAX_ENV_HANDLES:
-                self._env_handles.popitem(last=False)
-        return handle
-
     def _env_call(self, env_id: str, method: str, *args: Any, create: bool = False) -> Any:
-        try:
-            return ray.get(getattr(self._env(env_id, create), method).remote(*args))
-        except ray.exceptions.RayActorError:  # retired or died for good: revive from disk once
-            with self._lock:
-                self._env_handles.pop(env_id, None)
-            return ray.get(getattr(self._env(env_id, create), method).remote(*args))
+        return self._envs.call(env_id, method, *args, create=create)
 
     def _env_facts(self, env_id: str, step: int | None) -> list[Fact]:
-        if not self._env_exists(env_id):
+        if not self._envs.exists(env_id):
             return []  # an env that has sent nothing yet has no facts
         rows = self._env_call(env_id, "current") if step is None else self._env_call(env_id, "as_of", step)
         return [Fact.model_validate(r) for r in rows]
@@ -166,13 +155,11 @@ class RetrieverDeployment:
     async def add_observations(self, env_id: str, request: ObservationsRequest) -> ObservationsResponse:
         """Ingest observations into the env KB of ``env_id``, creating it on first use."""
         def run() -> ObservationsResponse:
-            changes = 0
-            for observation in request.observations:  # in order: a KB only moves forward
-                changes += self._env_call(env_id, "ingest", observation.model_dump(), create=True)
-            stats = self._env_call(env_id, "stats")
-            return ObservationsResponse(env_id=env_id, accepted=len(request.observations), changes=changes,
+            batch = [o.model_dump() for o in request.observations]
+            stats = self._env_call(env_id, "ingest_many", batch, create=True)  # whole or not at all
+            return ObservationsResponse(env_id=env_id, accepted=len(batch), changes=stats["changes"],
                                         last_step=stats["last_step"], facts=stats["facts"])
-        return await asyncio.to_thread(run)
+        return await _answer(run)
 
     async def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
         """The env's facts now, or as of a step.
@@ -181,14 +168,14 @@ class RetrieverDeployment:
             EnvNotFoundError: no KB exists for ``env_id``.
         """
         def run() -> list[Fact]:
-            self._env(env_id, create=False)
-            return self._env_facts(env_id, as_of_step)
-        return await asyncio.to_thread(run)
+            rows = self._env_call(env_id, "current" if as_of_step is None else "as_of",
+                                  *(() if as_of_step is None else (as_of_step,)))
+            return [Fact.model_validate(r) for r in rows]
+        return await _answer(run)
 
     async def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
         """Every fact the env KB ever held, open and closed, with step ranges; optionally one subject/relation."""
         def run() -> list[Fact]:
-            self._env(env_id, create=False)
             if subject is not None and relation is not None:
                 rows = self._env_call(env_id, "history", subject, relation)
             else:
@@ -199,7 +186,7 @@ class RetrieverDeployment:
                 if relation is not None:
                     rows = [r for r in rows if r["relation"] == relation]
             return [Fact.model_validate(r) for r in rows]
-        return await asyncio.to_thread(run)
+        return await _answer(run)
 
     # -- trajectories ----------------------------------------------------------------------------------------
     async def add_trajectory(self, request: TrajectoryRequest) -> TrajectoryResponse:
@@ -210,7 +197,7 @@ class RetrieverDeployment:
             if ray.get(self._experience.count.remote(episode_id=episode, source="expert")):
                 raise EpisodeConflictError(f"episode id {episode!r} is an expert episode; contribute under "
                                            "another id")
-            if request.env_id and self._env_exists(request.env_id):
+            if request.env_id and self._envs.exists(request.env_id):
                 goals = [Subgoal.model_validate(g) for g in
                          self._env_call(request.env_id, "segment", trajectory.model_dump())]
             else:
@@ -221,7 +208,7 @@ class RetrieverDeployment:
             rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
                                                                   [g.model_dump() for g in goals]))
             return TrajectoryResponse(episode_id=episode, subgoals=len(goals), rows=rows)
-        return await asyncio.to_thread(run)
+        return await _answer(run)
 
     async def experience_versions(self) -> dict[str, Any]:
         return await self._experience.versions.remote()

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 # No model hub is reachable here: never let a loader try (and wait on retries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Whichever test starts Ray, its Serve proxy times out request heads (knowmap.serve.proxy), after 2 s here.
+os.environ.update({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "knowmap.serve.proxy:install",
+                   "KNOWMAP_PROXY_HEADER_TIMEOUT_S": "2"})
 
 
 @pytest.fixture(scope="session")

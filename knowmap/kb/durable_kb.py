@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from knowmap.errors import KnowMapError, SnapshotError, WriteAheadLogError
+from knowmap.errors import EnvKBClosedError, KnowMapError, SnapshotError, WriteAheadLogError
 from knowmap.kb.environment_kb import EnvironmentKB, extract_logged
 from knowmap.kb.storage import (
     LOG_NAME,
@@ -130,6 +130,29 @@ class DurableEnvironmentKB:
                                digest)
         finally:
             self._ingest_seconds += time.perf_counter() - started
+
+    def ingest_many(self, observations: Sequence[Observation | Mapping[str, Any]]) -> int:
+        """Apply a batch of observations whole or not at all; returns the facts opened or closed. Each is checked
+        (valid, in step order, none before the last ingested step) before the first is applied: a KnowMapError names
+        the one refused and nothing is stored. Should applying fail (a full disk), the error says what was stored.
+        """
+        batch = [validated(Observation, o, f"observations[{i}]") for i, o in enumerate(observations)]
+        last, where = self._kb.last_step, "the last stored step"
+        for i, obs in enumerate(batch):
+            if obs.step < last:
+                raise KnowMapError(f"observations[{i}] has step {obs.step}, before {where} ({last}) of env "
+                                   f"{self.env_id!r}: a KB only moves forward; nothing of this batch was stored")
+            last, where = obs.step, f"observations[{i}]'s step"
+        changes = 0
+        for i, obs in enumerate(batch):
+            try:
+                changes += self.ingest(obs)
+            except KnowMapError as e:
+                if i == 0:
+                    raise
+                raise type(e)(f"observations[{i}] could not be stored ({e}); observations[0:{i}] were "
+                              f"stored, through step {batch[i - 1].step}") from e
+        return changes
 
     def ingest_triples(self, step: int, triples: Sequence[Triple | Mapping[str, Any]],
                        full_sets: Iterable[Sequence[str]] = ()) -> int:
@@ -377,7 +400,7 @@ class DurableEnvironmentKB:
 
     def _check_writable(self) -> None:
         if self._closed:
-            raise KnowMapError(f"env KB {self.env_id!r} is closed; open it again to write")
+            raise EnvKBClosedError(f"env KB {self.env_id!r} is closed; open it again to write")
         if self._broken:
             raise KnowMapError(f"env KB {self.env_id!r} refuses writes: {self._broken}; open it again")
 

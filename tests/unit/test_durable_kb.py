@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from knowmap.actors.env_kb import EnvKBActor
-from knowmap.errors import InvalidEnvIdError, KnowMapError, SnapshotError, WriteAheadLogError
+from knowmap.errors import EnvKBClosedError, InvalidEnvIdError, KnowMapError, SnapshotError, WriteAheadLogError
 from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.environment_kb import build_env_kb
 from knowmap.kb.storage import list_env_kbs, validate_env_id
@@ -306,3 +306,19 @@ def test_actor_class_runs_in_process_and_returns_plain_data(tmp_path: Path) -> N
     assert json.loads(json.dumps(outputs)) == outputs
     assert outputs[3]["facts"] > 0 and outputs[4]
     assert actor.close()["closed"] is True
+
+
+def test_a_batch_of_observations_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
+    kb = open_kb(tmp_path)
+    kb.ingest_many([Observation(step=3, text="apple|location|kitchen")])
+    before = kb.current()
+    for batch, where in (([6, 4], r"observations\[1\] has step 4, before observations\[0\]'s step \(6\)"),
+                         ([2], r"observations\[0\] has step 2, before the last stored step \(3\)")):
+        with pytest.raises(KnowMapError, match=where + ".*nothing of this batch was stored"):
+            kb.ingest_many([Observation(step=s, text=f"pear|location|room {s}") for s in batch])
+        assert kb.last_step == 3 and kb.current() == before
+    assert kb.ingest_many([Observation(step=s, text=f"pear|location|room {s}") for s in (4, 6)]) > 0
+    assert kb.last_step == 6
+    kb.close()
+    with pytest.raises(EnvKBClosedError, match="closed"):
+        kb.ingest_many([Observation(step=7)])

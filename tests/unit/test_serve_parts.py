@@ -179,3 +179,38 @@ def test_models_default_to_the_newest_trained_ones(tmp_path: Path) -> None:
     assert resolve_models(config, embedder="", reranker="") == ("", "")
     with pytest.raises(KnowMapError, match="not a directory"):
         resolve_models(config, embedder=str(tmp_path / "missing"))
+
+
+def _unbounded(schema: dict[str, Any], defs: dict[str, Any], where: str, seen: set[str]) -> list[str]:
+    """Fields of a JSON schema that take strings, lists or integers without an upper bound."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[-1]
+        return [] if name in seen else _unbounded(defs[name], defs, where, seen | {name})
+    found = []
+    for key in ("anyOf", "oneOf", "allOf"):
+        for option in schema.get(key, []):
+            found += _unbounded(option, defs, where, seen)
+    kind = schema.get("type")
+    if kind == "string" and "maxLength" not in schema and "enum" not in schema and "const" not in schema:
+        found.append(where)
+    if kind == "integer" and "maximum" not in schema:
+        found.append(where)
+    if kind == "array":
+        found += [where] if "maxItems" not in schema else []
+        found += _unbounded(schema.get("items", {}), defs, f"{where}[]", seen)
+    for name, sub in schema.get("properties", {}).items():
+        found += _unbounded(sub, defs, f"{where}.{name}", seen)
+    return found
+
+
+def test_every_field_of_every_request_body_has_an_upper_bound() -> None:
+    """No request field is unbounded: a client can never make the service hold a text, list or number of any size
+    (deployment limits in ``serve`` may only lower these)."""
+    from knowmap import api_schemas
+
+    requests = [m for m in vars(api_schemas).values() if isinstance(m, type) and issubclass(m, api_schemas._Request)
+                and m is not api_schemas._Request]
+    assert len(requests) == 5
+    for model in requests:
+        schema = model.model_json_schema()
+        assert _unbounded(schema, schema.get("$defs", {}), model.__name__, set()) == []

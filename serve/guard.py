@@ -1,0 +1,139 @@
+"""What every HTTP request of the retrieval API passes before a route sees it: the key, the body, the deadline.
+
+:class:`Guard` is plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs every
+request in a task group with memory streams, a measurable share of the ingress's CPU per request on two cores.
+Every refusal has the API's one error shape (:func:`error_response`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from knowmap.api_schemas import ErrorDetail, ErrorResponse
+from knowmap.serve.auth import key_matches
+
+OPEN = {"/healthz"}
+DOCS = {"/docs", "/openapi.json"}
+DOCS_PREFIX = "/docs/"  # Swagger UI's own scripts and styles (nothing of this API): always open
+
+
+def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
+    """``{"error": {...}}`` with ``status``: the body of every error the API answers."""
+    return JSONResponse(ErrorResponse(error=detail).model_dump(exclude_none=True), status_code=status,
+                        headers=headers)
+
+
+class Guard:
+    """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs when
+    ``serve.public_docs``); 413 if the body is over ``serve.max_body_bytes``, by its declared length and by the
+    bytes actually received (a chunked upload declares none), counted as they arrive, so an oversized body is never
+    held whole; 408 (and the connection closed) if the body stops arriving for ``serve.body_timeout_s``. Then the
+    route runs under ``serve.request_timeout_s``: past it, its work is cancelled and the answer is 504.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        limits = request.app.state.config.serve
+        rejection = self._check(request)
+        if rejection is None and request.url.path not in OPEN and not request.url.path.startswith(DOCS_PREFIX):
+            try:
+                body = await _read_body(receive, limits.max_body_bytes, limits.body_timeout_s)
+            except TimeoutError:
+                rejection = error_response(408, ErrorDetail(
+                    type="timeout", code="body_timeout", message=f"the request body stopped arriving for "
+                    f"serve.body_timeout_s ({limits.body_timeout_s} s); send the whole body at once"),
+                    {"Connection": "close"})
+            else:
+                if body is None:
+                    rejection = _too_large(f"more than {limits.max_body_bytes}", limits.max_body_bytes)
+                else:
+                    receive = _replay(body, receive)
+        if rejection is not None:
+            await rejection(scope, receive, send)
+            return
+        await _within(limits.request_timeout_s, self.app, scope, receive, send)
+
+    @staticmethod
+    def _check(request: Request) -> JSONResponse | None:
+        state, path = request.app.state, request.url.path
+        if path in OPEN or path.startswith(DOCS_PREFIX) or (path in DOCS and state.config.serve.public_docs):
+            return None
+        scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key_matches(presented.strip(), state.key_digests):
+            return error_response(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
+                                                   "`Authorization: Bearer <key>` (serve.api_keys, or the key file "
+                                                   "that `knowmap serve` printed)"), {"WWW-Authenticate": "Bearer"})
+        length = request.headers.get("content-length", "").strip()
+        if length.isdigit() and int(length) > state.config.serve.max_body_bytes:
+            return _too_large(length, state.config.serve.max_body_bytes)
+        return None
+
+
+async def _within(seconds: float, app: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Run ``app`` for at most ``seconds``; past that, cancel it and answer 504 (if it has not begun answering)."""
+    started = False
+
+    async def tracked(message: dict[str, Any]) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        async with asyncio.timeout(seconds) as deadline:
+            await app(scope, receive, tracked)
+    except TimeoutError:
+        if not deadline.expired() or started:
+            raise
+        await error_response(504, ErrorDetail(
+            type="timeout", code="deadline_exceeded", message=f"the request did not finish within "
+            f"serve.request_timeout_s ({seconds} s) and was cancelled; retry, or send less work per request"),
+        )(scope, receive, send)
+
+
+def _too_large(size: str, limit: int) -> JSONResponse:
+    return error_response(413, ErrorDetail(type="too_large", message=f"request body of {size} bytes is over "
+                                           f"serve.max_body_bytes ({limit})", code="body_too_large"))
+
+
+async def _read_body(receive: Any, limit: int, idle_s: float) -> bytes | None:
+    """The whole request body, or None as soon as more than ``limit`` bytes have arrived.
+
+    Raises:
+        TimeoutError: nothing arrived for ``idle_s`` while more was due.
+    """
+    chunks, size = [], 0
+    while True:
+        message = await asyncio.wait_for(receive(), idle_s)
+        if message["type"] != "http.request":  # the client went away: what came is what there is
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the app the body already read, then whatever the connection says next."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
