@@ -80,34 +80,38 @@ app = FastAPI(title="KnowMap retrieval API", version=API_VERSION, docs_url=None,
 
 
 @app.exception_handler(APIError)
-async def _apierror_response(request: Request, exc: APIError) -> JSONResponse:
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
     detail = ErrorDetail(type=exc.type, message=exc.message, code=exc.code, param=exc.param)  # type: ignore[arg-type]
     return error_response(exc.status, detail, headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _validationerror_response(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     param = ".".join(str(p) for p in first["loc"]) or None
     code = "json_invalid" if any(e["type"] == "json_invalid" for e in errors) else "validation_error"
     return error_response(422, ErrorDetail(type="invalid_request", message=f"{param or 'body'}: {first['msg']}",
-                                   code=code, param=param, errors=errors))
+                                           code=code, param=param, errors=errors))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, ErrorDetail(type=_ERRORS.get(exc.status_code, "invalid_request"),  # type: ignore[arg-type]
-                                               message=str(exc.detail)))
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # FastAPI's answer to a body json.loads cannot read (not UTF-8, nested too deep)
+        return error_response(422, ErrorDetail(type="invalid_request", code="json_invalid", param="body",
+                                               message="the body is not JSON this API reads: send UTF-8 JSON "
+                                               "nested at most a few hundred levels"))
+    kind = _ERRORS.get(exc.status_code, "invalid_request")
+    return error_response(exc.status_code, ErrorDetail(type=kind, message=str(exc.detail)))  # type: ignore[arg-type]
 
 
 @app.exception_handler(Exception)
-async def _internalerror_response(request: Request, exc: Exception) -> JSONResponse:
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, ErrorDetail(type="internal_error", message=f"internal error ({type(exc).__name__}); "
-                                   "see the service log"))
+                                           "see the service log"))
 
 
 app.add_middleware(Guard)

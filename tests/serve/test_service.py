@@ -255,12 +255,131 @@ def test_limits_give_413_with_a_typed_body(service: dict) -> None:
     ("/v1/envs/bad$id/observations", '{"observations": [{"step": 0}]}'),
     ("/v1/trajectories", '{"trajectory": {"episode_id": "x"}}'),
     ("/v1/retrieve", "[]"),
+    ("/v1/embeddings", "[" * 10_000 + "]" * 10_000),  # json.loads gives up (RecursionError): still 422
+    ("/v1/embeddings", b'{"input": "\xff\xfe"}'),  # not UTF-8
 ])
 def test_malformed_or_invalid_bodies_are_422_never_500(service: dict, path: str, body: str) -> None:
     r = _post(service, path, body)
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["type"] == "invalid_request" and error["message"]
+
+
+def test_an_observation_batch_is_stored_whole_or_not_at_all_and_steps_are_bounded(service: dict) -> None:
+    env, text = "/v1/envs/batch-env/observations", "You are in the kitchen. In it, you see: a red apple."
+    assert _post(service, env, {"observations": [{"step": 3, "text": text}]}).status_code == 200
+    r = _post(service, env, {"observations": [{"step": 6, "text": text}, {"step": 4, "text": text}]})
+    assert r.status_code == 422 and "observations[1] has step 4" in r.json()["error"]["message"]
+    r = _post(service, env, {"observations": [{"step": 5, "text": text}]})  # step 6 was not stored
+    assert r.status_code == 200 and r.json()["last_step"] == 5
+    limit = service["config"].serve.max_step
+    r = _post(service, env, {"observations": [{"step": limit + 1, "text": text}]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "step_too_large"
+    assert _post(service, env, {"observations": [{"step": 10**30}]}).status_code == 422  # past any integer column
+
+
+def test_an_operator_resets_an_env_a_client_pushed_to_its_last_step(service: dict) -> None:
+    from knowmap.actors.env_kb import reset_env_kb
+
+    env, limit = "/v1/envs/pushed-env/observations", service["config"].serve.max_step
+    assert _post(service, env, {"observations": [{"step": limit, "text": "a"}]}).status_code == 200
+    assert _post(service, env, {"observations": [{"step": 0, "text": "a"}]}).status_code == 422
+    assert reset_env_kb("pushed-env", service["config"])["last_step"] == limit
+    r = _post(service, env, {"observations": [{"step": 0, "text": "You are in the hallway."}]})
+    assert r.status_code == 200 and r.json()["last_step"] == 0
+
+
+def _env_actors(config) -> set[str]:  # noqa: ANN001
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == config.ray.namespace and a["name"].startswith("envkb:")}
+
+
+def test_env_actors_stay_under_the_cap_and_evicted_envs_keep_every_fact(service: dict,
+                                                                         client: KnowMapClient) -> None:
+    cap, records = service["config"].serve.max_env_actors, _records("boil")[:4]
+    facts = {}
+    for i in range(cap + 3):
+        client.add_observations(f"capped-{i}", records[: 1 + i % len(records)])
+        facts[f"capped-{i}"] = {f.text() for f in client.facts(f"capped-{i}")}
+        assert len(_env_actors(service["config"])) <= cap
+    assert "envkb:capped-0" not in _env_actors(service["config"])  # the least recently used went first
+    for env_id, known in facts.items():  # evicted ones revive from disk with all they acknowledged
+        assert {f.text() for f in client.facts(env_id)} == known and known
+    assert len(_env_actors(service["config"])) <= cap
+
+
+def test_stalled_connections_are_closed(service: dict) -> None:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(service["url"])
+    auth = f"Authorization: Bearer {service['key']}\r\n".encode()
+
+    def held_for(payload: bytes) -> tuple[float, bytes]:
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            started, answer = time.monotonic(), b""
+            sock.sendall(payload)
+            while chunk := sock.recv(65536):  # until the server closes it
+                answer += chunk
+            return time.monotonic() - started, answer
+
+    for payload in (b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"):  # nothing; half a request head
+        seconds, answer = held_for(payload)
+        assert seconds < 8 and answer == b"", (payload, seconds)  # closed at the 2 s head timeout (tests/conftest)
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
+    seconds, answer = held_for(head + auth + b"\r\n" + b'{"input": ')  # a body that stops coming
+    assert seconds < 10 and answer.startswith(b"HTTP/1.1 408"), (seconds, answer[:200])
+    assert b'"code":"body_timeout"' in answer
+
+
+def test_docs_load_their_assets_from_the_service(service: dict) -> None:
+    headers = {"Authorization": f"Bearer {service['key']}"}
+    page = requests.get(service["url"] + "/docs", headers=headers, timeout=10).text
+    assert "/docs/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    script = requests.get(service["url"] + "/docs/swagger-ui-bundle.js", timeout=10)  # no key: nothing of the API
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert requests.get(service["url"] + "/docs/..%2Fapi_key", timeout=10).status_code == 404
+
+
+def test_client_errors_say_what_was_wrong_without_internals_or_tracebacks(service: dict) -> None:
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+
+    def tracebacks() -> int:
+        return sum(p.read_text(errors="replace").count("Traceback") for p in logs.glob("replica_*.log"))
+
+    before = tracebacks()
+    refused = [requests.get(service["url"] + "/v1/envs/nobody-here/facts", timeout=10,
+                            headers={"Authorization": f"Bearer {service['key']}"}),
+               _post(service, "/v1/envs/batch-env/observations", {"observations": [{"step": 1}]}),
+               _post(service, "/v1/trajectories", {"trajectory": {"episode_id": "x", "task": "boil", "variation": 0,
+                                                                  "split": "train", "steps": [{"step": -1}]}})]
+    assert [r.status_code for r in refused] == [404, 422, 422]
+    for r in refused:
+        message = r.json()["error"]["message"]
+        assert message and not any(s in message for s in ("ray::", "Traceback", "knowmap.", "input_value")), message
+    time.sleep(1.0)  # replica logs are written by other processes
+    assert tracebacks() == before
+
+
+def test_readers_do_not_wait_for_a_long_contribution(service: dict, client: KnowMapClient) -> None:
+    steps = [{"step": i, "action": f"look at the thing {i}", "observation": f"You see the thing {i}.",
+              "score": i / 10} for i in range(600)]  # the score rises at every step: 599 sub-goals to embed
+    trajectory = {"episode_id": "long-contribution", "task": "boil", "variation": 0, "split": "train",
+                  "steps": steps}
+    done: list[object] = []
+    writer = threading.Thread(target=lambda: done.append(client.add_trajectory(trajectory)))
+    writer.start()
+    answered = 0
+    while writer.is_alive():
+        client.retrieve("heat the water", kbs=["experience"], k=2)
+        answered += int(writer.is_alive())
+    writer.join()
+    assert done and done[0].subgoals >= 500
+    assert answered >= 3  # retrieves completed while the contribution was being embedded
 
 
 # -- fuzzing -----------------------------------------------------------------------------------------------------

@@ -214,3 +214,35 @@ def test_every_field_of_every_request_body_has_an_upper_bound() -> None:
     for model in requests:
         schema = model.model_json_schema()
         assert _unbounded(schema, schema.get("$defs", {}), model.__name__, set()) == []
+
+
+def test_a_request_past_its_deadline_is_cancelled_and_answered_504() -> None:
+    from knowmap.serve.guard import _read_body, _within
+
+    cancelled: list[bool] = []
+
+    async def slow_app(scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await _within(0.1, slow_app, {"type": "http"}, None, send)
+
+    asyncio.run(run())
+    assert cancelled == [True] and sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"])["error"]["code"] == "deadline_exceeded"
+
+    async def stalled() -> dict:  # a declared body that never comes
+        await asyncio.sleep(30)
+        return {}
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(_read_body(stalled, 1024, 0.1))
