@@ -223,12 +223,16 @@ def eval_queries(
 # -- the shared construction ---------------------------------------------------------------------------------
 def _examples(episodes: Sequence[Episode], kind: str, embedder: Encoder | None, *, theta: float,
               negative_margin: float, joint_facts: int) -> Iterator[Example]:
-    """Every sub-goal of ``episodes`` as an :class:`Example` of ``kind``, in episode and sub-goal order."""
+    """Every sub-goal of ``episodes`` that raised the score as an :class:`Example` of ``kind``, in episode and
+    sub-goal order. One that did not (an agent's dead end, the tail of a -100 failure) is no moment to learn from
+    and never a positive; it stays in the corpora, where it is a hard negative."""
     episodes = sorted(episodes, key=lambda e: e.episode_id)
     moments = [(e, sg, subgoal_query(e.trajectory, sg)) for e in episodes for sg in e.subgoals]
     vectors = _VectorCache(embedder)
     if kind == "env":
         for e, sg, query in moments:
+            if not sg.completed:
+                continue
             facts = _facts_at(e, sg.start_step - 1)
             corpus = list(dict.fromkeys(_doc(f.text()) for f in facts))
             positives = [_doc(f.text()) for f in env_positives(e, sg)]
@@ -242,11 +246,14 @@ def _examples(episodes: Sequence[Episode], kind: str, embedder: Encoder | None, 
     texts = [_doc(sg.text()) for _, sg, _ in moments]
     matrix = vectors.matrix(texts)  # (n_subgoals, dim)
     sims = matrix @ matrix.T  # (n_subgoals, n_subgoals)
+    useful = {texts[j] for j, (_, sg, _) in enumerate(moments) if sg.completed}
     for i, (e, sg, query) in enumerate(moments):
+        if not sg.completed:
+            continue
         others = [j for j, (o, _, _) in enumerate(moments) if o.episode_id != e.episode_id]
         corpus = list(dict.fromkeys(texts[j] for j in others))
         score = {texts[j]: float(sims[i, j]) for j in others}
-        positives = sorted((t for t in corpus if score[t] > theta), key=lambda t: -score[t])
+        positives = sorted((t for t in corpus if score[t] > theta and t in useful), key=lambda t: -score[t])
         excluded = {t for t in corpus if theta - negative_margin < score[t] <= theta}
         if kind == "joint":
             query = joint_query(query, _in_view_facts(e, sg.start_step - 1), vectors, joint_facts, sg)

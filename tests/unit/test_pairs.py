@@ -177,3 +177,26 @@ def test_collect_episodes_loads_its_cache_without_a_jvm(tmp_path: Path, monkeypa
         collect_episodes(["boil"], "train", 0, cache_dir=tmp_path)
     with pytest.raises(KnowMapError, match="no trajectories folder"):
         load_episodes(tmp_path / "missing", "train")
+
+
+def test_a_subgoal_that_did_not_raise_the_score_is_never_a_positive_or_a_query(episodes: list[Episode]) -> None:
+    """An agent's failed attempt (here: the boil episode replayed with its score falling to -100 at every
+    sub-goal) is a hard negative at most: never a positive, never the moment a pair is built from."""
+    boil = next(e for e in episodes if e.task == "boil")
+    steps = [s.model_copy(update={"score": -100.0 if s.step else 0.0}) for s in boil.trajectory.steps]
+    failed_trajectory = boil.trajectory.model_copy(update={"episode_id": "boil-failed", "steps": steps})
+    failed = Episode(trajectory=failed_trajectory, subgoals=[
+        g.model_copy(update={"episode_id": "boil-failed", "subgoal_id": g.subgoal_id + "-failed",
+                             "score_before": 0.0, "score_after": -100.0, "reflection": "the attempt failed"})
+        for g in boil.subgoals], env_kb=boil.env_kb)
+    result = build_pairs([*episodes, failed], HashingEncoder(), theta=THETA, max_negatives=3, seed=0)
+    failed_texts = {g.text() for g in failed.subgoals}
+    assert failed_texts and not failed_texts & {g.text() for g in boil.subgoals}
+    assert any(failed_texts & set(p.negatives) for p in result.pairs())  # they are hard negatives
+    assert result.counts == pairs_counts(episodes)
+    for p in result.pairs():
+        assert p.episode_id != "boil-failed" and p.positive not in failed_texts
+
+
+def pairs_counts(episodes: list[Episode]) -> dict[str, int]:
+    return build_pairs(episodes, HashingEncoder(), theta=THETA, max_negatives=3, seed=0).counts
