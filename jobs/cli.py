@@ -9,8 +9,11 @@ from typing import Annotated, Any
 
 import typer
 
-from knowmap.config import KnowMapConfig, load_config
+from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
+from knowmap.jobs.cli_common import ConfigOption, DataDirOption
+from knowmap.jobs.cli_common import cli_config as _config
+from knowmap.jobs.cli_ops import env_app, retrain_app
 
 app = typer.Typer(
     name="knowmap",
@@ -19,23 +22,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML config file.",
-                                                   exists=True, dir_okay=False)]
-DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Where KBs and models are written.")]
-
-
-def _config(
-    config_file: Path | None, data_dir: Path | None, scienceworld: dict[str, Any] | None = None
-) -> KnowMapConfig:
-    base = load_config(config_file)
-    overrides: dict[str, Any] = {}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if scienceworld:
-        overrides["scienceworld"] = {**base.scienceworld.model_dump(), **scienceworld}
-    return load_config(config_file, **overrides) if overrides else base
-
 
 @app.command("build-kb")
 def build_kb(
@@ -261,6 +247,9 @@ def serve_command(
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port (default serve.port).")] = None,
     detach: Annotated[bool, typer.Option(help="Return once the service runs (only with ray.address set: a local "
                                               "Ray ends with this command).")] = False,
+    retrain: Annotated[bool, typer.Option(help="Also retrain beside the service: every retrain.every new "
+                                               "trajectories (contributed ones included), promote and hot-swap if "
+                                               "better.")] = False,
     config_file: ConfigOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
@@ -288,6 +277,7 @@ def serve_command(
             return
         info = start_service(config, embedder=embedder, reranker=reranker)
         _print_service(info)
+        watcher = _start_retraining(config, detach) if retrain else None
         if detach:
             return
         typer.echo("Ctrl-C stops the service")
@@ -297,7 +287,25 @@ def serve_command(
         except KeyboardInterrupt:
             pass
         finally:
+            if watcher is not None:
+                watcher.stop()
             serve.shutdown()
+
+
+def _start_retraining(config: KnowMapConfig, detach: bool) -> Any:
+    """The retrain controller beside the service: the detached actor (``--detach``) or a thread of this command."""
+    import threading
+
+    from knowmap.jobs.retrain import RetrainController, get_retrain_controller
+
+    if detach:
+        get_retrain_controller(config, watching=True).status.remote()
+        typer.echo(f"retraining     every {config.retrain.every} new trajectories (the detached controller actor)")
+        return None
+    controller = RetrainController(config)
+    threading.Thread(target=controller.watch, name="retrain-watch", daemon=True).start()
+    typer.echo(f"retraining     every {config.retrain.every} new trajectories; `knowmap retrain status` shows them")
+    return controller
 
 
 def _print_service(info: Any) -> None:
@@ -346,59 +354,8 @@ def run_command(
         raise typer.Exit(1)
 
 
-retrain_app = typer.Typer(help="The retrain controller: status, a cycle now, rollback.", no_args_is_help=True)
 app.add_typer(retrain_app, name="retrain")
-
-
-@retrain_app.command("status")
-def retrain_status(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Serving and previous models, the last decision and why, as JSON."""
-    from knowmap.jobs.retrain import RetrainController
-
-    status = RetrainController(_config(config_file, data_dir), count_trajectories=lambda: 0).status()
-    typer.echo(json.dumps({k: v for k, v in status.items() if k != "history"} | {"cycles": len(status["history"])},
-                          indent=2))
-
-
-@retrain_app.command("run")
-def retrain_run(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """One cycle now: train on all stored experience, gate on held-out dev episodes, promote if better."""
-    from knowmap.jobs.retrain import RetrainController
-    from knowmap.jobs.session import ray_session
-
-    config = _config(config_file, data_dir)
-    with ray_session(config):
-        decision = RetrainController(config).retrain(trigger="manual")
-    typer.echo(decision["reason"])
-
-
-@retrain_app.command("rollback")
-def retrain_rollback(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Serve the previous model again (its experiential collection was kept)."""
-    from knowmap.jobs.retrain import RetrainController
-    from knowmap.jobs.session import ray_session
-
-    config = _config(config_file, data_dir)
-    with ray_session(config):
-        status = RetrainController(config).rollback()
-    typer.echo(f"serving {status['serving']['embedder'] or 'the packaged base embedder'}")
-
-
-env_app = typer.Typer(help="Env KBs: an operator's repairs.", no_args_is_help=True)
 app.add_typer(env_app, name="env")
-
-
-@env_app.command("reset")
-def env_reset(env_id: Annotated[str, typer.Argument(help="the env id, as in /v1/envs/{env_id}")],
-              config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
-    """Forget every fact of one env, durably; its actor (if running) is ended and revives empty."""
-    from knowmap.actors.env_kb import reset_env_kb
-    from knowmap.jobs.session import ray_session
-
-    config = _config(config_file, data_dir)
-    with ray_session(config):
-        before = reset_env_kb(env_id, config)
-    typer.echo(f"env {env_id}: {before['facts']} facts through step {before['last_step']} forgotten")
 
 
 @app.command("config")

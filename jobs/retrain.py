@@ -24,6 +24,7 @@ plain class; :func:`get_retrain_controller` makes it a named, detached Ray actor
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from knowmap.models.registry import read_latest, record_latest
 from knowmap.schemas import RetrainDecision, RetrainStatus, ServingModels
 
 ACTOR_NAME = "retrain-controller"
+logger = logging.getLogger(__name__)
 
 Swap = Callable[[ServingModels], None]
 Reindex = Callable[[str], None]
@@ -131,15 +133,34 @@ class RetrainController:
             return None
         return self.retrain(trigger="new-trajectories")
 
-    def watch(self, poll_seconds: float | None = None, max_cycles: int | None = None) -> int:
-        """Poll the KB and run cycles until :meth:`stop` (or ``max_cycles``); returns the cycles run."""
+    def watch(self, poll_seconds: float | None = None, max_cycles: int | None = None,
+              progress: Callable[[int, dict[str, Any] | None], None] | None = None) -> int:
+        """Poll the KB and run cycles until :meth:`stop` (or ``max_cycles``); returns the cycles run.
+
+        A cycle that fails (training, the gate, a swap) is logged and tried again at the next poll, after the
+        state file (what was promoted, trajectories counted at the last cycle) is read again: a watch, like a
+        restarted one, resumes from the state file and never from what a failed cycle left in memory.
+
+        Args:
+            progress: called after every poll with the new trajectories pending and the cycle's decision (None
+                when no cycle ran); ``knowmap retrain watch`` prints it as its progress line.
+        """
         self._stop.clear()
         cycles = 0
         poll = poll_seconds or self.config.retrain.poll_seconds
         while not self._stop.is_set() and (max_cycles is None or cycles < max_cycles):
-            if self.maybe_retrain() is not None:
+            decision = None
+            try:
+                decision = self.maybe_retrain()
+            except Exception:  # noqa: BLE001 - the watch outlives a failed cycle; the next poll retries it
+                logger.exception("a retrain cycle failed; retrying at the next poll")
+                self.state = self._load()
+            if decision is not None:
                 cycles += 1
-            self._stop.wait(poll)
+            if progress is not None:
+                progress(self.pending(), decision)
+            if max_cycles is None or cycles < max_cycles:
+                self._stop.wait(poll)
         return cycles
 
     def stop(self) -> None:
@@ -182,6 +203,8 @@ class RetrainController:
             self.state.history.append(decision)
             self.state.trajectories_at_last_cycle = trajectories
             self._save()
+            logger.info("retrain cycle (%s, %d trajectories, %.0f s): %s", trigger, trajectories, decision.seconds,
+                        reason)
             return decision.model_dump(mode="json")
 
     def rollback(self) -> dict[str, Any]:
@@ -293,13 +316,24 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def get_retrain_controller(config: KnowMapConfig) -> ray.actor.ActorHandle:
+class WatchingController(RetrainController):
+    """A :class:`RetrainController` that watches from the moment it is made: as a Ray actor restarted after a
+    crash, it is made again and so watches again, resuming from the state file."""
+
+    def __init__(self, config: KnowMapConfig | dict[str, Any]) -> None:
+        super().__init__(config)
+        threading.Thread(target=self.watch, name="retrain-watch", daemon=True).start()
+
+
+def get_retrain_controller(config: KnowMapConfig, *, watching: bool = False) -> ray.actor.ActorHandle:
     """The named, detached retrain-controller actor of this namespace (created on first use).
 
     It runs cycles in its own thread (``watch``) while ``status`` answers; training itself runs on Ray Train
-    workers, so the controller asks for no CPU of its own.
+    workers, so the controller asks for no CPU of its own. ``watching``: the actor watches from its start, and
+    again after each of its restarts (``ray.max_restarts``; ``knowmap retrain watch --detach``).
     """
-    return ray.remote(RetrainController).options(
+    cls = WatchingController if watching else RetrainController
+    return ray.remote(cls).options(
         name=ACTOR_NAME, namespace=config.ray.namespace, get_if_exists=True, lifetime="detached", num_cpus=0,
         max_concurrency=4, max_restarts=config.ray.max_restarts,
     ).remote(config.model_dump(mode="json"))

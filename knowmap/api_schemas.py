@@ -13,6 +13,7 @@ routes from ``config.serve``; the bounds here are the ones every deployment shar
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -173,9 +174,19 @@ class FactsResponse(BaseModel):
 
 # -- trajectories ----------------------------------------------------------------------------------------------
 class TrajectoryRequest(_Request):
-    trajectory: Trajectory = Field(description="the finished episode; stored with source 'agent'")
+    trajectory: Trajectory = Field(description="the finished episode; stored with source 'agent', its contributor "
+                                   "(the caller's key) and its episode id as a file name: `[A-Za-z0-9._-]{1,128}`")
     env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="the env KB "
                                "the episode's observations went to: its facts are attached to the sub-goals")
+
+
+    @model_validator(mode="after")
+    def _episode_id_names_a_file(self) -> TrajectoryRequest:
+        episode = self.trajectory.episode_id
+        if not re.fullmatch(ENV_ID_PATTERN, episode) or episode in (".", ".."):
+            raise ValueError(f"trajectory.episode_id {episode[:40]!r} cannot name a stored trajectory: use 1 to 128 "
+                             "characters from [A-Za-z0-9._-]")
+        return self
 
 
 class TrajectoryResponse(BaseModel):

@@ -199,6 +199,8 @@ class Trajectory(BaseModel):
     variation: int = Field(ge=0, le=MAX_STEP)
     split: Split
     source: TrajectorySource = "expert"
+    contributor: str = Field(default="", max_length=64, description="who contributed it through the API (set by "
+                             "the service from the caller's key, never by the caller); empty for this project's own")
     simplifications: Label = ""
     task_description: str = Field(default="", max_length=MAX_TEXT)
     steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_STEPS)

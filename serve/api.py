@@ -328,8 +328,9 @@ class Ingress:
     @app.post("/v1/trajectories", response_model=TrajectoryResponse, dependencies=Authorized,
               tags=["experience KB"], responses={409: {"model": ErrorResponse,
                                                        "description": "the episode id is an expert episode"}})
-    async def trajectories(self, body: TrajectoryRequest) -> TrajectoryResponse:
-        """Contribute a finished trajectory: segmented into sub-goals and added to the experiential KB."""
+    async def trajectories(self, body: TrajectoryRequest, request: Request) -> TrajectoryResponse:
+        """Contribute a finished trajectory: segmented into sub-goals, added to the experiential KB, and kept in the
+        training store under the caller's key (another caller cannot replace it)."""
         steps = body.trajectory.steps
         if len(steps) > self.config.serve.max_trajectory_steps:
             raise APIError(413, "too_large", f"{len(steps)} steps; at most serve.max_trajectory_steps "
@@ -340,6 +341,8 @@ class Ingress:
                          count=False)
         _check_texts(self.config, [body.trajectory.task_description], "trajectory.task_description", count=False)
         _check_steps(self.config, [s.step for s in steps], "trajectory.steps")
+        contributor = getattr(request.state, "client", "")
+        body = body.model_copy(update={"trajectory": body.trajectory.model_copy(update={"contributor": contributor})})
         return await _call(self.retriever.add_trajectory.remote(body))
 
 

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from knowmap.api_schemas import ErrorDetail, ErrorResponse
-from knowmap.serve.auth import key_matches
+from knowmap.serve.auth import digest, key_matches
 
 OPEN = {"/healthz"}
 DOCS = {"/docs", "/openapi.json"}
@@ -69,7 +69,9 @@ class Guard:
         if path in OPEN or path.startswith(DOCS_PREFIX) or (path in DOCS and state.config.serve.public_docs):
             return None
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key_matches(presented.strip(), state.key_digests):
+        if scheme.lower() == "bearer" and key_matches(presented.strip(), state.key_digests):
+            request.scope.setdefault("state", {})["client"] = "key:" + digest(presented.strip())[:12]
+        else:
             return error_response(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
                                                    "`Authorization: Bearer <key>` (serve.api_keys, or the key file "
                                                    "that `knowmap serve` printed)"), {"WWW-Authenticate": "Bearer"})

@@ -34,6 +34,7 @@ from knowmap.api_schemas import (
 )
 from knowmap.config import KnowMapConfig
 from knowmap.errors import EpisodeConflictError, KnowMapError
+from knowmap.kb.trajectory_store import check_contribution, save_trajectory
 from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal
@@ -190,13 +191,15 @@ class RetrieverDeployment:
 
     # -- trajectories ----------------------------------------------------------------------------------------
     async def add_trajectory(self, request: TrajectoryRequest) -> TrajectoryResponse:
-        """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in every version."""
+        """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in every version of the
+        experiential KB and in the training store (with its contributor), where retraining reads it."""
         def run() -> TrajectoryResponse:
             trajectory = request.trajectory.model_copy(update={"source": "agent"})
             episode = trajectory.episode_id
             if ray.get(self._experience.count.remote(episode_id=episode, source="expert")):
                 raise EpisodeConflictError(f"episode id {episode!r} is an expert episode; contribute under "
                                            "another id")
+            check_contribution(self._config.paths, trajectory)
             if request.env_id and self._envs.exists(request.env_id):
                 goals = [Subgoal.model_validate(g) for g in
                          self._env_call(request.env_id, "segment", trajectory.model_dump())]
@@ -207,6 +210,7 @@ class RetrieverDeployment:
             goals = [g.model_copy(update={"source": "agent"}) for g in goals]
             rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
                                                                   [g.model_dump() for g in goals]))
+            save_trajectory(self._config.paths, trajectory)
             return TrajectoryResponse(episode_id=episode, subgoals=len(goals), rows=rows)
         return await _answer(run)
 

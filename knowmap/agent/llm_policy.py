@@ -128,8 +128,10 @@ class LLMPolicy:
         task = self._context.task_description
         self.memory.observe(step)
         verdict = self.evaluator.assess(self.memory.entries, since=self._plan_step)
-        if verdict.status == "progress":
+        if verdict.status == "progress":  # a new sub-goal: the experience that fits it, with this env's facts
             self._plan.advance()
+            self._experience = self.memory.experience(f"{task} {self._plan.subgoal}", self.config.k_experience)
+            self.stats.experience_retrieved += len(self._experience)
         elif verdict.status == "stall" and self.stats.replans < self.config.max_replans:
             query = f"{task} {self._plan.subgoal} {step.observation}"
             self._experience = self.memory.experience(query, self.config.k_experience)

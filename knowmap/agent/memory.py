@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from knowmap.agent.prompts import history_line
 from knowmap.models.retrieval import Retriever
-from knowmap.schemas import KnowledgeItem, StepRecord
+from knowmap.schemas import KB_KINDS, KnowledgeItem, StepRecord
 
 
 class HistoryEntry(BaseModel):
@@ -63,12 +63,14 @@ class RetrieverKnowledge:
         return self.retriever.retrieve(query, env_id=self.env_id, k=k, kbs=("env",))
 
     def experience(self, query: str, k: int) -> list[KnowledgeItem]:
+        """Joint retrieval, as in the paper and in joint training: the query carries this env's facts most relevant
+        to it (the retriever appends them), so the sub-goals found fit the situation the agent is in."""
         if k < 1:
             return []
         # Over-fetch: rows of other splits are dropped after the search (the store filters only by task).
         for task in (self.task, None) if self.task else (None,):
-            items = self.retriever.retrieve(query, task=task, k=4 * k, kbs=("experience",))
-            items = [i for i in items if i.provenance.get("split") in self.splits][:k]
+            items = self.retriever.retrieve(query, env_id=self.env_id, task=task, k=4 * k, kbs=KB_KINDS)
+            items = [i for i in items if i.kind == "subgoal" and i.provenance.get("split") in self.splits][:k]
             if items:
                 return items
         return []
@@ -88,11 +90,13 @@ class ServiceKnowledge:
         return list(self.client.retrieve(query, env_id=self.env_id, k=k, kbs=["env"]).items)
 
     def experience(self, query: str, k: int) -> list[KnowledgeItem]:
+        """Joint retrieval: the service appends this env's most relevant facts to the experience query."""
         if k < 1:
             return []
         for task in (self.task, None) if self.task else (None,):
-            items = self.client.retrieve(query, task=task, k=min(50, 4 * k), kbs=["experience"]).items
-            items = [i for i in items if i.provenance.get("split") in self.splits][:k]
+            items = self.client.retrieve(query, env_id=self.env_id, task=task, k=min(50, 4 * k),
+                                         kbs=list(KB_KINDS)).items
+            items = [i for i in items if i.kind == "subgoal" and i.provenance.get("split") in self.splits][:k]
             if items:
                 return items
         return []

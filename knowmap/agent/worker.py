@@ -28,6 +28,7 @@ from knowmap.agent.reflection import reflect
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.config import KnowMapConfig
 from knowmap.errors import is_retryable
+from knowmap.kb.trajectory_store import save_trajectory
 from knowmap.models.embedder import Embedder
 from knowmap.models.retrieval import Retriever
 from knowmap.results import EpisodeResult
@@ -100,7 +101,7 @@ class AgentWorker:
             llm = policy.llm if isinstance(policy, LLMPolicy) and self.config.agent.llm_reflections else None
             subgoals = reflect(trajectory, subgoals, llm)
         self.kbs.experience().add_trajectory(trajectory, subgoals)
-        save_trajectory(self.config, trajectory)
+        save_trajectory(self.config.paths, trajectory)
         stats = self.env_kb.close()  # the episode is over: snapshot and release its env KB
         result.ingest_seconds = float(stats.get("ingest_seconds", 0.0))
         result.facts, result.current_facts = int(stats.get("facts", 0)), int(stats.get("current_facts", 0))
@@ -141,15 +142,6 @@ class AgentWorker:
         """Close the JVM and release the env KB slot."""
         self.env_kb.discard()
         self.runner.close()
-
-
-def save_trajectory(config: KnowMapConfig, trajectory: Trajectory) -> None:
-    """Write ``trajectories/<episode_id>.json`` atomically (a retried episode replaces its file)."""
-    path = config.paths.trajectory(trajectory.episode_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(trajectory.model_dump_json())
-    os.replace(tmp, path)
 
 
 def _llm_stats(result: EpisodeResult, policy: Any) -> None:

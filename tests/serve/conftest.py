@@ -34,10 +34,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]
     config = KnowMapConfig(data_dir=data_dir, ray={"namespace": namespace},
                            serve={"port": free_port(), "max_texts": 16, "max_text_chars": 2000,
                                   "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25,
-                                  "body_timeout_s": 2, "max_env_actors": 4})
+                                  "body_timeout_s": 2, "max_env_actors": 4,
+                                  "api_keys": ["km-test-key-a", "km-test-key-b"]})
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, namespace=namespace)
     info = start_service(config, embedder="", reranker=model_dirs["reranker"])
-    yield {"url": info.url, "key": info.api_key, "config": config, "info": info}
+    yield {"url": info.url, "key": info.api_key, "other_key": "km-test-key-b", "config": config, "info": info}
     serve.shutdown()
     release_experience_kb(config)

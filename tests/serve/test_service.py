@@ -365,6 +365,22 @@ def test_client_errors_say_what_was_wrong_without_internals_or_tracebacks(servic
     assert tracebacks() == before
 
 
+def test_a_contribution_is_kept_for_training_and_no_other_client_can_replace_it(service: dict) -> None:
+    trajectory = json.loads((FIXTURES / "trajectories" / "boil-0.json").read_text())
+    trajectory.update(episode_id="owned-episode", source="expert", contributor="key:forged")
+    assert _post(service, "/v1/trajectories", {"trajectory": trajectory}).status_code == 200
+    stored = json.loads(service["config"].paths.trajectory("owned-episode").read_text())
+    assert stored["source"] == "agent" and stored["contributor"].startswith("key:")
+    assert stored["contributor"] != "key:forged"
+    r = _post(service, "/v1/trajectories", {"trajectory": trajectory}, key=service["other_key"])
+    assert r.status_code == 409 and "another contributor" in r.json()["error"]["message"]
+    assert json.loads(service["config"].paths.trajectory("owned-episode").read_text()) == stored
+    assert _post(service, "/v1/trajectories", {"trajectory": trajectory}).status_code == 200  # its owner may
+    trajectory["episode_id"] = "../outside"
+    r = _post(service, "/v1/trajectories", {"trajectory": trajectory})
+    assert r.status_code == 422 and "cannot name a stored trajectory" in r.json()["error"]["message"]
+
+
 def test_readers_do_not_wait_for_a_long_contribution(service: dict, client: KnowMapClient) -> None:
     steps = [{"step": i, "action": f"look at the thing {i}", "observation": f"You see the thing {i}.",
               "score": i / 10} for i in range(600)]  # the score rises at every step: 599 sub-goals to embed

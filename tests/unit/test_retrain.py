@@ -141,3 +141,25 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
                       "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0}}
     with pytest.raises(KnowMapError, match="same metrics"):  # a metric one model lacks is never compared
         decide(scores["candidate"], scores["serving"])
+
+
+def test_a_watch_survives_a_failed_cycle_and_resumes_from_the_state_file(setup) -> None:
+    config, calls, box, make = setup
+    controller = make([(0.7, 0.5)])
+    failures = {"left": 1}
+    train = controller._train
+
+    def flaky(episodes):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("a Ray Train worker died")
+        return train(episodes)
+
+    controller._train = flaky
+    box["count"] = 3
+    seen: list[tuple[int, object]] = []
+    cycles = controller.watch(poll_seconds=0.01, max_cycles=1, progress=lambda n, d: seen.append((n, d)))
+    assert cycles == 1 and failures["left"] == 0
+    assert seen[0] == (3, None)  # the failed poll: nothing promoted, the trajectories still pending
+    assert seen[-1][0] == 0 and seen[-1][1]["promoted"]
+    assert make([]).status()["serving"]["embedder"] == "/models/embedder-1"  # a restarted watch resumes here

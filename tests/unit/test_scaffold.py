@@ -272,10 +272,11 @@ def test_service_knowledge_filters_experience_to_the_allowed_splits() -> None:
         def retrieve(self, query, *, env_id=None, task=None, k=5, kbs=("env", "experience")):
             self.calls.append((tuple(kbs), task, k))
             items = [KnowledgeItem(id=s, kind="subgoal", text=s, provenance={"split": s}) for s in ("test", "train")]
-            return type("R", (), {"items": items if kbs == ["experience"] else items[:1]})
+            facts = [KnowledgeItem(id="f", kind="env_fact", text="pot in sink", provenance={"env_id": env_id})]
+            return type("R", (), {"items": facts + items if "experience" in kbs else facts})
 
     client = Client()
     access = ServiceKnowledge(client, "ep", "boil")
     assert [i.id for i in access.experience("q", 2)] == ["train"]
     assert len(access.facts("q", 1)) == 1 and access.facts("q", 0) == []
-    assert client.calls[0] == (("experience",), "boil", 8)
+    assert client.calls[0] == (("env", "experience"), "boil", 8)  # joint: the env's facts enrich the query

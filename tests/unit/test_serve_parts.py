@@ -246,3 +246,24 @@ def test_a_request_past_its_deadline_is_cancelled_and_answered_504() -> None:
 
     with pytest.raises(TimeoutError):
         asyncio.run(_read_body(stalled, 1024, 0.1))
+
+
+def test_a_stored_episode_id_belongs_to_whoever_stored_it(tmp_path: Path) -> None:
+    from knowmap.errors import EpisodeConflictError
+    from knowmap.kb.trajectory_store import check_contribution, save_trajectory
+    from knowmap.layout import DataLayout
+    from knowmap.schemas import Trajectory
+
+    paths = DataLayout(root=tmp_path)
+    mine = Trajectory(episode_id="ep-1", task="boil", variation=0, split="train", source="agent", contributor="key:a")
+    check_contribution(paths, mine)  # nothing stored yet
+    save_trajectory(paths, mine)
+    check_contribution(paths, mine.model_copy(update={"task_description": "again"}))  # mine: may replace it
+    with pytest.raises(EpisodeConflictError, match="another contributor"):
+        check_contribution(paths, mine.model_copy(update={"contributor": "key:b"}))
+    save_trajectory(paths, mine.model_copy(update={"episode_id": "ep-2", "source": "expert", "contributor": ""}))
+    with pytest.raises(EpisodeConflictError, match="expert episode"):
+        check_contribution(paths, mine.model_copy(update={"episode_id": "ep-2"}))
+    with pytest.raises(KnowMapError, match="cannot name a stored trajectory"):
+        save_trajectory(paths, mine.model_copy(update={"episode_id": "../escape"}))
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["ep-1.json", "ep-2.json"]

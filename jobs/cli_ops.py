@@ -1,0 +1,104 @@
+"""The ``knowmap retrain`` and ``knowmap env`` commands: the retrain controller, and an operator's env repairs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from knowmap.errors import KnowMapError
+from knowmap.jobs.cli_common import ConfigOption, DataDirOption
+from knowmap.jobs.cli_common import cli_config as _config
+
+retrain_app = typer.Typer(help="The retrain controller: status, a cycle now, rollback.", no_args_is_help=True)
+
+
+@retrain_app.command("status")
+def retrain_status(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Serving and previous models, the last decision and why, as JSON."""
+    from knowmap.jobs.retrain import RetrainController
+
+    status = RetrainController(_config(config_file, data_dir), count_trajectories=lambda: 0).status()
+    typer.echo(json.dumps({k: v for k, v in status.items() if k != "history"} | {"cycles": len(status["history"])},
+                          indent=2))
+
+
+@retrain_app.command("run")
+def retrain_run(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """One cycle now: train on all stored experience, gate on held-out dev episodes, promote if better."""
+    from knowmap.jobs.retrain import RetrainController
+    from knowmap.jobs.session import ray_session
+
+    config = _config(config_file, data_dir)
+    with ray_session(config):
+        decision = RetrainController(config).retrain(trigger="manual")
+    typer.echo(decision["reason"])
+
+
+@retrain_app.command("watch")
+def retrain_watch(
+    detach: Annotated[bool, typer.Option(help="Start the named, detached controller actor on the cluster and "
+                                              "return (only with ray.address set); it watches again after a "
+                                              "restart.")] = False,
+    max_cycles: Annotated[int | None, typer.Option(min=1, help="Stop after this many cycles (default: never).")] = None,
+    poll: Annotated[float | None, typer.Option(min=0.1, help="Seconds between polls (default retrain.poll_seconds).")
+                    ] = None,
+    config_file: ConfigOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Retrain whenever retrain.every new trajectories arrive: train, gate on held-out dev episodes, promote and
+    hot-swap if better. Runs until Ctrl-C; resumes from the state file after a crash or a restart."""
+    from knowmap.jobs.retrain import RetrainController, get_retrain_controller
+    from knowmap.jobs.session import ray_session
+
+    config = _config(config_file, data_dir)
+    if detach and not config.ray.address:
+        raise KnowMapError("--detach needs a cluster (ray.address, e.g. KNOWMAP_RAY__ADDRESS=auto): a local Ray "
+                           "stops when this command ends")
+    with ray_session(config):
+        if detach:
+            get_retrain_controller(config, watching=True).status.remote()
+            typer.echo("the retrain controller watches on the cluster; `knowmap retrain status` shows its decisions")
+            return
+        controller = RetrainController(config)
+
+        def progress(pending: int, decision: dict[str, Any] | None) -> None:
+            if decision is not None:
+                typer.echo(f"\n{decision['at']} {decision['reason']}")
+            serving = Path(controller.state.serving.embedder).name or "the packaged base embedder"
+            typer.echo(f"\r{pending}/{config.retrain.every} new trajectories towards the next cycle; serving "
+                       f"{serving}; {len(controller.state.history)} cycles so far ", nl=False)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            controller.watch(poll_seconds=poll, max_cycles=max_cycles, progress=progress)
+        typer.echo("")
+
+
+@retrain_app.command("rollback")
+def retrain_rollback(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Serve the previous model again (its experiential collection was kept)."""
+    from knowmap.jobs.retrain import RetrainController
+    from knowmap.jobs.session import ray_session
+
+    config = _config(config_file, data_dir)
+    with ray_session(config):
+        status = RetrainController(config).rollback()
+    typer.echo(f"serving {status['serving']['embedder'] or 'the packaged base embedder'}")
+
+
+env_app = typer.Typer(help="Env KBs: an operator's repairs.", no_args_is_help=True)
+
+
+@env_app.command("reset")
+def env_reset(env_id: Annotated[str, typer.Argument(help="the env id, as in /v1/envs/{env_id}")],
+              config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+    """Forget every fact of one env, durably; its actor (if running) is ended and revives empty."""
+    from knowmap.actors.env_kb import reset_env_kb
+    from knowmap.jobs.session import ray_session
+
+    config = _config(config_file, data_dir)
+    with ray_session(config):
+        before = reset_env_kb(env_id, config)
+    typer.echo(f"env {env_id}: {before['facts']} facts through step {before['last_step']} forgotten")
