@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import ray
 import typer
 
 from knowmap.errors import KnowMapError
@@ -102,3 +103,32 @@ def env_reset(env_id: Annotated[str, typer.Argument(help="the env id, as in /v1/
     with ray_session(config):
         before = reset_env_kb(env_id, config)
     typer.echo(f"env {env_id}: {before['facts']} facts through step {before['last_step']} forgotten")
+
+
+def export_sft_command(
+    out: Annotated[Path, typer.Option(help="The SFT file (JSON Lines, chat format).")] = Path("sft.jsonl"),
+    hints: Annotated[Path | None, typer.Option(help="The hints file from failed episodes.")
+                     ] = Path("hints.jsonl"),
+    split: Annotated[list[str] | None, typer.Option(help="Episodes of this split (repeatable; default train).")
+                     ] = None,
+    min_score: Annotated[float, typer.Option(min=-100, max=100, help="Final score an episode needs to count as a "
+                                             "success (the rest give hints).")] = 100.0,
+    config_file: ConfigOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Distillation data: successful knowledge-guided episodes as chats with the knowledge removed (the student
+    sees task and observations, the targets are the teacher's actions), and hints from failed ones' reflections."""
+    from knowmap.actors.experience import get_experience_kb
+    from knowmap.environment.sciworld import check_split
+    from knowmap.jobs.export_sft import export_sft
+    from knowmap.jobs.session import ray_session
+    from knowmap.schemas import Subgoal
+
+    config = _config(config_file, data_dir)
+    splits = [check_split(s) for s in (split or ["train"])]
+    with ray_session(config):
+        kb = get_experience_kb(config)
+        summary = export_sft(config.paths, out, hints, splits=splits, min_score=min_score, stored_subgoals=lambda e: [
+            Subgoal.model_validate(g) for g in ray.get(kb.subgoals.remote(e))])
+    typer.echo(f"{summary.sft} episodes -> {out}" + (f", {summary.hints} hints -> {hints}" if hints else ""))
+    for reason, n in sorted(summary.skipped.items()):
+        typer.echo(f"  left out: {n} ({reason})")

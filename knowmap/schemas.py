@@ -199,6 +199,8 @@ class Trajectory(BaseModel):
     variation: int = Field(ge=0, le=MAX_STEP)
     split: Split
     source: TrajectorySource = "expert"
+    policy: Label = Field(default="", description="the policy that played it (``expert``, ``random``, ``llm-kb-base``, "
+                          "...); empty in trajectories stored before it was recorded")
     contributor: str = Field(default="", max_length=64, description="who contributed it through the API (set by "
                              "the service from the caller's key, never by the caller); empty for this project's own")
     simplifications: Label = ""

@@ -365,7 +365,7 @@ class ScienceWorld:
         assert self.task is not None and self.variation is not None and self.split is not None
         return Trajectory(
             episode_id=episode_id(self.task, self.variation, self.split, source, policy, seed),
-            task=self.task, variation=self.variation, split=self.split, source=source,
+            task=self.task, variation=self.variation, split=self.split, source=source, policy=policy,
             simplifications=self.simplifications, task_description=self.task_description,
         )
 

@@ -145,6 +145,10 @@ class VersionedExperienceKB:
         with self._lock:
             return {"current": self._current, "held": {v: self._paths[v] for v in self._kbs}}
 
+    def subgoals(self, episode_id: str) -> list[dict[str, Any]]:
+        """The sub-goals the current version holds for an episode (with their reflections), in order."""
+        return [g.model_dump(mode="json") for g in self._kb.get_subgoals(episode_id)]
+
     def count(self, **filters: Any) -> int:
         return self._kb.count(**filters)
 

@@ -79,6 +79,25 @@ def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> 
         hits = ray.get(experience.search.remote(trajectory.task_description, 20, TASK, "subgoal", "agent"))
         assert hits and all("Reflection:" in h["text"] for h in hits)
 
+        # Distillation data from the stored episode: the chat has the agent's actions and no knowledge; as a hint,
+        # the reflections the experiential KB holds for it.
+        from knowmap.jobs.export_sft import export_sft, read_jsonl
+        from knowmap.schemas import Subgoal
+
+        def stored(episode: str) -> list[Subgoal]:
+            return [Subgoal.model_validate(g) for g in ray.get(experience.subgoals.remote(episode))]
+
+        assert trajectory.policy == "llm-kb-base"
+        chats = export_sft(config.paths, tmp_path / "sft.jsonl", tmp_path / "hints.jsonl", splits=("test",),
+                           min_score=-100, stored_subgoals=stored)
+        assert chats.sft == 1 and chats.skipped == {"not an agent episode": 1}  # the expert's: source expert
+        (chat,) = read_jsonl(tmp_path / "sft.jsonl")
+        assert [m["content"] for m in chat["messages"] if m["role"] == "assistant"] == trajectory.actions
+        hints = export_sft(config.paths, tmp_path / "none.jsonl", tmp_path / "hints.jsonl", splits=("test",),
+                           min_score=101, stored_subgoals=stored)
+        (hint,) = read_jsonl(tmp_path / "hints.jsonl")
+        assert hints.hints == 1 and hint["reflections"] == [g.reflection for g in stored(agent.episode_id)]
+
         env_kb = get_or_create_env_kb(agent.episode_id, config)
         stats = ray.get(env_kb.stats.remote())
         assert stats["last_step"] == agent.steps and ray.get(env_kb.current.remote())
