@@ -327,7 +327,8 @@ class Ingress:
     # -- trajectories -----------------------------------------------------------------------------------------
     @app.post("/v1/trajectories", response_model=TrajectoryResponse, dependencies=Authorized,
               tags=["experience KB"], responses={409: {"model": ErrorResponse,
-                                                       "description": "the episode id is an expert episode"}})
+                                                       "description": "the episode id is an expert's, or another "
+                                                       "contributor's"}})
     async def trajectories(self, body: TrajectoryRequest, request: Request) -> TrajectoryResponse:
         """Contribute a finished trajectory: segmented into sub-goals, added to the experiential KB, and kept in the
         training store under the caller's key (another caller cannot replace it)."""

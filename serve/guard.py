@@ -32,7 +32,8 @@ class Guard:
     ``serve.public_docs``); 413 if the body is over ``serve.max_body_bytes``, by its declared length and by the
     bytes actually received (a chunked upload declares none), counted as they arrive, so an oversized body is never
     held whole; 408 (and the connection closed) if the body stops arriving for ``serve.body_timeout_s``. Then the
-    route runs under ``serve.request_timeout_s``: past it, its work is cancelled and the answer is 504.
+    route runs under ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504 (work a KB
+    actor already took on may still finish; every write is idempotent, so a retry is safe).
     """
 
     def __init__(self, app: Any) -> None:
@@ -98,7 +99,7 @@ async def _within(seconds: float, app: Any, scope: dict[str, Any], receive: Any,
             raise
         await error_response(504, ErrorDetail(
             type="timeout", code="deadline_exceeded", message=f"the request did not finish within "
-            f"serve.request_timeout_s ({seconds} s) and was cancelled; retry, or send less work per request"),
+            f"serve.request_timeout_s ({seconds} s); retry (writes are idempotent), or send less per request"),
         )(scope, receive, send)
 
 
