@@ -23,35 +23,17 @@ import argparse
 import json
 import os
 import random
-import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy as np
+import ray
+from bench_service import FIXTURES, local_service, pct
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+from knowmap.serve.client import KnowMapClient
 
-from knowmap.actors.experience import release_experience_kb  # noqa: E402
-from knowmap.config import KnowMapConfig  # noqa: E402
-from knowmap.serve.app import start_service  # noqa: E402
-from knowmap.serve.client import KnowMapClient  # noqa: E402
-from knowmap.serve.proxy import proxy_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "env_actors.json"
-FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "env_actors.json"
 
 
 def env_actor_memory_mb() -> list[float]:
@@ -82,10 +64,6 @@ def records() -> list[dict[str, Any]]:
             if r["task"] == "boil" and r["variation"] == 0][:3]
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", type=int, default=1000, help="env ids created in a row")
@@ -95,20 +73,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="knowmap-env-bench-"))
     namespace = "env-actors-bench"
-    config = KnowMapConfig(data_dir=tmp / "data", ray={"namespace": namespace},
-                           serve={"port": free_port(), "max_env_actors": args.cap, "embedder_num_cpus": 0.5,
-                                  "reranker_num_cpus": 0.25})
-    os.environ.update(proxy_environment(config))
-    ray.init(num_cpus=2, include_dashboard=False, namespace=namespace, log_to_driver=False)
     observations = records()
     latencies: list[float] = []
     acknowledged: dict[str, int] = {}
     samples: list[dict[str, Any]] = []
     started = time.perf_counter()
-    try:
-        info = start_service(config, embedder="", reranker="")
+    with local_service(namespace, max_env_actors=args.cap) as (_, info):
         client = KnowMapClient(info.url, info.api_key, timeout_s=120)
         for i in range(args.envs):
             env_id = f"bench-env-{i:05d}"
@@ -133,11 +104,6 @@ def main() -> None:
             if held != acknowledged[env_id]:
                 lost.append({"env_id": env_id, "acknowledged": acknowledged[env_id], "held": held})
         client.close()
-    finally:
-        serve.shutdown()
-        release_experience_kb(config)
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     per_actor = float(np.mean([s["mean_mb"] for s in samples if s["processes"]]))
     peak_mb = max(s["total_mb"] for s in samples)

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -40,18 +39,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+from bench_service import free_port  # noqa: E402
 
 from knowmap.config import KnowMapConfig  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "retrain_loop.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def held_out(config: KnowMapConfig, tasks: list[str], variations: int, models: dict[str, str]) -> dict[str, Any]:

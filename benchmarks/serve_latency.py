@@ -22,8 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,38 +31,26 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+from bench_service import FIXTURES, local_service, pct  # noqa: E402
 from ray import serve  # noqa: E402
 
 from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
-from knowmap.actors.experience import get_experience_kb, release_experience_kb  # noqa: E402
+from knowmap.actors.experience import get_experience_kb  # noqa: E402
 from knowmap.config import KnowMapConfig  # noqa: E402
 from knowmap.models.embedder import Embedder, default_embedder_path  # noqa: E402
 from knowmap.models.retrieval import Retriever  # noqa: E402
 from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
-from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, start_service, swap_models  # noqa: E402
+from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, swap_models  # noqa: E402
 from knowmap.serve.auth import digest  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve_latency.json"
-FIXTURES = ROOT / "tests" / "fixtures"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_latency.json"
 ENV_ID = "bench-boil-0"
 QUERIES = ["focus on the water", "heat the water on the stove", "where is the metal pot", "boil water",
            "move the pot to the stove", "activate the stove", "what is in the kitchen", "use the thermometer"]
 GOALS = {"retrieve_p50_ratio": 1.25, "batching_throughput_ratio": 2.0, "swap_p99_ratio": 2.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 def second_embedder(root: Path) -> str:
@@ -222,12 +208,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="knowmap-serve-bench-"))
-    config = KnowMapConfig(data_dir=tmp / "data", ray={"namespace": "serve-bench"},
-                           serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25})
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve-bench")
-    try:
-        info = start_service(config, embedder="", reranker="")
+    with local_service("serve-bench") as (config, info):
+        tmp = config.data_dir.parent
         client = KnowMapClient(info.url, info.api_key)
         populate(client)
 
@@ -272,11 +254,6 @@ def main() -> None:
                       "reindexed_rows": swap["result"]["index"]["copied"]}
         swap_stats["ratio"] = swap_stats["swap_p99_ms"] / swap_stats["steady_p99_ms"]
         client.close()
-    finally:
-        serve.shutdown()
-        release_experience_kb(config)
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     checks = [
         {"metric": "retrieve_p50_ratio", "baseline": retrieve["in_process_p50_ms"], "result": retrieve["http_p50_ms"],

@@ -26,43 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import ray
+import requests
+from bench_service import FIXTURES, local_service, pct
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import requests  # noqa: E402
-from ray import serve  # noqa: E402
+from knowmap.config import KnowMapConfig
+from knowmap.serve.client import KnowMapClient
 
-from knowmap.actors.experience import release_experience_kb  # noqa: E402
-from knowmap.config import KnowMapConfig  # noqa: E402
-from knowmap.serve.app import start_service  # noqa: E402
-from knowmap.serve.client import KnowMapClient  # noqa: E402
-from knowmap.serve.proxy import proxy_environment  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "service_robustness.json"
-FIXTURES = ROOT / "tests" / "fixtures"
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "service_robustness.json"
 BAD = {"input": ["\ud800"]}  # json.dumps escapes it: valid JSON, not Unicode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 class Service:
@@ -300,15 +279,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="knowmap-robust-bench-"))
-    config = KnowMapConfig(data_dir=tmp / "data", ray={"namespace": "robust-bench"},
-                           serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25,
-                                  "header_timeout_s": 5, "body_timeout_s": 5, "keep_alive_s": 5})
-    os.environ.update(proxy_environment(config))
-    ray.init(num_cpus=2, include_dashboard=False, namespace="robust-bench", log_to_driver=False)
     started = time.perf_counter()
-    try:
-        info = start_service(config, embedder="", reranker="")
+    with local_service("robust-bench", header_timeout_s=5, body_timeout_s=5, keep_alive_s=5) as (config, info):
         service = Service(info.url, info.api_key)
         populate(service)
         print("mixed batches ...", flush=True)
@@ -322,11 +294,6 @@ def main() -> None:
         readers = readers_during_contribution(service, config, args.steady)
         print("log growth per request ...", flush=True)
         logs = log_per_request(service, 200)
-    finally:
-        serve.shutdown()
-        release_experience_kb(config)
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
     ratio = readers["during_p99_ms"] / readers["steady_p50_ms"]
     checks = [
