@@ -69,8 +69,8 @@ def retrain_watch(
             if decision is not None:
                 typer.echo(f"\n{decision['at']} {decision['reason']}")
             serving = Path(controller.state.serving.embedder).name or "the packaged base embedder"
-            typer.echo(f"\r{pending}/{config.retrain.every} new trajectories towards the next cycle; serving "
-                       f"{serving}; {len(controller.state.history)} cycles so far ", nl=False)
+            typer.echo(f"\r{pending}/{controller.config.retrain.every} new trajectories towards the next cycle; "
+                       f"serving {serving}; {len(controller.state.history)} cycles so far ", nl=False)
 
         with contextlib.suppress(KeyboardInterrupt):
             controller.watch(poll_seconds=poll, max_cycles=max_cycles, progress=progress)

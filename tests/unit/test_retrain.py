@@ -163,3 +163,26 @@ def test_a_watch_survives_a_failed_cycle_and_resumes_from_the_state_file(setup) 
     assert seen[0] == (3, None)  # the failed poll: nothing promoted, the trajectories still pending
     assert seen[-1][0] == 0 and seen[-1][1]["promoted"]
     assert make([]).status()["serving"]["embedder"] == "/models/embedder-1"  # a restarted watch resumes here
+
+
+def test_retrain_watch_prints_progress_and_decisions(setup, monkeypatch) -> None:
+    import contextlib
+
+    from typer.testing import CliRunner
+
+    import knowmap.jobs.retrain
+    import knowmap.jobs.session
+    from knowmap.jobs.cli import app
+
+    config, calls, box, make = setup
+    controller = make([(0.7, 0.5)])
+    box["count"] = 3
+    monkeypatch.setattr(knowmap.jobs.retrain, "RetrainController", lambda config: controller)
+    monkeypatch.setattr(knowmap.jobs.session, "ray_session", lambda config: contextlib.nullcontext())
+    result = CliRunner().invoke(app, ["retrain", "watch", "--max-cycles", "1", "--poll", "0.1",
+                                      "--data-dir", str(config.data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "promoted: candidate mean decision support 0.700 vs serving 0.500" in result.output
+    assert "0/3 new trajectories towards the next cycle; serving embedder-1; 1 cycles so far" in result.output
+    refused = CliRunner().invoke(app, ["retrain", "watch", "--detach", "--data-dir", str(config.data_dir)])
+    assert refused.exit_code != 0 and "--detach needs a cluster" in str(refused.exception)
