@@ -379,6 +379,16 @@ def test_a_contribution_is_kept_for_training_and_no_other_client_can_replace_it(
     trajectory["episode_id"] = "../outside"
     r = _post(service, "/v1/trajectories", {"trajectory": trajectory})
     assert r.status_code == 422 and "cannot name a stored trajectory" in r.json()["error"]["message"]
+    expert = service["config"].paths.trajectory("an-expert-replay")  # as build-kb stores one
+    expert.write_text(json.dumps({**trajectory, "episode_id": "an-expert-replay", "source": "expert"}))
+    r = _post(service, "/v1/trajectories", {"trajectory": {**trajectory, "episode_id": "an-expert-replay"}})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "expert_episode"
+    assert json.loads(expert.read_text())["source"] == "expert"
+    limit = service["config"].serve.max_trajectory_steps
+    steps = [{"step": i, "action": "look around", "observation": "x", "score": 0} for i in range(limit + 1)]
+    r = _post(service, "/v1/trajectories", {"trajectory": {**trajectory, "episode_id": "too-long", "steps": steps}})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_steps"
+    assert not service["config"].paths.trajectory("too-long").exists()
 
 
 def test_readers_do_not_wait_for_a_long_contribution(service: dict, client: KnowMapClient) -> None:
