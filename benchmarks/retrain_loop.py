@@ -64,18 +64,22 @@ def held_out(config: KnowMapConfig, tasks: list[str], variations: int, models: d
     return out
 
 
-def play(config: KnowMapConfig, client: KnowMapClient, llm: Any, specs: list[Any]) -> list[dict[str, Any]]:
-    """External-agent episodes: retrieval over HTTP, observations and the trajectory contributed over HTTP."""
+def play(config: KnowMapConfig, client: KnowMapClient, llm: Any, tasks: list[str], cycle: int) -> list[dict[str, Any]]:
+    """External-agent episodes, one per task on the cycle's own dev variation (after the gate's): retrieval over
+    HTTP, observations and the trajectory contributed over HTTP."""
     from knowmap.agent.llm_policy import LLMPolicy
     from knowmap.agent.memory import ServiceKnowledge
-    from knowmap.agent.rollout import EpisodeRunner
+    from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 
     policy = LLMPolicy(llm, config.agent, mode="kb-finetuned",
                        knowledge=lambda context: ServiceKnowledge(client, context.episode_id, context.task))
     sw = config.scienceworld
     runner = EpisodeRunner(step_limit=sw.step_limit, simplifications=sw.simplifications, java_heap=sw.java_heap)
     played = []
+    index = config.retrain.gate_variations + cycle - 1
     try:
+        specs = [EpisodeSpec(task=t, variation=runner.env.variations(t, "dev")[index], split="dev",
+                             policy="llm-kb-finetuned", seed=cycle) for t in tasks]
         for spec in specs:
             t0 = time.perf_counter()
             trajectory = runner.run(spec, policy=policy, on_step=lambda traj, step: client.add_observations(
@@ -157,7 +161,6 @@ def main() -> None:
 
     from knowmap.agent.llm import LLMClient
     from knowmap.agent.local_llm import llm_endpoint
-    from knowmap.agent.rollout import EpisodeSpec
     from knowmap.jobs.build import build_knowledge_bases
     from knowmap.jobs.retrain import RetrainController
     from knowmap.jobs.session import ray_session
@@ -186,9 +189,7 @@ def main() -> None:
             serving_mean = baseline
             for cycle in range(1, args.cycles + 1):
                 t0 = time.perf_counter()
-                specs = [EpisodeSpec(task=t, variation=config.retrain.gate_variations + cycle - 1, split="dev",
-                                     policy="llm-kb-finetuned", seed=cycle) for t in tasks]
-                played = play(config, client, llm, specs)
+                played = play(config, client, llm, tasks, cycle)
                 before = controller.state.serving.embedder
                 decision, load = under_load(info.url, info.api_key, played[0]["episode_id"],
                                             lambda c=cycle: controller.retrain(trigger=f"retrain_loop cycle {c}"))
