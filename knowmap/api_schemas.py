@@ -179,7 +179,6 @@ class TrajectoryRequest(_Request):
     env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="the env KB "
                                "the episode's observations went to: its facts are attached to the sub-goals")
 
-
     @model_validator(mode="after")
     def _episode_id_names_a_file(self) -> TrajectoryRequest:
         episode = self.trajectory.episode_id

@@ -212,14 +212,14 @@ class ServeConfig(_Section):
     max_step: int = Field(default=1_000_000, ge=1, le=2**31 - 1, description="the largest step number an "
                           "observation or trajectory step may carry (ScienceWorld episodes have a few hundred)")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
-                                    "whole request head this long after connecting (or after its last response) is "
-                                    "closed")
+                                    "whole request head this long after connecting (or after its next request's "
+                                    "first byte) is closed; read when Ray starts (knowmap.serve.proxy)")
     body_timeout_s: float = Field(default=30.0, gt=0, le=600, description="a declared body that stops arriving "
                                   "for this long is answered 408 and the connection closed")
     keep_alive_s: int = Field(default=5, ge=1, le=3_600, description="an idle keep-alive connection is closed "
                               "after this long")
     request_timeout_s: float = Field(default=120.0, gt=0, le=3_600, description="every request's deadline once "
-                                     "its body is read: past it the answer is 504 and its work is cancelled")
+                                     "its body is read: past it the route is cancelled and the answer is 504")
     max_env_actors: int = Field(default=32, ge=1, le=100_000, description="env-KB actors the service keeps alive "
                                 "(per retriever replica, ~65 MB each); beyond it the least recently used idle one "
                                 "is snapshotted and ended, and revived from disk on its next request")
