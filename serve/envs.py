@@ -48,7 +48,6 @@ class EnvActors:
         self._handles: OrderedDict[str, Any] = OrderedDict()  # env id -> handle, least recently used first
         self._used: dict[str, float] = {}  # env id -> monotonic time of its last call's end
         self._busy: dict[str, int] = {}  # env id -> calls in flight
-        self.evictions: list[float] = []  # seconds each eviction took, for the service's metrics
         for name in self._alive_names():
             self._handles[name[len(_PREFIX):]] = None  # adopted: its handle is looked up on first use
             self._used[name[len(_PREFIX):]] = time.monotonic()
@@ -120,14 +119,10 @@ class EnvActors:
                 return
             del self._handles[env_id]
             self._used.pop(env_id, None)
-        started = time.perf_counter()
         try:
             retire_env_kb(env_id, self._config)
         except Exception:  # noqa: BLE001 - a failed snapshot leaves the actor running, its log intact
             logger.warning("could not end the env-KB actor of %r; it keeps running", env_id, exc_info=True)
-            return
-        self.evictions.append(time.perf_counter() - started)
-        del self.evictions[:-1000]
 
     def _watch(self) -> None:
         idle = self._config.serve.env_idle_s
