@@ -20,7 +20,10 @@ Goals: a promoted model is never worse on the held-out set than the one it repla
 metric never falls, and no request fails during a swap. Prints a table per cycle and writes
 ``benchmarks/results/retrain_loop.json`` and ``retrain_loop.png``.
 
-    .venv/bin/python benchmarks/retrain_loop.py [--cycles 3] [--tasks boil,melt,find-living-thing] [--out PATH]
+With ``--warm-start`` the candidates fine-tune the serving model further (``retrain.warm_start``) and the result
+goes to ``retrain_loop_warm.json``: the two files compare warm starts with training from the base model.
+
+    .venv/bin/python benchmarks/retrain_loop.py [--cycles 3] [--tasks boil,melt,find-living-thing] [--warm-start]
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from knowmap.serve.client import KnowMapClient  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "retrain_loop.json"
+WARM_OUT = ROOT / "benchmarks" / "results" / "retrain_loop_warm.json"
 
 
 def held_out(config: KnowMapConfig, tasks: list[str], variations: int, models: dict[str, str]) -> dict[str, Any]:
@@ -153,8 +157,12 @@ def main() -> None:
     parser.add_argument("--test-variations", type=int, default=1)
     parser.add_argument("--step-limit", type=int, default=15, help="agent steps per episode")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--warm-start", action="store_true", help="candidates fine-tune the serving model further "
+                        "(retrain.warm_start) instead of starting from the base model; default out: "
+                        "retrain_loop_warm.json")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.out = args.out or (WARM_OUT if args.warm_start else DEFAULT_OUT)
 
     import ray
     from ray import serve
@@ -172,7 +180,8 @@ def main() -> None:
         data_dir=tmp / "data", ray={"namespace": "retrain-loop-bench", "num_workers": 1},
         scienceworld={"tasks": tasks, "variations": args.train_variations, "step_limit": args.step_limit},
         training={"epochs": args.epochs, "select_variations": 0, "cpus_per_worker": 0.5},
-        retrain={"gate_tasks": tasks, "gate_variations": 1, "reranker": False, "every": 1},
+        retrain={"gate_tasks": tasks, "gate_variations": 1, "reranker": False, "every": 1,
+                 "warm_start": args.warm_start},
         serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25})
     started = time.perf_counter()
     cycles: list[dict[str, Any]] = []
@@ -242,7 +251,8 @@ def main() -> None:
               "details": {"checks": checks, "baseline": baseline, "cycles": cycles, "build_episodes": build.episodes,
                           "tasks": tasks, "train_variations": args.train_variations,
                           "test_variations": args.test_variations, "step_limit": args.step_limit,
-                          "epochs": args.epochs, "llm": llm_config.model, "seconds": time.perf_counter() - started,
+                          "epochs": args.epochs, "llm": llm_config.model, "warm_start": args.warm_start,
+                          "seconds": time.perf_counter() - started,
                           "cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -113,7 +113,8 @@ def eval_retrieval(
     decision: Annotated[bool, typer.Option(help="Also judge decision support by gold next actions (annotated "
                                                 "gold replays: ~0.15 s a step, cached).")] = True,
     rerank_modes: Annotated[str, typer.Option(help="Knowledge modes the decision evaluation also re-ranks: "
-                                                   "comma-separated bm25, kb-base, kb-finetuned, or 'all'.")
+                                                   "comma-separated bm25, kb-base, kb-finetuned, kb-finetuned+bm25 "
+                                                   "(the hybrid), or 'all'.")
                             ] = "kb-finetuned",
     config_file: ConfigOption = None,
     data_dir: DataDirOption = None,
@@ -147,9 +148,10 @@ def eval_retrieval(
 
 def _rerank_modes(text: str) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in ("bm25", "kb-base", "kb-finetuned")]
+    allowed = ("bm25", "kb-base", "kb-finetuned", "kb-finetuned+bm25")
+    unknown = [m for m in modes if m not in allowed]
     if unknown:
-        raise KnowMapError(f"unknown --rerank-modes {unknown}; allowed: bm25, kb-base, kb-finetuned, or 'all'")
+        raise KnowMapError(f"unknown --rerank-modes {unknown}; allowed: {', '.join(allowed)}, or 'all'")
     return modes
 
 

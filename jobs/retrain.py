@@ -183,8 +183,7 @@ class RetrainController:
             held_out = {(e.task, e.split, e.trajectory.variation) for e in gate}
             episodes = self.training_episodes(held_out)
             candidate = self._train(episodes)
-            scores = self._evaluate(gate, {"serving": self.state.serving.embedder,
-                                           "candidate": candidate.embedder})
+            scores = self._evaluate(gate, {"serving": self.state.serving, "candidate": candidate})
             promote, reason = decide(scores["candidate"], scores["serving"], self.config.retrain.min_gain)
             candidate.scores = scores["candidate"]
             serving = self.state.serving.model_copy(update={"scores": scores["serving"]})
@@ -252,28 +251,46 @@ class RetrainController:
     def _train(self, episodes: Sequence[Any]) -> ServingModels:
         from knowmap.jobs.training import train_retriever
 
-        # splits: dev holds agent rollouts, never the gate's variations.
+        # splits: dev holds agent rollouts, never the gate's variations. A warm start fine-tunes the serving
+        # models further on all stored data (older data replayed with the new), instead of the base model.
+        serving, warm = self.state.serving, self.config.retrain.warm_start
         report = train_retriever(self.config, episodes=episodes, reranker=self.config.retrain.reranker,
                                  record_latest=False, out_dir=self.config.paths.retrain,
-                                 tag=f"r{len(self.state.history) + 1}", splits=("train", "dev"), select=False)
+                                 tag=f"r{len(self.state.history) + 1}" + ("-warm" if warm else ""),
+                                 splits=("train", "dev"), select=False,
+                                 start_embedder=serving.embedder if warm else "",
+                                 start_reranker=serving.reranker if warm else "")
         # Without a reranker of its own (retrain.reranker off) the candidate keeps the serving one.
         return ServingModels(embedder=report.embedder.model_dir,
                              reranker=report.reranker_dir or self.state.serving.reranker,
                              train_tasks=report.train_tasks)
 
-    def _evaluate(self, gate: Sequence[Any], models: dict[str, str]) -> dict[str, dict[str, float]]:
+    def _evaluate(self, gate: Sequence[Any], models: dict[str, ServingModels]) -> dict[str, dict[str, float]]:
+        """Each side's served pipeline judged on the gate: its embedder, BM25 fused in when ``serve.hybrid``, and
+        its own reranker fused in when ``serve.rerank``, so the gate covers the reranker whenever the service
+        would use it."""
         from knowmap.models.embedder import Embedder
+        from knowmap.models.reranker import Reranker
         from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
 
-        device, agent = self.config.models.device, self.config.agent
-        systems = {name: Embedder(path, device=device) for name, path in models.items()}
-        results = evaluate_decision(decision_steps(gate, recent_window=agent.history_window),
-                                    experience_corpus(self.gate_episodes("train")), embedders=systems,
-                                    k_env=agent.k_env, k_experience=agent.k_experience, shortlist_size=agent.shortlist)
+        device, agent, serve = self.config.models.device, self.config.agent, self.config.serve
+        steps = decision_steps(gate, recent_window=agent.history_window)
+        corpus = experience_corpus(self.gate_episodes("train"))
         wanted = (f"shortlist_recall@{agent.shortlist}", f"support@{agent.k_experience}_experience",
                   f"support@{agent.k_env}_env")
-        return {name: {m: float(results.modes[name][m]) for m in wanted if m in results.modes[name]}
-                for name in models}
+        out: dict[str, dict[str, float]] = {}
+        for name, side in models.items():
+            rerank = serve.rerank and bool(side.reranker)
+            first = name + ("+bm25" if serve.hybrid else "")
+            results = evaluate_decision(steps, corpus, embedders={name: Embedder(side.embedder, device=device)},
+                                        reranker=Reranker(side.reranker, device=device) if rerank else None,
+                                        rerank_top=serve.rerank_candidates, rerank_modes=[first],
+                                        hybrid_modes=[name] if serve.hybrid else [],
+                                        hybrid_candidates=serve.hybrid_candidates, k_env=agent.k_env,
+                                        k_experience=agent.k_experience, shortlist_size=agent.shortlist)
+            mode = results.modes[first + ("+rerank" if rerank else "")]
+            out[name] = {m: float(mode[m]) for m in wanted if m in mode}
+        return out
 
     def _promote(self, candidate: ServingModels) -> None:
 

@@ -1,6 +1,6 @@
 """The retriever jobs behind ``knowmap train`` and ``knowmap eval-retrieval``.
 
-``train_retriever``: train-split episodes -> KnowMap pairs (base embedder) -> InfoNCE embedder and BCE reranker on
+``train_retriever``: train-split episodes -> KnowMap pairs (base embedder) -> InfoNCE embedder and listwise reranker on
 Ray Train -> models under ``<data_dir>/models`` (recorded in ``models/latest.json``) with loss curves and the
 pair counts under ``<data_dir>/training``.
 
@@ -43,7 +43,8 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
                     reranker: bool = True, on_epoch: Callable[[str, dict[str, Any]], None] | None = None,
                     episodes: Sequence[Episode] | None = None, record_latest: bool = True,
                     out_dir: Path | None = None, tag: str = "", splits: Sequence[str] = ("train",),
-                    select: bool | None = None) -> TrainingReport:
+                    select: bool | None = None, start_embedder: str = "", start_reranker: str = "",
+                    ) -> TrainingReport:
     """Build pairs from train-split episodes and fine-tune the embedder (and the reranker) on Ray Train.
 
     Args:
@@ -59,6 +60,8 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
             ``training.select_weights``, on ``training.select_variations`` dev variations of the training tasks)
             instead of taking ``training.finetuned_weight``; default: when ``training.select_variations`` > 0. The
             retrain controller passes False: its gate judges on dev, and must not judge what dev chose.
+        start_embedder, start_reranker: warm start: fine-tune these models (the serving ones) instead of the base
+            model; pairs are still built with the base model. Empty = from the base model.
 
     Returns:
         the :class:`~knowmap.results.TrainingReport` written to ``<out_dir>/report.json``: pair counts,
@@ -91,13 +94,18 @@ def train_retriever(config: KnowMapConfig, *, tasks: Sequence[str] | None = None
     # Selecting: train the plain fine-tuned model; the mixes are made from it.
     training = config.training.model_copy(update={"finetuned_weight": 1.0}) if select else config.training
     with ray_session(config):
-        emb = train_embedder(pairs, base_model=str(base_path),
+        emb = train_embedder(pairs, base_model=start_embedder or str(base_path),
                              output_dir=str(models / f"embedder-{suffix}"), config=training,
                              on_epoch=(lambda m: on_epoch("embedder", m)) if on_epoch else None)
         plot_loss(emb.history, out / "loss_embedder.png")
         trained_reranker = None
         if reranker:
-            rer = train_reranker(pairs, base_model=str(config.models.reranker or base_path),
+            # The same pairs with as many hard negatives as the reranker's listwise loss takes (same seed, so the
+            # same queries and positives); the embedder keeps its own max_negatives.
+            rerank_pairs = build_pairs(episodes, base, theta=config.training.theta, splits=splits,
+                                       max_negatives=config.training.reranker_negatives,
+                                       seed=config.training.seed).pairs()
+            rer = train_reranker(rerank_pairs, base_model=start_reranker or str(config.models.reranker or base_path),
                                  output_dir=str(models / f"reranker-{suffix}"), config=config.training,
                                  on_epoch=(lambda m: on_epoch("reranker", m)) if on_epoch else None)
             plot_loss(rer.history, out / "loss_reranker.png")
@@ -164,7 +172,7 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
         results.decision = decision_support(config, split=split, tasks=tasks, variations=variations,
                                             train_tasks=latest.train_tasks or sw.tasks, embedders=modes,
                                             reranker=reranker, rerank_top=10, rerank_modes=decision_rerank,
-                                            progress=progress)
+                                            hybrid_modes=["kb-finetuned"] if embedder else [], progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
     plot_metrics(results, out.with_suffix(".png"))
@@ -174,7 +182,7 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
 def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
                      train_tasks: Sequence[str], train_variations: int | None = None,
                      embedders: dict[str, str], reranker: str = "", rerank_top: int = 20,
-                     rerank_modes: Sequence[str] | None = None,
+                     rerank_modes: Sequence[str] | None = None, hybrid_modes: Sequence[str] = (),
                      protocol: dict[str, Any] | None = None,
                      progress: Callable[[str], None] | None = None) -> DecisionEvaluation:
     """The decision-support evaluation (:mod:`knowmap.train.decision`) of ``split`` (dev or test).
@@ -187,6 +195,7 @@ def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str],
         embedders: mode name -> embedder dir (empty: the packaged MiniLM), e.g. ``{"kb-base": "", ...}``.
         reranker: a reranker dir; retrieving modes (those of ``rerank_modes``, default all) are then also run
             ``+rerank`` (re-ordering their first ``rerank_top``).
+        hybrid_modes: names of ``embedders`` also run hybrid (``NAME+bm25``), with ``serve.hybrid_candidates``.
 
     Raises:
         KnowMapError: ``split`` is train, or no train task to build the experiential KB from.
@@ -221,7 +230,7 @@ def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str],
     return evaluate_decision(
         decision_steps(held, recent_window=config.agent.history_window), experience_corpus(train),
         embedders=models, reranker=Reranker(reranker) if reranker else None, rerank_top=rerank_top,
-        rerank_modes=rerank_modes,
+        rerank_modes=rerank_modes, hybrid_modes=hybrid_modes, hybrid_candidates=config.serve.hybrid_candidates,
         k_env=config.agent.k_env, k_experience=config.agent.k_experience, shortlist_size=config.agent.shortlist,
         train_tasks=train_tasks, protocol=record, progress=progress)
 

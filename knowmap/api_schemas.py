@@ -141,7 +141,11 @@ class RetrieveRequest(_Request):
                              "ScienceWorld task; None = all tasks")
     k: int = Field(default=5, ge=1, le=10_000, description="items per KB (at most serve.max_k)")
     kbs: list[KBKind] = Field(default_factory=lambda: ["env", "experience"], min_length=1, max_length=2)
-    rerank: bool = Field(default=False, description="re-order each KB's candidates with the cross-encoder")
+    rerank: bool | None = Field(default=None, description="fuse the cross-encoder's order of each KB's candidates "
+                                "with the first stage's; None = the service's default (serve.rerank, when a "
+                                "reranker is deployed)")
+    hybrid: bool | None = Field(default=None, description="fuse BM25 with the embedder by reciprocal rank; None = "
+                                "the service's default (serve.hybrid)")
     as_of_step: int | None = Field(default=None, ge=0, le=MAX_STEP, description="env facts as of this step; None = now")
 
 

@@ -136,7 +136,8 @@ class RayConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    """Retriever fine-tuning (InfoNCE embedder, BCE reranker) on Ray Train: what to train and on what workers."""
+    """Retriever fine-tuning (InfoNCE embedder, listwise cross-encoder reranker) on Ray Train: what and on what
+    workers."""
 
     epochs: int = Field(default=3, ge=1, le=1000)
     batch_size: int = Field(default=32, ge=2, le=65_536, description="pairs per optimiser step over all "
@@ -151,6 +152,12 @@ class TrainingConfig(_Section):
     gather_across_workers: bool = Field(default=True, description="InfoNCE over the whole global batch (as one "
                                         "process would), not only each worker's share")
     max_seq_length: int = Field(default=128, ge=8, le=8192)
+    reranker_negatives: int = Field(default=3, ge=1, le=64, description="hard negatives per positive in the "
+                                    "reranker's listwise loss (plus one in-batch negative)")
+    reranker_epochs: int = Field(default=0, ge=0, le=1000, description="the reranker's epochs; 0 = epochs (each "
+                                 "of its epochs reads 1 + reranker_negatives + 1 pairs per training pair)")
+    reranker_max_length: int = Field(default=256, ge=16, le=8192, description="tokens per (query, document) pair "
+                                     "for the reranker, cut longest-first: a document up to half of it is kept whole")
     freeze_word_embeddings: bool = Field(default=True, description="keep the token-embedding matrix (half of "
                                          "MiniLM's weights) at the base model's values; halves what data-parallel "
                                          "workers exchange and step, and tokens the training data lacks stay as "
@@ -225,8 +232,15 @@ class ServeConfig(_Section):
                                 "is snapshotted and ended, and revived from disk on its next request")
     env_idle_s: float = Field(default=600.0, gt=0, description="an env-KB actor unused this long is ended the "
                               "same way")
-    rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="embedder hits per KB the reranker "
-                                   "re-orders")
+    rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="first-stage hits per KB the "
+                                   "reranker re-orders")
+    rerank: bool = Field(default=False, description="retrieves that do not say fuse the reranker's order with the "
+                         "first stage's (when a reranker is deployed); off: it does not help (README, decision "
+                         "support)")
+    hybrid: bool = Field(default=False, description="retrieves that do not say (and the in-process agent) fuse "
+                         "BM25 with the embedder by reciprocal rank")
+    hybrid_candidates: int = Field(default=100, ge=1, le=10_000, description="the embedder's sub-goal hits BM25 "
+                                   "re-scores for the hybrid fusion")
     embedder_replicas: int = Field(default=1, ge=1)
     reranker_replicas: int = Field(default=1, ge=1)
     retriever_replicas: int = Field(default=1, ge=1)
@@ -256,6 +270,8 @@ class RetrainConfig(_Section):
                             "recall, experience and env support, judged by gold next actions) must beat the "
                             "serving model's by more than this")
     reranker: bool = Field(default=True, description="train a reranker with each candidate")
+    warm_start: bool = Field(default=False, description="candidates fine-tune the serving models further on all "
+                             "stored data (older data replayed), instead of starting from the base model")
     poll_seconds: float = Field(default=30.0, gt=0, description="how often the watching controller counts "
                                 "trajectories")
 

@@ -85,11 +85,12 @@ class KnowMapClient:
 
     # -- retrieval --------------------------------------------------------------------------------------------
     def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
-                 kbs: Sequence[KBKind] = ("env", "experience"), rerank: bool = False,
-                 as_of_step: int | None = None) -> RetrieveResponse:
-        """Env facts of ``env_id`` and experiential sub-goals for ``query``, ranked, with provenance."""
+                 kbs: Sequence[KBKind] = ("env", "experience"), rerank: bool | None = None,
+                 as_of_step: int | None = None, hybrid: bool | None = None) -> RetrieveResponse:
+        """Env facts of ``env_id`` and experiential sub-goals for ``query``, ranked, with provenance; ``rerank``
+        and ``hybrid`` None = the service's defaults."""
         body = RetrieveRequest(query=query, env_id=env_id, task=task, k=k, kbs=list(kbs), rerank=rerank,
-                               as_of_step=as_of_step)
+                               as_of_step=as_of_step, hybrid=hybrid)
         return self._call("POST", "/v1/retrieve", RetrieveResponse, body)
 
     # -- env KBs ----------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class RetrieverDeployment:
             retriever = self._retriever_for(model)
             try:
                 items = retriever.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
-                                           kbs=request.kbs, rerank=request.rerank, step=request.as_of_step)
+                                           kbs=request.kbs, rerank=bool(request.rerank), step=request.as_of_step,
+                                           hybrid=request.hybrid)
             except _ModelChanged as e:  # this replica's embedder no longer holds the pinned model
                 model = e.model
                 continue
@@ -110,8 +111,9 @@ class RetrieverDeployment:
             if retriever is None:
                 retriever = Retriever(lambda texts: self._encode(texts, model), env_facts=self._env_facts,
                                       experience=lambda v, k, task: self._search(v, k, task, model),
-                                      rerank=self._rerank,
-                                      rerank_candidates=self._config.serve.rerank_candidates)
+                                      rerank=self._rerank, rerank_candidates=self._config.serve.rerank_candidates,
+                                      hybrid=self._config.serve.hybrid,
+                                      hybrid_candidates=self._config.serve.hybrid_candidates)
                 self._retrievers[model] = retriever
             self._retrievers.move_to_end(model)
             while len(self._retrievers) > 3:

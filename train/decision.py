@@ -10,7 +10,8 @@ every step and each action typed by ScienceWorld's tables, :mod:`knowmap.environ
   ``containers.MetalPot``, ``devices.Stove``), so variations with other objects still match; actions on no
   object (``look around``, ``wait``) judge nothing.
 
-Per knowledge mode (``none``; ``bm25``, ``kb-base``, ``kb-finetuned`` and each ``+rerank``) it measures support@k
+Per knowledge mode (``none``; ``bm25``, ``kb-base``, ``kb-finetuned``; the hybrid ``+bm25`` of a dense mode, and
+``+rerank`` of any, both fused by reciprocal rank as the served pipeline fuses them) it measures support@k
 (the share of steps whose top k holds a relevant item, over steps where the KB holds one), and what the agent
 gets: the actuator's shortlist, built by :func:`knowmap.agent.scaffold.shortlist` from the step's real valid
 actions with that mode's retrieved facts and experience, holds the gold next action or not (shortlist
@@ -30,9 +31,9 @@ import numpy as np
 from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist, written_actions
 from knowmap.environment.sciworld import task_topics
 from knowmap.kb.segmentation import action_objects
+from knowmap.models.lexical import BM25Retriever, fused_order
 from knowmap.results import DecisionEvaluation, MetricValues
 from knowmap.train.data import Episode, is_annotated
-from knowmap.train.metrics import BM25Retriever
 from knowmap.train.pairs import Encoder, _doc, _entities_between, _facts_at, _VectorCache, moment_query
 
 Key = tuple[str, ...]
@@ -131,6 +132,8 @@ def evaluate_decision(
     reranker: Any | None = None,
     rerank_top: int = 20,
     rerank_modes: Sequence[str] | None = None,
+    hybrid_modes: Sequence[str] = (),
+    hybrid_candidates: int = 100,
     k_env: int = 5,
     k_experience: int = 3,
     shortlist_size: int = 12,
@@ -147,9 +150,12 @@ def evaluate_decision(
         embedders: mode name -> embedder, e.g. ``{"kb-base": ..., "kb-finetuned": ...}``.
         reranker: anything with ``predict(list[(query, doc)])``; retrieving modes are also run ``+rerank``.
         rerank_top: the first-stage results the reranker re-orders.
-        rerank_modes: which retrieving modes (``bm25`` and the names of ``embedders``) are also run ``+rerank``;
-            None: all of them. The cross-encoder reads ~50 pairs/s on 2 cores: each costs ~3 x rerank_top pairs a
-            step.
+        rerank_modes: which retrieving modes (``bm25``, the names of ``embedders`` and the hybrid ``NAME+bm25``)
+            are also run ``+rerank``; None: all of them. The cross-encoder reads ~50 pairs/s on 2 cores: each
+            costs ~3 x rerank_top pairs a step.
+        hybrid_modes: names of ``embedders`` also run as ``NAME+bm25``: BM25 over the dense top
+            ``hybrid_candidates`` fused with them by reciprocal rank (as :class:`~knowmap.models.retrieval.Retriever`
+            with ``hybrid``).
         k_env, k_experience: the facts and sub-goals the agent puts in front of its actuator (``agent.k_env``,
             ``agent.k_experience``); the support@k metrics use the same k.
         train_tasks: the tasks the models were trained on; their topic families are "seen".
@@ -165,7 +171,11 @@ def evaluate_decision(
         raise ValueError("no step to judge: pass annotated held-out episodes with at least two steps")
     topics = task_topics()
     seen_families = sorted({topics.get(t, t) for t in train_tasks})
+    unknown = sorted(set(hybrid_modes) - set(embedders))
+    if unknown:
+        raise ValueError(f"hybrid modes {unknown} name no embedder; allowed: {sorted(embedders)}")
     first: dict[str, _Ranker] = {"bm25": _BM25(), **{name: _Dense(e) for name, e in embedders.items()}}
+    first.update({f"{name}+bm25": _Hybrid(first[name], first["bm25"], hybrid_candidates) for name in hybrid_modes})
     rankers: dict[str, _Ranker | None] = {"none": None, **first}
     if reranker is not None:
         scores: dict[tuple[str, str], float] = {}  # one reranker: a pair two modes put in their top is scored once
@@ -200,6 +210,8 @@ def evaluate_decision(
         protocol={**(protocol or {}), "steps": len(steps), "experience_docs": len(corpus), "k_env": k_env,
                   "k_experience": k_experience, "shortlist": shortlist_size, "joint_facts": joint_facts,
                   "rerank_top": rerank_top if reranker is not None else None, "train_tasks": sorted(train_tasks),
+                  "fusion": "reciprocal rank (k=60) of the first stage and BM25 (+bm25, over the dense top "
+                            f"{hybrid_candidates}) or the reranker (+rerank, over the first stage's top {rerank_top})",
                   "seen_families": seen_families, "relevance": "gold next action and the rest of its sub-goal",
                   "query": "task, last action, observation", "plan": "none offline (empty in every mode)"},
         modes=summary(every) or {}, seen=summary([i for i in every if family[i] in seen_families]),
@@ -290,8 +302,25 @@ class _Dense(_Ranker):
         return [int(i) for i in np.argsort(-scores, kind="stable")]
 
 
+class _Hybrid(_Ranker):
+    """BM25 over the dense ranker's top ``top``, fused with the dense order by reciprocal rank; the rest after."""
+
+    def __init__(self, dense: _Ranker, bm25: _BM25, top: int) -> None:
+        self.dense, self.bm25, self.top = dense, bm25, top
+
+    def prefetch(self, texts: Sequence[str]) -> None:
+        self.dense.prefetch(texts)
+
+    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
+        ranking = self.dense(query, corpus)
+        head = ranking[: self.top]
+        lexical = [head[i] for i in self.bm25(query, [corpus[i] for i in head])]
+        return fused_order([head, lexical]) + ranking[self.top:]
+
+
 class _Reranked(_Ranker):
-    """The first stage's ranking with its top ``top`` re-ordered by the reranker's scores (ties keep the order)."""
+    """The first stage's top ``top`` re-ordered by fusing, by reciprocal rank, the reranker's order with the first
+    stage's (as the served pipeline does; the reranker never replaces the first stage); the rest after."""
 
     def __init__(self, first: _Ranker, reranker: Any, top: int, scores: dict[tuple[str, str], float]) -> None:
         self.first, self.reranker, self.top = first, reranker, top
@@ -315,6 +344,7 @@ class _Reranked(_Ranker):
 
     def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
         ranking = self.first(query, corpus)
-        self._score([(query, corpus[i]) for i in ranking[: self.top]])
-        head = sorted(ranking[: self.top], key=lambda i: -self._scores[(query, corpus[i])])
-        return head + ranking[self.top:]
+        head = ranking[: self.top]
+        self._score([(query, corpus[i]) for i in head])
+        by_reranker = sorted(head, key=lambda i: -self._scores[(query, corpus[i])])
+        return fused_order([head, by_reranker]) + ranking[self.top:]

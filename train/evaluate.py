@@ -2,7 +2,8 @@
 
 Queries, corpora and relevance come from :func:`eval_queries`, built by the same rules as the training pairs. A
 first-stage retriever ranks a query's whole corpus; the reranker (anything with ``predict(list[(query, doc)])``,
-like sentence-transformers' ``CrossEncoder``) re-orders the first ``rerank_top`` and leaves the rest in place.
+like sentence-transformers' ``CrossEncoder``) re-orders the first ``rerank_top``, its order fused with the first
+stage's by reciprocal rank, and leaves the rest in place.
 Results are reported per kind, overall, per task, and split into tasks seen in training and unseen tasks.
 """
 
@@ -14,9 +15,10 @@ from typing import Protocol
 
 import numpy as np
 
+from knowmap.models.lexical import BM25Retriever, fused_order
 from knowmap.results import SUBSETS, KindEvaluation, RetrievalEvaluation, RetrievalProtocol, SystemMetrics
 from knowmap.train.data import Episode
-from knowmap.train.metrics import DEFAULT_KS, BM25Retriever, evaluate_rankings
+from knowmap.train.metrics import DEFAULT_KS, evaluate_rankings
 from knowmap.train.pairs import DEFAULT_THETA, Encoder, EvalQuery, eval_queries
 
 PLOT_METRICS = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10")
@@ -147,8 +149,11 @@ def _rerank_scores(queries: list[EvalQuery], corpora: list[list[str]], rankings:
 
 def _rerank(query: str, corpus: list[str], ranking: list[int], scores: dict[tuple[str, str], float],
             top: int) -> list[int]:
-    head = sorted(ranking[:top], key=lambda i: -scores[(query, corpus[i])])  # stable: ties keep first-stage order
-    return head + ranking[top:]
+    """The first stage's top ``top`` fused by reciprocal rank with the reranker's order of it (as the served
+    pipeline does); the rest in place."""
+    head = ranking[:top]
+    by_reranker = sorted(head, key=lambda i: -scores[(query, corpus[i])])  # stable: ties keep first-stage order
+    return fused_order([head, by_reranker]) + ranking[top:]
 
 
 def plot_metrics(results: RetrievalEvaluation, path: str | Path, *, metrics: Sequence[str] = PLOT_METRICS,

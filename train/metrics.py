@@ -1,4 +1,4 @@
-"""Retrieval metrics as pure functions over rankings and relevance sets, and the BM25 baseline.
+"""Retrieval metrics as pure functions over rankings and relevance sets.
 
 A ranking is a sequence of document ids, best first; relevance is binary (a set of ids). Recall@k is
 ``|relevant in top k| / |relevant|``, MRR the mean of ``1 / rank of the first relevant`` (0 if none is ranked),
@@ -8,13 +8,9 @@ nDCG@k the binary-gain DCG of the top k over the DCG of an ideal ranking (``log2
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Hashable, Sequence
 
-import numpy as np
-
 DEFAULT_KS = (1, 5, 10)
-_TOKEN = re.compile(r"[a-z0-9]+")
 
 
 def _check_k(k: int) -> None:
@@ -90,39 +86,3 @@ def evaluate_rankings(
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-cased alphanumeric tokens: the BM25 tokenizer (ScienceWorld text has no morphology to speak of)."""
-    return _TOKEN.findall(text.lower())
-
-
-class BM25Retriever:
-    """Okapi BM25 over a fixed corpus (rank-bm25's ``BM25Okapi``).
-
-    Args:
-        corpus: the documents; their positions are their ids in :meth:`rank`.
-        k1, b: BM25's term-frequency saturation and length normalisation.
-
-    Raises:
-        ValueError: the corpus is empty.
-    """
-
-    def __init__(self, corpus: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        from rank_bm25 import BM25Okapi
-
-        if not corpus:
-            raise ValueError("BM25 needs a non-empty corpus")
-        self.corpus = list(corpus)
-        # rank-bm25 divides by the mean document length; an all-empty corpus would divide by zero.
-        tokens = [tokenize(doc) or ["\x00"] for doc in self.corpus]
-        self._bm25 = BM25Okapi(tokens, k1=k1, b=b)
-
-    def scores(self, query: str) -> np.ndarray:
-        """The BM25 score of every document for ``query``, shape ``(len(corpus),)``."""
-        return np.asarray(self._bm25.get_scores(tokenize(query)), dtype=np.float64)
-
-    def rank(self, query: str, k: int | None = None) -> list[int]:
-        """Document positions by descending score (ties by position), the top ``k`` (default all)."""
-        order = np.argsort(-self.scores(query), kind="stable")
-        return [int(i) for i in (order if k is None else order[:k])]

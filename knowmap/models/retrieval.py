@@ -9,6 +9,12 @@ embedder), behind Ray actor handles, and inside the Serve deployments (which pas
   embedded by the **same** model as ``encode`` (the caller keeps the two versions in step);
 * optionally ``rerank(query, texts) -> scores``: a cross-encoder.
 
+Two optional stages after the embedder, both fused by reciprocal rank (:mod:`knowmap.models.lexical`), so neither
+replaces the embedder's order: ``hybrid`` fuses BM25 with it (over all of an env's facts; over the embedder's top
+``hybrid_candidates`` sub-goals, since the vector store has no full-text index here), and ``rerank`` fuses the
+cross-encoder's order of the top ``rerank_candidates`` with the order they came in. Which of them is on by default
+is decided by measurement (``benchmarks/decision_support.py``; the README quotes it).
+
 As in the paper, the experiential query is enriched with the env facts retrieved first: the model was trained
 (joint pairs) to associate a situation's facts with the sub-goals that used them.
 """
@@ -21,6 +27,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from knowmap.errors import KnowMapError
+from knowmap.models.lexical import BM25Retriever, fused_order, rrf
 from knowmap.schemas import KB_KINDS, Fact, KBKind, KnowledgeItem
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -46,21 +53,25 @@ class Retriever:
         env_facts: env KB lookup by env id; None = this retriever serves no env KB.
         experience: experiential KB vector search; None = none.
         rerank: a cross-encoder's scores for (query, text) pairs; None = reranking is unavailable.
-        rerank_candidates: how many embedder hits per KB the reranker re-orders (at least ``k``).
+        rerank_candidates: how many first-stage hits per KB the reranker re-orders (at least ``k``).
+        hybrid: fuse BM25 with the embedder by default (a retrieve may say otherwise).
+        hybrid_candidates: the embedder's sub-goal hits that BM25 re-scores for the fusion.
     """
 
     def __init__(self, encode: Encode, *, env_facts: EnvFacts | None = None,
                  experience: ExperienceSearch | None = None, rerank: Rerank | None = None,
-                 rerank_candidates: int = 20) -> None:
-        if rerank_candidates < 1:
-            raise ValueError(f"rerank_candidates must be >= 1, got {rerank_candidates}")
+                 rerank_candidates: int = 20, hybrid: bool = False, hybrid_candidates: int = 100) -> None:
+        if rerank_candidates < 1 or hybrid_candidates < 1:
+            raise ValueError(f"rerank_candidates and hybrid_candidates must be >= 1, got {rerank_candidates} and "
+                             f"{hybrid_candidates}")
         self.encode, self.env_facts, self.experience = encode, env_facts, experience
         self.rerank, self.rerank_candidates = rerank, rerank_candidates
+        self.hybrid, self.hybrid_candidates = hybrid, hybrid_candidates
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
                  kbs: Sequence[KBKind] = KB_KINDS, rerank: bool = False, step: int | None = None,
-                 ) -> list[KnowledgeItem]:
+                 hybrid: bool | None = None) -> list[KnowledgeItem]:
         """Up to ``k`` items from each KB asked for: env facts first, then sub-goals, each best first.
 
         Args:
@@ -69,12 +80,13 @@ class Retriever:
             task: restrict experience to this ScienceWorld task (None = all tasks, for unseen ones).
             k: items per KB, at least 1.
             kbs: which KBs: ``"env"``, ``"experience"``.
-            rerank: re-order the top ``rerank_candidates`` of each KB with the cross-encoder.
+            rerank: fuse the cross-encoder's order of each KB's top ``rerank_candidates`` with the first stage's.
             step: env facts as of this step (None = now).
+            hybrid: fuse BM25 with the embedder; None = this retriever's default.
 
         Returns:
-            knowledge items with ``score`` (cosine, or the reranker's score) and ``provenance`` (where from,
-            ``ranker``).
+            knowledge items with ``score`` (the cosine; the fused reciprocal-rank score after a fusion, the stages'
+            own scores then in ``provenance``) and ``provenance`` (where from, ``ranker``).
 
         Raises:
             KnowMapError: an empty query, ``k`` < 1, an unknown KB, or rerank asked of a retriever without one.
@@ -88,32 +100,44 @@ class Retriever:
             raise KnowMapError(f"unknown KB kind(s) {unknown}; allowed: {list(KB_KINDS)}")
         if rerank and self.rerank is None:
             raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
+        hybrid = self.hybrid if hybrid is None else hybrid
         depth = max(k, self.rerank_candidates) if rerank else k
         env_items: list[KnowledgeItem] = []
         if "env" in kbs and env_id and self.env_facts is not None:
-            env_items = self._env_search(query, env_id, step, depth)
+            env_items = self._env_search(query, env_id, step, depth, hybrid)
             if rerank:
                 env_items = self._rerank(query, env_items)
             env_items = env_items[:k]
         exp_items: list[KnowledgeItem] = []
         if "experience" in kbs and self.experience is not None:
             enriched = enrich_query(query, [item.text for item in env_items])
-            exp_items = self.experience(self.encode([enriched])[0], depth, task)
-            exp_items = [i.model_copy(update={"provenance": {**i.provenance, "ranker": "embedder"}}) for i in exp_items]
+            found = self.experience(self.encode([enriched])[0], max(depth, self.hybrid_candidates) if hybrid
+                                    else depth, task)
+            exp_items = [i.model_copy(update={"provenance": {**i.provenance, "ranker": "embedder"}}) for i in found]
+            if hybrid:
+                exp_items = _fuse(exp_items, BM25Retriever([i.text for i in exp_items]).rank(enriched)
+                                  if exp_items else [], "embedder+bm25")[:depth]
             if rerank:
                 exp_items = self._rerank(enriched, exp_items)
             exp_items = exp_items[:k]
         return env_items + exp_items
 
-    def _env_search(self, query: str, env_id: str, step: int | None, depth: int) -> list[KnowledgeItem]:
+    def _env_search(self, query: str, env_id: str, step: int | None, depth: int,
+                    hybrid: bool) -> list[KnowledgeItem]:
         facts = self.env_facts(env_id, step)  # type: ignore[misc]
         if not facts:
             return []
         texts = [f.text() for f in facts]
         matrix, query_vector = self._fact_vectors(texts, query)  # (n_facts, dim), (dim,)
         scores = matrix @ query_vector  # (n_facts,)
-        order = np.argsort(-scores, kind="stable")[:depth]
-        return [
+        order = [int(i) for i in np.argsort(-scores, kind="stable")]
+        fused: dict[int, float] = {}
+        if hybrid:
+            lexical = BM25Retriever(texts).rank(query)
+            fused = rrf([order, lexical])
+            order = fused_order([order, lexical])
+        order = order[:depth]
+        items = [
             KnowledgeItem(
                 id=f"{env_id}:{facts[i].subject}|{facts[i].relation.value}|{facts[i].object}|{facts[i].valid_from}",
                 kind="env_fact", text=texts[i], score=float(scores[i]),
@@ -123,6 +147,11 @@ class Retriever:
             )
             for i in order
         ]
+        if not hybrid:
+            return items
+        return [i.model_copy(update={"score": fused[o], "provenance": {**i.provenance, "ranker": "embedder+bm25",
+                                                                       "embedder_score": i.score}})
+                for i, o in zip(items, order, strict=True)]
 
     def _fact_vectors(self, texts: list[str], query: str) -> tuple[np.ndarray, np.ndarray]:
         """The facts' vectors (cached by text) and the query's, embedded together in one encoder call: every
@@ -138,10 +167,22 @@ class Retriever:
         return np.stack([self._vectors[t] for t in texts]), encoded[-1]
 
     def _rerank(self, query: str, items: list[KnowledgeItem]) -> list[KnowledgeItem]:
+        """The cross-encoder's order of ``items`` fused with the order they came in (never replacing it)."""
         if not items:
             return items
         scores = self.rerank(query, [i.text for i in items])  # type: ignore[misc]
-        ranked = sorted(zip(items, scores, strict=True), key=lambda pair: -pair[1])
-        return [item.model_copy(update={"score": float(score), "provenance": {**item.provenance,
-                                                                              "ranker": "reranker"}})
-                for item, score in ranked]
+        items = [i.model_copy(update={"provenance": {**i.provenance, "reranker_score": float(s)}})
+                 for i, s in zip(items, scores, strict=True)]
+        by_reranker = sorted(range(len(items)), key=lambda i: (-scores[i], i))
+        return _fuse(items, by_reranker, items[0].provenance.get("ranker", "embedder") + "+reranker")
+
+
+def _fuse(items: list[KnowledgeItem], other: list[int], ranker: str) -> list[KnowledgeItem]:
+    """``items`` (in their first-stage order) fused by reciprocal rank with ``other`` (positions into ``items``,
+    best first); each item's score becomes the fused score, its cosine kept as ``provenance["embedder_score"]``."""
+    first = list(range(len(items)))
+    fused = rrf([first, other])
+    return [items[i].model_copy(update={"score": fused[i], "provenance": {
+        **items[i].provenance, "ranker": ranker,
+        "embedder_score": items[i].provenance.get("embedder_score", items[i].score)}})
+        for i in fused_order([first, other])]

@@ -120,12 +120,19 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
     config, *_ = setup
     report = TrainingReport(episodes=3, train_tasks=["boil"], pairs={"env": 5}, data_hash="h",
                             embedder={"model_dir": "/models/embedder-new"})  # retrain.reranker off: none trained
-    monkeypatch.setattr(knowmap.jobs.training, "train_retriever", lambda *a, **k: report)
+    calls: list[dict] = []
+    monkeypatch.setattr(knowmap.jobs.training, "train_retriever", lambda *a, **k: calls.append(k) or report)
     controller = RetrainController(config, count_trajectories=lambda: 0)
     controller.state.serving.reranker = "/models/reranker-serving"
     candidate = controller._train(["episode"])
     assert candidate.embedder == "/models/embedder-new" and candidate.reranker == "/models/reranker-serving"
     assert candidate.train_tasks == ["boil"]
+    assert calls[-1]["start_embedder"] == "" and calls[-1]["tag"] == "r1"  # from the base model by default
+    controller.config = config.model_copy(update={"retrain": config.retrain.model_copy(update={"warm_start": True})})
+    controller.state.serving.embedder = "/models/embedder-serving"
+    controller._train(["episode"])
+    assert calls[-1]["start_embedder"] == "/models/embedder-serving" and calls[-1]["tag"] == "r1-warm"
+    assert calls[-1]["start_reranker"] == "/models/reranker-serving"
 
     evaluation = DecisionEvaluation(protocol={}, modes={
         "none": {"shortlist_recall@12": 0.3, "steps": 4},
@@ -136,7 +143,8 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
     monkeypatch.setattr(knowmap.train.decision, "experience_corpus", lambda *a, **k: [])
     monkeypatch.setattr(knowmap.train.decision, "evaluate_decision", lambda *a, **k: evaluation)
     monkeypatch.setattr(RetrainController, "gate_episodes", lambda self, split="dev": [])
-    scores = controller._evaluate([], {"serving": "", "candidate": "/models/embedder-new"})
+    scores = controller._evaluate([], {"serving": ServingModels(embedder=""),
+                                       "candidate": ServingModels(embedder="/models/embedder-new")})
     assert scores == {"serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5},
                       "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0}}
     with pytest.raises(KnowMapError, match="same metrics"):  # a metric one model lacks is never compared

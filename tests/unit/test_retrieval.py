@@ -59,14 +59,40 @@ def test_experience_query_is_enriched_with_the_env_facts() -> None:
     assert np.allclose(vector, expected) and k == 2 and task == "boil"
 
 
-def test_rerank_reorders_candidates_and_says_so() -> None:
+def test_rerank_is_fused_with_the_first_stage_never_replacing_it() -> None:
     def by_length(query: str, texts: list[str]) -> list[float]:
         return [-len(t) for t in texts]
 
     retriever, _ = make(rerank=by_length)
-    items = retriever.retrieve("boil water", k=2, kbs=["experience"], rerank=True)
-    assert [i.text for i in items] == ["plant the seed", "read the thermometer"]
-    assert all(i.provenance["ranker"] == "reranker" for i in items)
+    items = retriever.retrieve("boil water", k=3, kbs=["experience"], rerank=True)
+    # first stage: heat (1st), plant (2nd), read (3rd); reranker: plant, read, heat. Fused: plant 1/62 + 1/61,
+    # heat 1/61 + 1/63, read 1/63 + 1/62.
+    assert [i.text for i in items] == ["plant the seed", "heat the pot on the stove", "read the thermometer"]
+    assert all(i.provenance["ranker"] == "embedder+reranker" for i in items)
+    assert items[0].score == pytest.approx(1 / 62 + 1 / 61)
+    assert items[0].provenance["reranker_score"] == -14 and items[0].provenance["embedder_score"] == 0.9
+
+
+def test_hybrid_fuses_bm25_with_the_embedder_by_default_or_when_asked() -> None:
+    encoder = HashingEncoder()
+    experience = RecordingExperience(encoder)
+    facts = lambda env_id, step: FACTS.get(env_id, [])  # noqa: E731
+    plain = Retriever(encoder.encode, env_facts=facts, experience=experience, hybrid_candidates=7)
+    hybrid = Retriever(encoder.encode, env_facts=facts, experience=experience, hybrid=True, hybrid_candidates=7)
+    query = "thermometer reading"
+    dense = plain.retrieve(query, k=3, kbs=["experience"])
+    assert experience.queries[-1][1] == 3 and [i.provenance["ranker"] for i in dense] == ["embedder"] * 3
+    fused = hybrid.retrieve(query, k=3, kbs=["experience"])
+    assert experience.queries[-1][1] == 7  # BM25 re-scores the embedder's deeper candidate list
+    # dense: heat, plant, read; BM25: read (the only lexical match), heat, plant -> read overtakes plant
+    assert [i.text for i in dense] == ["heat the pot on the stove", "plant the seed", "read the thermometer"]
+    assert [i.text for i in fused] == ["heat the pot on the stove", "read the thermometer", "plant the seed"]
+    assert all(i.provenance["ranker"] == "embedder+bm25" for i in fused)
+    assert [i.text for i in hybrid.retrieve(query, k=3, kbs=["experience"], hybrid=False)] == [i.text for i in dense]
+    assert [i.text for i in plain.retrieve(query, k=3, kbs=["experience"], hybrid=True)] == [i.text for i in fused]
+    env = hybrid.retrieve("thermometer", env_id="env-a", k=3, kbs=["env"])
+    assert env[0].provenance["subject"] == "thermometer" and env[0].provenance["ranker"] == "embedder+bm25"
+    assert "embedder_score" in env[0].provenance
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -31,7 +31,7 @@ from knowmap.train.loop import (
     to_device,
 )
 from knowmap.train.ray_run import pairs_hash, run_location
-from knowmap.train.reranker_trainer import collate_labelled, labelled_examples
+from knowmap.train.reranker_trainer import collate_columns, listwise_examples
 
 
 def pair(i: int, negatives: list[str] | None = None, query: str | None = None) -> TrainingPair:
@@ -124,15 +124,23 @@ def test_infonce_examples_explain_impossible_requests() -> None:
         infonce_examples(same, num_negatives=-1, seed=0)
 
 
-def test_labelled_examples_never_use_a_positive_of_the_same_query_as_negative() -> None:
-    pairs = [pair(0, query="shared"), pair(1, query="shared"), pair(2, ["hard"])]
-    rows = labelled_examples(pairs, negatives_per_positive=1, seed=3)
-    assert [r[2] for r in rows] == [1.0, 0.0] * 3
-    negatives_of_shared = [doc for q, doc, label in rows if q == "shared" and label == 0.0]
-    assert negatives_of_shared == ["positive 2", "positive 2"]
-    assert ("query 2", "hard", 0.0) in rows
-    inputs, labels = collate_labelled(rows[:2])
-    assert inputs == [["shared", "shared"], ["positive 0", "positive 2"]] and labels.tolist() == [1.0, 0.0]
+def test_listwise_examples_take_the_querys_hard_negatives_first_and_never_its_positives() -> None:
+    pairs = [pair(0, ["hard a"], query="shared"), pair(1, ["hard b"], query="shared"), pair(2, ["hard c"])]
+    rows = listwise_examples(pairs, negatives=3, seed=3)
+    assert [len(r) for r in rows] == [5, 5, 5]
+    for query, positive, *negatives in rows[:2]:
+        assert query == "shared" and negatives[:2] == (["hard a", "hard b"] if positive == "positive 0"
+                                                         else ["hard b", "hard a"])
+        assert not {"positive 0", "positive 1"} & set(negatives) and len(set(negatives)) == 3
+    assert rows[2][:3] == ("query 2", "positive 2", "hard c")
+    assert listwise_examples(pairs, negatives=3, seed=3) == rows  # seeded
+    inputs, labels = collate_columns(rows[:2])
+    assert inputs[0] == ["shared", "shared"] and inputs[1] == ["positive 0", "positive 1"] and len(inputs) == 5
+    assert labels.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="lower training.reranker_negatives"):
+        listwise_examples(pairs, negatives=5, seed=0)
+    with pytest.raises(ValueError, match="negatives must be >= 1"):
+        listwise_examples(pairs, negatives=0, seed=0)
 
 
 def test_loader_shards_are_disjoint_equal_and_reshuffled_per_epoch() -> None:
