@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from knowmap.models.lexical import BM25Retriever, fused_order
+from knowmap.models.lexical import BM25Retriever, rerank_head
 from knowmap.results import SUBSETS, KindEvaluation, RetrievalEvaluation, RetrievalProtocol, SystemMetrics
 from knowmap.train.data import Episode
 from knowmap.train.metrics import DEFAULT_KS, evaluate_rankings
@@ -151,9 +151,7 @@ def _rerank(query: str, corpus: list[str], ranking: list[int], scores: dict[tupl
             top: int) -> list[int]:
     """The first stage's top ``top`` fused by reciprocal rank with the reranker's order of it (as the served
     pipeline does); the rest in place."""
-    head = ranking[:top]
-    by_reranker = sorted(head, key=lambda i: -scores[(query, corpus[i])])  # stable: ties keep first-stage order
-    return fused_order([head, by_reranker]) + ranking[top:]
+    return rerank_head(ranking, lambda i: scores[(query, corpus[i])], top)
 
 
 def plot_metrics(results: RetrievalEvaluation, path: str | Path, *, metrics: Sequence[str] = PLOT_METRICS,

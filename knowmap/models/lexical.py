@@ -9,7 +9,7 @@ also how the reranker's order is combined with the first stage's.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,13 @@ def fused_order(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
     for doc in (d for ranking in rankings for d in ranking):
         first.setdefault(doc, len(first))
     return sorted(scores, key=lambda doc: (-scores[doc], first[doc]))
+
+
+def rerank_head(ranking: Sequence[int], score: Callable[[int], float], top: int) -> list[int]:
+    """A second stage that re-orders without replacing the first: ``ranking``'s first ``top`` ids fused by
+    reciprocal rank with their order by descending ``score`` (ties keep ``ranking``'s order), the rest after."""
+    head = list(ranking[:top])
+    return fused_order([head, sorted(head, key=lambda i: -score(i))]) + list(ranking[top:])
 
 
 def tokenize(text: str) -> list[str]:

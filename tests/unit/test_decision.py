@@ -169,3 +169,34 @@ def test_unseen_is_a_topic_family_not_a_task() -> None:
     assert result.seen["none"]["steps"] == 1 and result.unseen["none"]["steps"] == 1
     with pytest.raises(ValueError, match="no step"):
         evaluate_decision([], corpus, embedders={})
+
+
+class LengthReranker:
+    """Prefers short documents: a scorer whose order differs from the first stage's, to see the fusion."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+
+    def predict(self, pairs):
+        self.pairs.extend(pairs)
+        return [-len(doc) for _, doc in pairs]
+
+
+def test_hybrid_and_rerank_modes_fuse_with_the_first_stage_and_score_each_pair_once() -> None:
+    corpus = [ExperienceDoc(text="Turn the stove on\nActions: activate stove", keys=frozenset({
+                  ("activate OBJ", "devices.Stove")})),
+              ExperienceDoc(text="Water the plant\nActions: move water to flower pot", keys=frozenset())]
+    reranker = LengthReranker()
+    result = evaluate_decision([_step()], corpus, embedders={"kb-base": Words()}, reranker=reranker, rerank_top=2,
+                               rerank_modes=["kb-base", "kb-base+bm25"], hybrid_modes=["kb-base"], k_env=1,
+                               k_experience=1, shortlist_size=2, train_tasks=["boil"])
+    assert set(result.modes) == {"none", "bm25", "kb-base", "kb-base+bm25", "kb-base+rerank", "kb-base+bm25+rerank"}
+    assert len(reranker.pairs) == len(set(reranker.pairs))  # a pair two modes re-rank is scored once
+    # Two candidates: fusing two orders of two items keeps the first stage's winner (1/61 + 1/62 both, tie ->
+    # first stage), so no fused mode loses what kb-base found.
+    for mode in ("kb-base+bm25", "kb-base+rerank", "kb-base+bm25+rerank"):
+        assert result.modes[mode]["support@1_env"] == result.modes["kb-base"]["support@1_env"]
+        assert result.modes[mode]["support@1_experience"] == result.modes["kb-base"]["support@1_experience"]
+    assert "fusion" in result.protocol
+    with pytest.raises(ValueError, match="name no embedder"):
+        evaluate_decision([_step()], corpus, embedders={}, hybrid_modes=["kb-base"])
