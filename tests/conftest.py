@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,3 +54,23 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     reranker = root / "reranker"
     CrossEncoder(str(base), num_labels=1, local_files_only=True).save(str(reranker))
     return {"embedder_b": str(embedder_b), "reranker": str(reranker)}
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Milvus server (the `milvus` package's standalone binary, ~10 s to start) for the whole session."""
+    from knowmap.jobs.milvus_server import milvus_server
+
+    with milvus_server(tmp_path_factory.mktemp("milvus-server")) as uri:
+        yield uri
+
+
+@pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])
+def store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A vector-store URI: a fresh Milvus Lite file, or a fresh database on the session's Milvus server."""
+    if request.param == "lite":
+        yield str(tmp_path / "kb.db")
+    else:
+        from tests.stores import server_database
+
+        yield from server_database(request.getfixturevalue("milvus_server_uri"))

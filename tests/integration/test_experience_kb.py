@@ -1,9 +1,7 @@
-"""The experiential KB on a real Milvus Lite file with the real packaged MiniLM: idempotent adds, filters,
-round-trips, and durability across closing and reopening the file."""
+"""The experiential KB on a real Milvus Lite file and a real Milvus server, with the real packaged MiniLM:
+idempotent adds, filters, round-trips, and durability across closing and reopening the store."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -40,8 +38,8 @@ def episode(task: str, variation: int, plan: list[tuple[str, str]], source: str 
 
 
 @pytest.fixture
-def kb(tmp_path: Path, embedder: Embedder) -> ExperienceKB:
-    store = VectorStore(str(tmp_path / "experience.db"))
+def kb(store_uri: str, embedder: Embedder) -> ExperienceKB:
+    store = VectorStore(store_uri)
     yield ExperienceKB(store, embedder)
     store.close()
 
@@ -102,8 +100,8 @@ def test_get_subgoals_round_trips(kb: ExperienceKB) -> None:
     assert len(rows) == 1 and rows[0]["meta"]["actions"] == trajectory.actions
 
 
-def test_rows_survive_closing_and_reopening_the_file(tmp_path: Path, embedder: Embedder) -> None:
-    uri = str(tmp_path / "experience.db")
+def test_rows_survive_closing_and_reopening_the_store(store_uri: str, embedder: Embedder) -> None:
+    uri = store_uri
     trajectory, goals = episode("boil", 0, BOIL)
     store = VectorStore(uri)
     kb = ExperienceKB(store, embedder)

@@ -1,4 +1,4 @@
-"""The vector-store facade on a real Milvus Lite file with real MiniLM embeddings.
+"""The vector-store facade on a real Milvus Lite file and a real Milvus server, with real MiniLM embeddings.
 
 The two acceptance proofs: recall@10 against exact NumPy search is >= 0.99 in both index regimes (FLAT, and HNSW
 forced by a small ``flat_max_rows``), and a filtered search returns exactly ``min(k, matching rows)`` hits, both for
@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from knowmap.errors import VectorStoreError
 from knowmap.kb.store_rows import build_filter
 from knowmap.kb.vectorstore import VectorStore
 from knowmap.models.embedder import Embedder
+from tests.stores import server_database
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +49,24 @@ def corpus(embedder: Embedder) -> dict:
     return {"rows": rows, "vectors": vectors, "tasks": np.array(tasks), "queries": embedder.encode(queries)}
 
 
-@pytest.fixture(scope="module", params=["exact", "graph"])
-def regime(request, corpus: dict, tmp_path_factory) -> tuple[str, VectorStore]:
-    """The corpus in a store whose collection uses FLAT (exact) or, with flat_max_rows=1000, HNSW (graph)."""
-    uri = str(tmp_path_factory.mktemp(request.param) / "kb.db")
-    store = VectorStore(uri, flat_max_rows=100_000 if request.param == "exact" else 1000)
+@pytest.fixture(scope="module", params=["exact", "graph", pytest.param("exact-server", marks=pytest.mark.milvus_server),
+                                        pytest.param("graph-server", marks=pytest.mark.milvus_server)])
+def regime(request, corpus: dict, tmp_path_factory) -> Iterator[tuple[str, VectorStore]]:
+    """The corpus in a store whose collection uses FLAT (exact) or, with flat_max_rows=1000, HNSW (graph), in a
+    Milvus Lite file or on the Milvus server."""
+    kind = request.param.removesuffix("-server")
+    if request.param.endswith("-server"):
+        databases = server_database(request.getfixturevalue("milvus_server_uri"))
+        uri = next(databases)
+    else:
+        databases, uri = iter(()), str(tmp_path_factory.mktemp(kind) / "kb.db")
+    store = VectorStore(uri, flat_max_rows=100_000 if kind == "exact" else 1000)
     store.ensure_collection("facts", 384)
     assert store.upsert("facts", corpus["rows"]) == len(corpus["rows"])
-    assert store.index_type("facts") == {"exact": "FLAT", "graph": "HNSW"}[request.param]
-    yield request.param, store
+    assert store.index_type("facts") == {"exact": "FLAT", "graph": "HNSW"}[kind]
+    yield kind, store
     store.close()
+    next(databases, None)  # drops the server database
 
 
 def _exact_top(corpus: dict, k: int, task: str | None = None) -> list[list[str]]:
@@ -100,8 +110,8 @@ def test_plain_hnsw_comes_back_short_under_a_selective_filter(regime, corpus: di
     assert min(len(h) for h in plain) < RARE  # what the widened search above fixes
 
 
-def test_upsert_is_idempotent_by_id(tmp_path: Path, corpus: dict) -> None:
-    with VectorStore(str(tmp_path / "kb.db")) as store:
+def test_upsert_is_idempotent_by_id(store_uri: str, corpus: dict) -> None:
+    with VectorStore(store_uri) as store:
         store.ensure_collection("c", 384)
         rows = corpus["rows"][:20]
         assert store.upsert("c", rows) == 20
@@ -117,8 +127,8 @@ def test_upsert_is_idempotent_by_id(tmp_path: Path, corpus: dict) -> None:
             store.ensure_collection("c", 8)
 
 
-def test_count_delete_and_filters(tmp_path: Path, corpus: dict) -> None:
-    with VectorStore(str(tmp_path / "kb.db")) as store:
+def test_count_delete_and_filters(store_uri: str, corpus: dict) -> None:
+    with VectorStore(store_uri) as store:
         store.ensure_collection("c", 384)
         odd_task = 'say "hi" \\ then\tgo'
         rows = [{**r, "task": odd_task if i < 3 else r["task"], "source": "agent" if i % 2 else "expert"}
@@ -139,12 +149,12 @@ def test_count_delete_and_filters(tmp_path: Path, corpus: dict) -> None:
         assert not store.has_collection("c")
 
 
-def test_errors_say_what_to_do(tmp_path: Path) -> None:
+def test_errors_say_what_to_do(store_uri: str) -> None:
     with pytest.raises(VectorStoreError, match="allowed keys: id, task, kind, episode_id, source"):
         build_filter({"taks": "boil"})
     with pytest.raises(VectorStoreError, match="must be a string"):
         build_filter({"task": 3})
-    with VectorStore(str(tmp_path / "kb.db")) as store:
+    with VectorStore(store_uri) as store:
         with pytest.raises(VectorStoreError, match="ensure_collection"):
             store.count("missing")
         store.ensure_collection("c", 4)
@@ -175,3 +185,37 @@ def test_one_process_per_lite_file_and_close_releases_it(tmp_path: Path) -> None
     assert "VectorStoreError" in refused and "Only one process may open a Lite file" in refused
     store.close()
     assert other_process().strip() == "opened"
+
+
+@pytest.mark.milvus_server
+def test_knowmap_milvus_serve_runs_a_server_whose_data_outlives_it(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    from pymilvus import MilvusClient
+
+    def serve() -> tuple[subprocess.Popen, str]:
+        knowmap = str(Path(sys.executable).with_name("knowmap"))  # the console script of this environment
+        proc = subprocess.Popen([knowmap, "milvus", "serve", "--dir", str(tmp_path),
+                                 "--port", "19640"], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()  # printed once the server answers
+        match = re.search(r"Milvus server at (http://\S+)", line)
+        assert match, line
+        return proc, match.group(1)
+
+    proc, uri = serve()
+    try:
+        with VectorStore(uri) as store:
+            store.ensure_collection("kept", 4)
+            store.upsert("kept", [{"id": "a", "vector": [1.0, 0.0, 0.0, 0.0], "text": "the stove is on"}])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    proc, uri = serve()  # the same folder: the same collections
+    try:
+        assert MilvusClient(uri=uri).list_collections() == ["kept"]
+        with VectorStore(uri) as store:
+            assert [h.text for h in store.search("kept", [1.0, 0.0, 0.0, 0.0], k=1)[0]] == ["the stove is on"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0

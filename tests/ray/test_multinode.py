@@ -31,19 +31,30 @@ def cluster():
     cluster.shutdown()
 
 
-def make_config(tmp_path: Path, step_limit: int = 100) -> KnowMapConfig:
-    return KnowMapConfig(data_dir=tmp_path, scienceworld={"step_limit": step_limit},
+def make_config(tmp_path: Path, step_limit: int = 100, store_uri: str = "") -> KnowMapConfig:
+    return KnowMapConfig(data_dir=tmp_path, scienceworld={"step_limit": step_limit}, store={"uri": store_uri},
                          ray={"namespace": f"test-{uuid.uuid4().hex[:8]}", "num_workers": 2, "num_cpus_per_agent": 1,
                               "max_restarts": 3})
 
 
-def test_actors_spread_over_nodes_and_survive_losing_one(cluster: Cluster, tmp_path: Path) -> None:
-    config = make_config(tmp_path, step_limit=60)
+def test_actors_spread_over_nodes_and_survive_losing_one(cluster: Cluster, tmp_path: Path, store_uri: str) -> None:
+    """Agents on two nodes feed one experiential KB (a Milvus Lite file, or a Milvus server as on a cluster) while
+    a node that hosts one of them is removed: every episode completes, and is stored exactly once."""
+    config = make_config(tmp_path, step_limit=60, store_uri=store_uri)
     # The experiential KB (which owns the Milvus Lite file) goes on the head before the worker nodes join.
     ray.get(get_experience_kb(config).info.remote())
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
 
+    try:
+        _play_while_losing_a_node(cluster, config, workers)
+    finally:  # the next run (the other store) starts from the head alone again
+        for node in workers:
+            if node in cluster.list_all_nodes():  # the victim is gone already
+                cluster.remove_node(node)
+
+
+def _play_while_losing_a_node(cluster: Cluster, config: KnowMapConfig, workers: list) -> None:
     pool = RolloutPool(config)
     try:
         placed = ray.get([a.ping.remote() for a in pool.actors])

@@ -1,5 +1,6 @@
 """The experiential-KB actor's plain class holding several embedder versions (no Ray): re-index, adds reaching
-every held version, searches by version, rollback and release. Real Milvus Lite file and models."""
+every held version, searches by version, rollback and release. Real models, on a Milvus Lite file and on a Milvus
+server."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def _episode(name: str) -> tuple[dict, list[dict]]:
     return trajectory.model_dump(), [g.model_dump() for g in SubgoalSegmenter().segment(trajectory)]
 
 
-def test_reindex_keeps_versions_apart_and_adds_reach_all(tmp_path: Path, model_dirs: dict[str, str],
+def test_reindex_keeps_versions_apart_and_adds_reach_all(tmp_path: Path, store_uri: str, model_dirs: dict[str, str],
                                                          embedder) -> None:  # noqa: ANN001
-    kb = ExperienceKBActor(KnowMapConfig(data_dir=tmp_path).model_dump(mode="json"))
+    kb = ExperienceKBActor(KnowMapConfig(data_dir=tmp_path, store={"uri": store_uri}).model_dump(mode="json"))
     try:
         old = kb.versions()["current"]
         first = kb.add_trajectory(*_episode("boil-0.json"))
