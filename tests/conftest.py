@@ -58,11 +58,25 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One Milvus server (the `milvus` package's standalone binary, ~10 s to start) for the whole session."""
-    from knowmap.jobs.milvus_server import milvus_server
+    """One Milvus server for the whole session, started as users start it: ``knowmap milvus serve`` (the `milvus`
+    package's standalone binary, ~10 s to start), stopped with Ctrl-C at the end, which must exit cleanly."""
+    import re
+    import signal
+    import subprocess
+    import sys
 
-    with milvus_server(tmp_path_factory.mktemp("milvus-server")) as uri:
-        yield uri
+    folder = tmp_path_factory.mktemp("milvus-server")
+    knowmap = str(Path(sys.executable).with_name("knowmap"))  # the console script of this environment
+    proc = subprocess.Popen([knowmap, "milvus", "serve", "--dir", str(folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # printed once the server answers
+    match = re.search(r"Milvus server at (http://\S+) \(data in (\S+)\)", line)
+    if match is None or match.group(2) != str(folder):
+        proc.kill()
+        pytest.fail(f"knowmap milvus serve did not start a server: {line!r} {proc.communicate()[1][-2000:]}")
+    yield match.group(1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, proc.communicate()[1][-2000:]
 
 
 @pytest.fixture(params=["lite", pytest.param("server", marks=pytest.mark.milvus_server)])

@@ -187,35 +187,21 @@ def test_one_process_per_lite_file_and_close_releases_it(tmp_path: Path) -> None
     assert other_process().strip() == "opened"
 
 
-@pytest.mark.milvus_server
-def test_knowmap_milvus_serve_runs_a_server_whose_data_outlives_it(tmp_path: Path) -> None:
-    import re
-    import signal
 
-    from pymilvus import MilvusClient
+def test_a_second_milvus_server_on_one_machine_is_refused_at_once(tmp_path: Path) -> None:
+    import socket
 
-    def serve() -> tuple[subprocess.Popen, str]:
-        knowmap = str(Path(sys.executable).with_name("knowmap"))  # the console script of this environment
-        proc = subprocess.Popen([knowmap, "milvus", "serve", "--dir", str(tmp_path),
-                                 "--port", "19640"], stdout=subprocess.PIPE, text=True)
-        line = proc.stdout.readline()  # printed once the server answers
-        match = re.search(r"Milvus server at (http://\S+)", line)
-        assert match, line
-        return proc, match.group(1)
+    from knowmap.errors import KnowMapError
+    from knowmap.jobs.milvus_server import milvus_server
 
-    proc, uri = serve()
-    try:
-        with VectorStore(uri) as store:
-            store.ensure_collection("kept", 4)
-            store.upsert("kept", [{"id": "a", "vector": [1.0, 0.0, 0.0, 0.0], "text": "the stove is on"}])
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
-    proc, uri = serve()  # the same folder: the same collections
-    try:
-        assert MilvusClient(uri=uri).list_collections() == ["kept"]
-        with VectorStore(uri) as store:
-            assert [h.text for h in store.search("kept", [1.0, 0.0, 0.0, 0.0], k=1)[0]] == ["the stove is on"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+    with socket.socket() as etcd:  # stands in for the first server's embedded etcd
+        etcd.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            etcd.bind(("127.0.0.1", 2380))
+        except OSError:
+            pass  # a server of this session already holds it: the same situation
+        else:
+            etcd.listen()
+        with pytest.raises(KnowMapError, match="another Milvus server runs on this machine"), \
+                milvus_server(tmp_path):
+            pass

@@ -15,6 +15,7 @@ from knowmap.actors.experience import get_experience_kb, release_experience_kb
 from knowmap.actors.pool import RolloutPool
 from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
+from tests.stores import server_database
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow]
 
@@ -37,24 +38,16 @@ def make_config(tmp_path: Path, step_limit: int = 100, store_uri: str = "") -> K
                               "max_restarts": 3})
 
 
-def test_actors_spread_over_nodes_and_survive_losing_one(cluster: Cluster, tmp_path: Path, store_uri: str) -> None:
-    """Agents on two nodes feed one experiential KB (a Milvus Lite file, or a Milvus server as on a cluster) while
-    a node that hosts one of them is removed: every episode completes, and is stored exactly once."""
-    config = make_config(tmp_path, step_limit=60, store_uri=store_uri)
-    # The experiential KB (which owns the Milvus Lite file) goes on the head before the worker nodes join.
+@pytest.mark.milvus_server
+def test_actors_spread_over_nodes_and_survive_losing_one(cluster: Cluster, tmp_path: Path,
+                                                        milvus_server_uri: str) -> None:
+    """Agents on two nodes feed one experiential KB on a Milvus server (a cluster's store: Milvus Lite is one
+    process's file) while a node that hosts one of them is removed: every episode completes, stored exactly once."""
+    databases = server_database(milvus_server_uri)
+    config = make_config(tmp_path, step_limit=60, store_uri=next(databases))
     ray.get(get_experience_kb(config).info.remote())
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
-
-    try:
-        _play_while_losing_a_node(cluster, config, workers)
-    finally:  # the next run (the other store) starts from the head alone again
-        for node in workers:
-            if node in cluster.list_all_nodes():  # the victim is gone already
-                cluster.remove_node(node)
-
-
-def _play_while_losing_a_node(cluster: Cluster, config: KnowMapConfig, workers: list) -> None:
     pool = RolloutPool(config)
     try:
         placed = ray.get([a.ping.remote() for a in pool.actors])
@@ -86,3 +79,4 @@ def _play_while_losing_a_node(cluster: Cluster, config: KnowMapConfig, workers: 
             for r in results}
     assert rows == {r.episode_id: 1 for r in results}  # every episode exactly once
     assert release_experience_kb(config)
+    next(databases, None)  # drops the test's database
