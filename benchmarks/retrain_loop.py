@@ -252,6 +252,7 @@ def main() -> None:
                           "tasks": tasks, "train_variations": args.train_variations,
                           "test_variations": args.test_variations, "step_limit": args.step_limit,
                           "epochs": args.epochs, "llm": llm_config.model, "warm_start": args.warm_start,
+                          "pipeline": {"hybrid": config.serve.hybrid, "rerank": config.serve.rerank},
                           "seconds": time.perf_counter() - started,
                           "cpus": os.cpu_count()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
