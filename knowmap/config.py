@@ -156,6 +156,9 @@ class TrainingConfig(_Section):
                                     "reranker's listwise loss (plus one in-batch negative)")
     reranker_epochs: int = Field(default=0, ge=0, le=1000, description="the reranker's epochs; 0 = epochs (each "
                                  "of its epochs reads 1 + reranker_negatives + 1 pairs per training pair)")
+    reranker_batch_size: int = Field(default=16, ge=2, le=65_536, description="training pairs per reranker step "
+                                     "over all workers; each reads 1 + reranker_negatives + 1 (query, document) "
+                                     "pairs (~2.7 GB a worker at 8 per worker and 256 tokens)")
     reranker_max_length: int = Field(default=256, ge=16, le=8192, description="tokens per (query, document) pair "
                                      "for the reranker, cut longest-first: a document up to half of it is kept whole")
     freeze_word_embeddings: bool = Field(default=True, description="keep the token-embedding matrix (half of "

@@ -104,7 +104,8 @@ def train_reranker(pairs: list[TrainingPair], *, base_model: str, output_dir: st
             encoder weights the cross-encoder starts from) or a CrossEncoder to fine-tune further; a ``str``.
         output_dir: where the reranker is saved (``CrossEncoder.save`` format plus ``knowmap_model.json``).
         config: the ``training`` section; ``reranker_negatives`` hard negatives per positive,
-            ``reranker_max_length`` tokens per (query, document) pair, ``reranker_epochs`` epochs (0: ``epochs``).
+            ``reranker_max_length`` tokens per (query, document) pair, ``reranker_epochs`` epochs (0: ``epochs``),
+            ``reranker_batch_size`` pairs per step.
         resume: continue after the last completed epoch of an earlier call with the same ``output_dir``.
         on_epoch: called in this process with each epoch's metrics.
 
@@ -116,6 +117,7 @@ def train_reranker(pairs: list[TrainingPair], *, base_model: str, output_dir: st
         ValueError: ``pairs`` is empty.
         TrainingError: as for :func:`~knowmap.train.embedder_trainer.train_embedder`.
     """
-    config = config.model_copy(update={"epochs": config.reranker_epochs or config.epochs})
+    config = config.model_copy(update={"epochs": config.reranker_epochs or config.epochs,
+                                       "batch_size": config.reranker_batch_size})
     return fit(RerankerTask(), pairs, base_model=base_model, output_dir=output_dir, config=config, resume=resume,
                on_epoch=on_epoch)
