@@ -102,6 +102,8 @@ def main() -> int:
     parser.add_argument("--dev-variations", type=int, default=1, help="dev variations per training task")
     parser.add_argument("--test-variations", type=int, default=2, help="test variations per task")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--no-reranker", action="store_true", help="train no reranker and measure no +rerank "
+                        "mode (the first stages, hybrid included, in ~15 minutes once the embedder is trained)")
     parser.add_argument("--reranker-epochs", type=int, default=1, help="the listwise reranker reads 5 (query, doc) "
                         "pairs per training pair, ~2.6 pairs/s here: one epoch is ~17 minutes")
     parser.add_argument("--train-families", default=",".join(TRAIN_FAMILIES), help="tasks.json topics to train on")
@@ -126,7 +128,7 @@ def main() -> int:
                 "train_tasks": train_tasks, "unseen_tasks": unseen_tasks, "train_variations": args.train_variations,
                 "dev_variations": args.dev_variations, "test_variations": args.test_variations,
                 "epochs": args.epochs, "reranker_epochs": args.reranker_epochs,
-                "rerank": f"kb-finetuned, top {RERANK_TOP}",
+                "rerank": "none (--no-reranker)" if args.no_reranker else f"kb-finetuned, top {RERANK_TOP}",
                 "hybrid": f"kb-finetuned+bm25 over the dense top {config.serve.hybrid_candidates}",
                 "default_pipeline": default_mode(config),
                 "selection": "WiSE-FT weight among " + ", ".join(f"{w:g}" for w in WEIGHTS)
@@ -142,7 +144,7 @@ def main() -> int:
     say(f"collected {len(train)} annotated train episodes")
 
     mark = time.perf_counter()
-    report = train_retriever(config, episodes=train, record_latest=False, select=True,
+    report = train_retriever(config, episodes=train, record_latest=False, select=True, reranker=not args.no_reranker,
                              on_epoch=lambda m, e: say(f"{m} epoch {e.get('epoch')}: loss {e.get('loss'):.4f}"))
     seconds["train_and_select"] = time.perf_counter() - mark
     selection = report.selection or {}

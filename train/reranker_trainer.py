@@ -32,8 +32,10 @@ class RerankerTask:
     """The cross-encoder, listwise over hard negatives (see :class:`~knowmap.train.loop.TrainingTask`)."""
 
     kind: str = "reranker"
-    # No two examples of a batch share a query or a positive: a query's other positive must never be a negative.
-    distinct_columns: tuple[int, ...] = (0, 1)
+    # A plain seeded shuffle, each pair once an epoch: the distinct-text batches the embedder needs (all of a
+    # batch are its in-batch negatives) top short batches up with repeats, which tripled an epoch here; this loss
+    # draws one in-batch negative, and its hard negatives never include the query's own positives.
+    distinct_columns: tuple[int, ...] = ()
 
     def examples(self, pairs: Sequence[TrainingPair], config: TrainingConfig) -> list[Example]:
         return listwise_examples(pairs, negatives=config.reranker_negatives, seed=config.seed)
