@@ -240,8 +240,9 @@ class ServeConfig(_Section):
     rerank: bool = Field(default=False, description="retrieves that do not say fuse the reranker's order with the "
                          "first stage's (when a reranker is deployed); off: it does not help (README, decision "
                          "support)")
-    hybrid: bool = Field(default=False, description="retrieves that do not say (and the in-process agent) fuse "
-                         "BM25 with the embedder by reciprocal rank")
+    hybrid: bool = Field(default=True, description="retrieves that do not say (and the in-process agent) fuse "
+                         "BM25 with the embedder by reciprocal rank; on: the best measured pipeline (README, decision "
+                         "support)")
     hybrid_candidates: int = Field(default=100, ge=1, le=10_000, description="the embedder's sub-goal hits BM25 "
                                    "re-scores for the hybrid fusion")
     embedder_replicas: int = Field(default=1, ge=1)

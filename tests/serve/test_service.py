@@ -181,14 +181,14 @@ def test_trajectory_contribution_then_retrieve_with_provenance_and_rerank(client
     assert kinds.index("subgoal") > kinds.index("env_fact")  # env facts first
     goal = next(i for i in result.items if i.kind == "subgoal")
     assert goal.provenance["episode_id"] == "external-boil-1" and goal.provenance["source"] == "agent"
-    assert goal.provenance["ranker"] == "embedder"
+    assert goal.provenance["ranker"] == "embedder+bm25" and "embedder_score" in goal.provenance  # serve.hybrid
     fact = result.items[0]
     assert fact.provenance["env_id"] == "boil-agent-1" and fact.id.startswith("boil-agent-1:")
     reranked = client.retrieve("heat the water", env_id="boil-agent-1", k=2, rerank=True)
     assert reranked.reranker and all(i.provenance["ranker"] == "embedder+reranker" and "reranker_score" in
                                      i.provenance for i in reranked.items)
-    hybrid = client.retrieve("heat the water", env_id="boil-agent-1", k=2, hybrid=True)
-    assert hybrid.reranker is None and all(i.provenance["ranker"] == "embedder+bm25" for i in hybrid.items)
+    dense = client.retrieve("heat the water", env_id="boil-agent-1", k=2, hybrid=False)
+    assert dense.reranker is None and all(i.provenance["ranker"] == "embedder" for i in dense.items)
     only_experience = client.retrieve("heat the water", env_id="boil-agent-1", kbs=["experience"], k=2)
     assert {i.kind for i in only_experience.items} == {"subgoal"}
 
