@@ -118,12 +118,20 @@ def milvus_serve(
                       ] = None,
     config_file: ConfigOption = None, data_dir: DataDirOption = None,
 ) -> None:
-    """Run a Milvus server until Ctrl-C (the `milvus-server` extra): set store.uri to the address it prints, so
-    several Ray nodes or processes share one experiential KB, as on a cluster."""
+    """Run a Milvus server until Ctrl-C or SIGTERM (the `milvus-server` extra): set store.uri to the address it
+    prints, so several Ray nodes or processes share one experiential KB, as on a cluster."""
+    import signal
     import time
 
     from knowmap.jobs.milvus_server import milvus_server
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a plain `kill` both stop the server it started (a shell's background job inherits SIGINT
+    # ignored; SIGTERM would otherwise end this process and leave the server running).
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     config = _config(config_file, data_dir)
     base = folder or config.data_dir / "milvus"
     with milvus_server(base, port=port) as uri, contextlib.suppress(KeyboardInterrupt):

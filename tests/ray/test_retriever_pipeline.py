@@ -52,7 +52,8 @@ def test_train_then_evaluate_on_held_out_and_unseen_tasks(tmp_path: Path) -> Non
     # find-living-thing's train sub-goals). melt is Matter, as boil is: no family is unseen.
     decision = results.decision
     assert decision is not None and decision.unseen_families == [] and decision.unseen is None
-    assert set(decision.modes) == {"none", "bm25", "kb-base", "kb-finetuned", "kb-finetuned+rerank"}
+    assert set(decision.modes) == {"none", "bm25", "kb-base", "kb-finetuned", "kb-finetuned+bm25",
+                                   "kb-finetuned+rerank"}
     assert decision.modes["none"]["steps"] > 0 and 0 <= decision.metric("kb-finetuned", "shortlist_recall@12") <= 1
     assert decision.protocol["train_tasks"] == ["boil", "find-living-thing"] and decision.protocol["split"] == "dev"
     assert json.loads(out.read_text())["decision"]["modes"] == decision.model_dump(mode="json")["modes"]

@@ -1,4 +1,4 @@
-"""Retriever training on Ray Train with 2 CPU workers: the embedder (InfoNCE) and the reranker (BCE).
+"""Retriever training on Ray Train with 2 CPU workers: the embedder (InfoNCE) and the reranker (listwise).
 
 Tiny data (24 pairs, 32 tokens), so each run is a few steps; most of the time is starting workers and loading
 MiniLM. One module-scoped embedder run is shared by the tests that only read its output.
@@ -139,7 +139,7 @@ def test_reranker_trains_and_scores_pairs(tmp_path: Path) -> None:
                             config=config)
     assert result.epochs_run == 1 and result.metadata["kind"] == "reranker"
     assert result.metadata["data_hash"] == pairs_hash(pairs)
-    assert result.history[0]["samples"] == 48  # one positive and one negative row per pair
+    assert result.history[0]["samples"] == 24  # one listwise example per pair: its positive and 3 hard negatives
 
     reranker = Reranker(result.model_dir)
     scores = reranker.predict(probe)

@@ -185,8 +185,8 @@ def test_trajectory_contribution_then_retrieve_with_provenance_and_rerank(client
     fact = result.items[0]
     assert fact.provenance["env_id"] == "boil-agent-1" and fact.id.startswith("boil-agent-1:")
     reranked = client.retrieve("heat the water", env_id="boil-agent-1", k=2, rerank=True)
-    assert reranked.reranker and all(i.provenance["ranker"] == "embedder+reranker" and "reranker_score" in
-                                     i.provenance for i in reranked.items)
+    assert reranked.reranker and all(i.provenance["ranker"] == "embedder+bm25+reranker" and "reranker_score" in
+                                     i.provenance for i in reranked.items)  # fused after the hybrid default
     dense = client.retrieve("heat the water", env_id="boil-agent-1", k=2, hybrid=False)
     assert dense.reranker is None and all(i.provenance["ranker"] == "embedder" for i in dense.items)
     only_experience = client.retrieve("heat the water", env_id="boil-agent-1", kbs=["experience"], k=2)

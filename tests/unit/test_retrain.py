@@ -122,6 +122,8 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
                             embedder={"model_dir": "/models/embedder-new"})  # retrain.reranker off: none trained
     calls: list[dict] = []
     monkeypatch.setattr(knowmap.jobs.training, "train_retriever", lambda *a, **k: calls.append(k) or report)
+    # The dense pipeline (serve.hybrid off): the fixed evaluation below names each side's mode by its name alone.
+    config = config.model_copy(update={"serve": config.serve.model_copy(update={"hybrid": False})})
     controller = RetrainController(config, count_trajectories=lambda: 0)
     controller.state.serving.reranker = "/models/reranker-serving"
     candidate = controller._train(["episode"])
