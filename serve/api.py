@@ -291,16 +291,16 @@ class Ingress:
         if body.k > self.config.serve.max_k:
             raise APIError(422, "invalid_request", f"k must be <= serve.max_k ({self.config.serve.max_k})",
                            param="k")
-        serve_config = self.config.serve
-        if body.rerank or (body.rerank is None and serve_config.rerank):
-            deployed = bool(await self.reranker.info.remote())
-            if body.rerank and not deployed:
+        defaults = self.config.serve
+        rerank = defaults.rerank if body.rerank is None else body.rerank
+        if rerank and not await self.reranker.info.remote():
+            if body.rerank:  # asked for; a default only applies where a reranker is deployed
                 raise APIError(409, "conflict", "rerank was asked for but this service runs without a reranker; "
                                "send rerank=false, or start it with `knowmap serve --reranker PATH`",
                                code="no_reranker", param="rerank")
-            body = body.model_copy(update={"rerank": deployed})
-        body = body.model_copy(update={"rerank": bool(body.rerank),
-                                       "hybrid": serve_config.hybrid if body.hybrid is None else body.hybrid})
+            rerank = False
+        body = body.model_copy(update={"rerank": rerank,
+                                       "hybrid": defaults.hybrid if body.hybrid is None else body.hybrid})
         return await _call(self.retriever.retrieve.remote(body))
 
     # -- env KBs ----------------------------------------------------------------------------------------------

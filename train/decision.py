@@ -31,7 +31,7 @@ import numpy as np
 from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist, written_actions
 from knowmap.environment.sciworld import task_topics
 from knowmap.kb.segmentation import action_objects
-from knowmap.models.lexical import BM25Retriever, rerank_head
+from knowmap.models.lexical import BM25Retriever, fused_order, rerank_head
 from knowmap.results import DecisionEvaluation, MetricValues
 from knowmap.train.data import Episode, is_annotated
 from knowmap.train.pairs import Encoder, _doc, _entities_between, _facts_at, _VectorCache, moment_query
@@ -314,8 +314,8 @@ class _Hybrid(_Ranker):
     def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
         ranking = self.dense(query, corpus)
         head = ranking[: self.top]
-        lexical = {doc: -rank for rank, doc in enumerate(head[i] for i in self.bm25(query, [corpus[i] for i in head]))}
-        return rerank_head(ranking, lexical.__getitem__, self.top)
+        lexical = [head[i] for i in self.bm25(query, [corpus[i] for i in head])]
+        return fused_order([head, lexical]) + ranking[self.top:]
 
 
 class _Reranked(_Ranker):
