@@ -30,6 +30,11 @@ class ExperienceKBActor(VersionedExperienceKB):
         """Embedding a long trajectory's sub-goals takes seconds: in its own thread, searches go on meanwhile."""
         return super().add_trajectory(trajectory, subgoals)
 
+    @ray.method(concurrency_group="contribute")
+    def delete_episode(self, episode_id: str) -> int:
+        """In the same thread as adds: a delete and an add (or overwrite) of one episode never interleave."""
+        return super().delete_episode(episode_id)
+
 
 def experience_actor_name(config: KnowMapConfig) -> str:
     """``experience-<hash of the store URI>``: one actor per Milvus store, whichever job asks for it."""

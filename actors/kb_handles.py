@@ -21,6 +21,7 @@ from knowmap.actors.env_kb import create_env_kb_slot
 from knowmap.actors.experience import get_experience_kb
 from knowmap.config import KnowMapConfig
 from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
+from knowmap.tenancy import SHARED_EXPERIENCE
 
 T = TypeVar("T")
 
@@ -90,7 +91,8 @@ class RayExperience:
         return ray.get(self.handle.ensure_index.remote(embedder_path))["version"]
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
-        rows = ray.get(self.handle.search_vector.remote(np.asarray(vector).tolist(), k, task=task, version=version))
+        rows = ray.get(self.handle.search_vector.remote(np.asarray(vector).tolist(), k, task=task, version=version,
+                                                        where=SHARED_EXPERIENCE))
         return [KnowledgeItem.model_validate(row) for row in rows]
 
 

@@ -42,8 +42,8 @@ from knowmap.config import KnowMapConfig  # noqa: E402
 from knowmap.models.embedder import Embedder, default_embedder_path  # noqa: E402
 from knowmap.models.retrieval import Retriever  # noqa: E402
 from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
-from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, swap_models  # noqa: E402
-from knowmap.serve.auth import digest  # noqa: E402
+from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, public_config, swap_models  # noqa: E402
+from knowmap.serve.auth import Grant, digest  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_latency.json"
@@ -105,7 +105,7 @@ def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
         rows = ray.get(env.current.remote() if step is None else env.as_of.remote(step))
         return [Fact.model_validate(r) for r in rows]
 
-    def search(vector: Any, k: int, task: str | None) -> list[KnowledgeItem]:
+    def search(vector: Any, k: int, task: str | None, where: Any = None) -> list[KnowledgeItem]:
         rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version))
         return [KnowledgeItem.model_validate(r) for r in rows]
 
@@ -230,12 +230,12 @@ def main() -> None:
         batched_handle = handle_throughput(2 * args.throughput_requests)
         unbatched_config = config.model_copy(deep=True)
         unbatched_config.serve.max_batch_size = 1
-        keys = [digest(info.api_key)]
-        serve.run(build_app(ServeAppArgs(config=unbatched_config.model_dump(mode="json"), key_digests=keys)),
+        keys = [Grant(digest=digest(info.api_key))]
+        serve.run(build_app(ServeAppArgs(config=public_config(unbatched_config), grants=keys)),
                   name=APP_NAME, route_prefix="/")
         unbatched = throughput(new_client, args.throughput_requests)
         unbatched_handle = handle_throughput(2 * args.throughput_requests)
-        serve.run(build_app(ServeAppArgs(config=config.model_dump(mode="json"), key_digests=keys)),
+        serve.run(build_app(ServeAppArgs(config=public_config(config), grants=keys)),
                   name=APP_NAME, route_prefix="/")
         batching = {"batched": batched, "unbatched": unbatched, "max_batch_size": config.serve.max_batch_size,
                     "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"],

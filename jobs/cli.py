@@ -13,7 +13,7 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.jobs.cli_common import ConfigOption, DataDirOption
 from knowmap.jobs.cli_common import cli_config as _config
-from knowmap.jobs.cli_ops import env_app, export_sft_command, milvus_app, retrain_app
+from knowmap.jobs.cli_ops import env_app, export_sft_command, keys_app, milvus_app, retrain_app
 
 app = typer.Typer(
     name="knowmap",
@@ -359,6 +359,7 @@ def run_command(
 app.add_typer(retrain_app, name="retrain")
 app.add_typer(env_app, name="env")
 app.add_typer(milvus_app, name="milvus")
+app.add_typer(keys_app, name="keys")
 app.command("export-sft")(export_sft_command)
 
 

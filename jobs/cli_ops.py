@@ -1,5 +1,5 @@
-"""``knowmap retrain``, ``env``, ``milvus`` and ``export-sft``: the retrain controller, an operator's env repairs, a
-local Milvus server, distillation data."""
+"""``knowmap retrain``, ``env``, ``milvus``, ``keys`` and ``export-sft``: the retrain controller, an operator's env
+repairs, a local Milvus server, API keys, distillation data."""
 
 from __future__ import annotations
 
@@ -139,6 +139,27 @@ def milvus_serve(
                    f"`store: {{uri: {uri}}}`; Ctrl-C stops it")
         while True:
             time.sleep(3600)
+
+
+keys_app = typer.Typer(help="API keys of the retrieval service: one per client, each with its tenant and role.",
+                       no_args_is_help=True)
+
+
+@keys_app.command("add")
+def keys_add(
+    tenant: Annotated[str, typer.Option(help="Whose data the key reaches: 1-32 of [a-z0-9_-]; 'default' is the "
+                                             "deployment's own namespace.")],
+    role: Annotated[str, typer.Option(help="read (retrieve, read facts), write (also add and delete its own), "
+                                           "admin (also overwrite or delete any of its tenant's).")] = "write",
+    config_file: ConfigOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """Generate a key and append it to the key file (mode 0600); prints the key once. A running service accepts it
+    after its next start or model swap."""
+    from knowmap.serve.auth import add_key
+
+    key, path = add_key(_config(config_file, data_dir), tenant, role)  # type: ignore[arg-type]
+    typer.echo(key)
+    typer.echo(f"added to {path} (tenant {tenant}, role {role})", err=True)
 
 
 def export_sft_command(

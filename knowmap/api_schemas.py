@@ -28,8 +28,11 @@ from knowmap.schemas import (
     KnowledgeItem,
     Observation,
     RetrainStatus,
+    Split,
     Trajectory,
+    TrajectorySource,
 )
+from knowmap.tenancy import Owner, normalise_episode_id
 
 API_VERSION = "v1"
 MAX_TEXTS = 100_000  # texts of one request; ``serve.max_texts`` is the deployment's (lower) limit
@@ -61,8 +64,8 @@ class _Request(BaseModel):
 
 
 # -- errors ----------------------------------------------------------------------------------------------------
-ErrorType = Literal["unauthorized", "invalid_request", "too_large", "not_found", "conflict", "unavailable",
-                    "timeout", "internal_error"]
+ErrorType = Literal["unauthorized", "forbidden", "invalid_request", "too_large", "not_found", "conflict",
+                    "unavailable", "timeout", "internal_error"]
 
 
 class ErrorDetail(BaseModel):
@@ -147,6 +150,12 @@ class RetrieveRequest(_Request):
     hybrid: bool | None = Field(default=None, description="fuse BM25 with the embedder by reciprocal rank; None = "
                                 "the service's default (serve.hybrid)")
     as_of_step: int | None = Field(default=None, ge=0, le=MAX_STEP, description="env facts as of this step; None = now")
+    owner: Owner = Field(default="any", description="whose experience: 'any' = the shared (expert and the "
+                         "deployment's own) and your tenant's contributions; 'mine' = only your tenant's; 'shared' = "
+                         "only the shared. Another tenant's contributions are never returned")
+    source: TrajectorySource | None = Field(default=None, description="only 'expert' or only 'agent' experience; "
+                                            "None = both")
+    split: Split | None = Field(default=None, description="only experience from this ScienceWorld split")
 
 
 class RetrieveResponse(BaseModel):
@@ -174,6 +183,17 @@ class FactsResponse(BaseModel):
     env_id: str
     as_of_step: int | None = None
     facts: list[Fact]
+    next_offset: int | None = Field(default=None, description="pass as offset for the next page; null on the last")
+
+
+class EnvsResponse(BaseModel):
+    envs: list[str] = Field(description="your tenant's env ids with a KB, sorted")
+    next_after: str | None = Field(default=None, description="pass as after for the next page; null on the last")
+
+
+class DeletedResponse(BaseModel):
+    id: str = Field(description="the env or episode id deleted")
+    deleted: dict[str, int] = Field(description="what went, by kind: e.g. rows, files, facts, subgoals_rewritten")
 
 
 # -- trajectories ----------------------------------------------------------------------------------------------
@@ -182,14 +202,32 @@ class TrajectoryRequest(_Request):
                                    "(the caller's key) and its episode id as a file name: `[A-Za-z0-9._-]{1,128}`")
     env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="the env KB "
                                "the episode's observations went to: its facts are attached to the sub-goals")
+    overwrite: bool = Field(default=False, description="replace your tenant's stored trajectory of this episode id "
+                            "(only with the key that contributed it, or an admin key); a resend of exactly the "
+                            "stored trajectory is accepted without it")
 
     @model_validator(mode="after")
     def _episode_id_names_a_file(self) -> TrajectoryRequest:
-        episode = self.trajectory.episode_id
+        episode = normalise_episode_id(self.trajectory.episode_id)
         if not re.fullmatch(ENV_ID_PATTERN, episode) or episode in (".", ".."):
             raise ValueError(f"trajectory.episode_id {episode[:40]!r} cannot name a stored trajectory: use 1 to 128 "
                              "characters from [A-Za-z0-9._-]")
+        self.trajectory.episode_id = episode  # compared and stored trimmed and in lower case
         return self
+
+
+class TrajectoryInfo(BaseModel):
+    episode_id: str
+    task: str
+    source: TrajectorySource
+    contributor: str = Field(description="the key that contributed it, as the service names keys")
+    steps: int
+    final_score: float
+
+
+class TrajectoriesResponse(BaseModel):
+    trajectories: list[TrajectoryInfo] = Field(description="your tenant's contributions: who added what")
+    next_after: str | None = Field(default=None, description="pass as after for the next page; null on the last")
 
 
 class TrajectoryResponse(BaseModel):

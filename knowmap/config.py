@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from knowmap.errors import ConfigError
 from knowmap.layout import DataLayout
+from knowmap.tenancy import DEFAULT_TENANT, TENANT_PATTERN, Role
 
 # Tasks the default `build-kb` runs: short gold paths from different topics, so it finishes in a few minutes.
 DEFAULT_TASKS = ["boil", "find-living-thing", "test-conductivity", "grow-plant", "use-thermometer"]
@@ -199,6 +200,23 @@ class TrainingConfig(_Section):
         return self
 
 
+class KeyConfig(_Section):
+    """One API key of a tenant: the key itself or its SHA-256 digest (so the config need not hold the secret)."""
+
+    key: str = Field(default="", repr=False, description="the bearer key")
+    sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", description="or the key's SHA-256 hex digest")
+    tenant: str = Field(default=DEFAULT_TENANT, pattern=TENANT_PATTERN, description="whose data the key reaches; "
+                        "'default' is the deployment's own namespace")
+    role: Role = Field(default="write", description="read (retrieve, read facts), write (also add observations, "
+                       "facts, trajectories, delete its own), admin (also overwrite or delete any of its tenant's)")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if bool(self.key.strip()) == bool(self.sha256):
+            raise ValueError("give exactly one of key and sha256")
+        return self
+
+
 class ServeConfig(_Section):
     """The retrieval service on Ray Serve: where it listens, who may call it, request limits, replicas.
 
@@ -208,10 +226,12 @@ class ServeConfig(_Section):
 
     host: str = Field(default="127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes the API to the network")
     port: int = Field(default=8000, ge=1, le=65_535)
-    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys; empty = a generated key "
-                                "kept in <data_dir>/serve/api_key")
-    api_key_file: str = Field(default="", description="file holding accepted keys, one a line; empty = "
-                              "<data_dir>/serve/api_key")
+    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys of the default tenant "
+                                "(admin); with no key configured anywhere, a generated key kept in "
+                                "<data_dir>/serve/api_key")
+    keys: list[KeyConfig] = Field(default_factory=list, description="keys of tenants, each with its role")
+    api_key_file: str = Field(default="", description="file holding accepted keys, one a line: `KEY [TENANT "
+                              "[ROLE]]` (default tenant, admin); empty = <data_dir>/serve/api_key")
     public_docs: bool = Field(default=False, description="serve /docs and /openapi.json without a key (the API's "
                               "description only, never data)")
     max_texts: int = Field(default=256, ge=1, le=100_000, description="texts (or documents) per request")

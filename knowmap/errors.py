@@ -66,7 +66,16 @@ class EnvKBClosedError(KnowMapError):
 
 
 class EpisodeConflictError(KnowMapError):
-    """A contributed trajectory would overwrite an expert episode."""
+    """A contributed trajectory would overwrite an expert episode, another's, or (without ``overwrite``) one of its
+    tenant's."""
+
+
+class EpisodeNotFoundError(KnowMapError):
+    """No contributed trajectory of the caller's tenant has this episode id."""
+
+
+class ForbiddenError(KnowMapError):
+    """The caller's key may not do this (its role is too low, or the data is another key's)."""
 
 
 class VectorStoreError(KnowMapError):

@@ -203,6 +203,10 @@ class Trajectory(BaseModel):
                           "...); empty in trajectories stored before it was recorded")
     contributor: str = Field(default="", max_length=64, description="who contributed it through the API (set by "
                              "the service from the caller's key, never by the caller); empty for this project's own")
+    tenant: str = Field(default="", max_length=32, description="the tenant that contributed it through the API (set "
+                        "by the service); empty for the deployment's own, which every tenant shares")
+    env_id: str = Field(default="", max_length=MAX_NAME, description="the env KB whose facts its sub-goals carry, as "
+                        "stored (set by the service for contributions)")
     simplifications: Label = ""
     task_description: str = Field(default="", max_length=MAX_TEXT)
     steps: list[StepRecord] = Field(default_factory=list, max_length=MAX_STEPS)

@@ -29,17 +29,25 @@ from ray.serve.handle import DeploymentHandle
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.models.registry import read_latest
+from knowmap.serve.auth import Grant
 
 APP_NAME = "knowmap"
 
 
 class ServeAppArgs(BaseModel):
-    """What :func:`build_app` needs: the config, the models, and the digests of the accepted API keys."""
+    """What :func:`build_app` needs: the config, the models, and the accepted keys' digests, tenants and roles."""
 
-    config: dict[str, Any] = Field(description="KnowMapConfig.model_dump(mode='json')")
+    config: dict[str, Any] = Field(description="KnowMapConfig.model_dump(mode='json'), keys removed "
+                                   "(:func:`public_config`)")
     embedder: str = Field(default="", description="sentence-transformers model dir; '' = the packaged MiniLM")
     reranker: str = Field(default="", description="CrossEncoder dir; '' = no reranker")
-    key_digests: list[str] = Field(min_length=1, description="SHA-256 digests of the accepted API keys")
+    grants: list[Grant] = Field(min_length=1, description="the accepted keys (digests only)")
+
+
+def public_config(config: KnowMapConfig) -> dict[str, Any]:
+    """The config as the deployments (and Serve's stored config) get it: without any key in plain text."""
+    return config.model_copy(update={"serve": config.serve.model_copy(update={"api_keys": [], "keys": []})}
+                             ).model_dump(mode="json")
 
 
 class ServiceInfo(BaseModel):
@@ -48,7 +56,8 @@ class ServiceInfo(BaseModel):
     url: str
     docs_url: str
     key_file: str | None
-    api_key: str = Field(repr=False, description="one accepted key (for the caller's own client)")
+    api_key: str = Field(repr=False, description="one accepted key, an admin key of the default tenant if one is "
+                         "known in plain text (for the caller's own client); '' if only digests are configured")
     embedder: str
     reranker: str
 
@@ -99,8 +108,9 @@ def build_app(args: ServeAppArgs) -> Any:
                        user_config={"model": args.reranker, **batching}).bind(*model_init)
     retriever = options(RetrieverDeployment, s.retriever_replicas, s.retriever_num_cpus, 0.0,
                         args.config).bind(embedder, reranker, args.config)
-    return options(Ingress, s.ingress_replicas, s.ingress_num_cpus, 0.0, [args.config, args.key_digests]).bind(
-        embedder, reranker, retriever, args.config, args.key_digests)
+    grants = [g.model_dump() for g in args.grants]
+    return options(Ingress, s.ingress_replicas, s.ingress_num_cpus, 0.0, [args.config, grants]).bind(
+        embedder, reranker, retriever, args.config, grants)
 
 
 def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranker: str | None = None,
@@ -116,9 +126,9 @@ def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranke
         EmbedderError, RerankerError: a model cannot be loaded.
     """
     from knowmap.actors.experience import get_experience_kb
-    from knowmap.serve.auth import digest, load_api_keys
+    from knowmap.serve.auth import load_keys
 
-    keys, key_file = load_api_keys(config)
+    grants, keys, key_file = load_keys(config)
     embedder, reranker = resolve_models(config, embedder, reranker)
     if not ray.is_initialized():
         raise KnowMapError("start_service needs Ray: run it inside knowmap.jobs.session.ray_session(config)")
@@ -126,12 +136,11 @@ def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranke
     s = config.serve  # the ingress answers 504 at request_timeout_s; the proxy's own timeout is a backstop behind it
     serve.start(http_options={"host": s.host, "port": s.port, "keep_alive_timeout_s": s.keep_alive_s,
                               "request_timeout_s": s.request_timeout_s + 30})
-    args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=embedder, reranker=reranker,
-                        key_digests=[digest(k) for k in keys])
+    args = ServeAppArgs(config=public_config(config), embedder=embedder, reranker=reranker, grants=grants)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{config.serve.host}:{config.serve.port}"
     return ServiceInfo(url=url, docs_url=f"{url}/docs", key_file=str(key_file) if key_file else None,
-                       api_key=keys[0], embedder=embedder, reranker=reranker)
+                       api_key=keys[0] if keys else "", embedder=embedder, reranker=reranker)
 
 
 def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker: str | None = None,
@@ -159,7 +168,7 @@ def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker:
         EmbedderError, RerankerError: a model cannot be loaded.
     """
     from knowmap.actors.experience import get_experience_kb
-    from knowmap.serve.auth import digest, load_api_keys
+    from knowmap.serve.auth import load_keys
 
     started = time.perf_counter()
     embed_handle, rerank_handle = _handle("Embedder"), _handle("Reranker")
@@ -169,9 +178,8 @@ def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker:
     new_embedder = new_embedder if embedder is not None else current_embedder
     new_reranker = new_reranker if reranker is not None else current_reranker
     index = ray.get(get_experience_kb(config).ensure_index.remote(new_embedder), timeout=timeout_s)
-    keys, _ = load_api_keys(config, generate=False)
-    args = ServeAppArgs(config=config.model_dump(mode="json"), embedder=new_embedder, reranker=new_reranker,
-                        key_digests=[digest(k) for k in keys])
+    grants, _, _ = load_keys(config, generate=False)
+    args = ServeAppArgs(config=public_config(config), embedder=new_embedder, reranker=new_reranker, grants=grants)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     deadline = time.monotonic() + timeout_s
     replicas = config.serve.embedder_replicas

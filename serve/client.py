@@ -18,8 +18,10 @@ import requests
 from pydantic import BaseModel
 
 from knowmap.api_schemas import (
+    DeletedResponse,
     EmbeddingRequest,
     EmbeddingResponse,
+    EnvsResponse,
     ErrorDetail,
     ErrorResponse,
     FactsResponse,
@@ -32,11 +34,14 @@ from knowmap.api_schemas import (
     RerankResponse,
     RetrieveRequest,
     RetrieveResponse,
+    TrajectoriesResponse,
+    TrajectoryInfo,
     TrajectoryRequest,
     TrajectoryResponse,
 )
 from knowmap.errors import ServiceError
-from knowmap.schemas import Fact, Observation, Trajectory
+from knowmap.schemas import Fact, Observation, Split, Trajectory, TrajectorySource
+from knowmap.tenancy import Owner
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -86,11 +91,13 @@ class KnowMapClient:
     # -- retrieval --------------------------------------------------------------------------------------------
     def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
                  kbs: Sequence[KBKind] = ("env", "experience"), rerank: bool | None = None,
-                 as_of_step: int | None = None, hybrid: bool | None = None) -> RetrieveResponse:
+                 as_of_step: int | None = None, hybrid: bool | None = None, owner: Owner = "any",
+                 source: TrajectorySource | None = None, split: Split | None = None) -> RetrieveResponse:
         """Env facts of ``env_id`` and experiential sub-goals for ``query``, ranked, with provenance; ``rerank``
-        and ``hybrid`` None = the service's defaults."""
+        and ``hybrid`` None = the service's defaults; ``owner``, ``source``, ``split`` narrow the experience
+        (another tenant's contributions are never returned)."""
         body = RetrieveRequest(query=query, env_id=env_id, task=task, k=k, kbs=list(kbs), rerank=rerank,
-                               as_of_step=as_of_step, hybrid=hybrid)
+                               as_of_step=as_of_step, hybrid=hybrid, owner=owner, source=source, split=split)
         return self._call("POST", "/v1/retrieve", RetrieveResponse, body)
 
     # -- env KBs ----------------------------------------------------------------------------------------------
@@ -101,19 +108,62 @@ class KnowMapClient:
         return self._call("POST", f"/v1/envs/{env_id}/observations", ObservationsResponse, body)
 
     def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
+        """Every fact that holds now (or held at ``as_of_step``), all pages."""
         params = {} if as_of_step is None else {"as_of_step": as_of_step}
-        return self._call("GET", f"/v1/envs/{env_id}/facts", FactsResponse, params=params).facts
+        return self._facts(f"/v1/envs/{env_id}/facts", params)
 
     def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
+        """Every fact ever recorded (optionally of one subject/relation), all pages."""
         params = {k: v for k, v in (("subject", subject), ("relation", relation)) if v is not None}
-        return self._call("GET", f"/v1/envs/{env_id}/facts/history", FactsResponse, params=params).facts
+        return self._facts(f"/v1/envs/{env_id}/facts/history", params)
+
+    def _facts(self, path: str, params: dict[str, Any]) -> list[Fact]:
+        facts: list[Fact] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = self._call("GET", path, FactsResponse, params={**params, "offset": offset})
+            facts += page.facts
+            offset = page.next_offset
+        return facts
+
+    def envs(self) -> list[str]:
+        """Your tenant's env ids with a KB, all pages."""
+        names: list[str] = []
+        after: str | None = None
+        while True:
+            page = self._call("GET", "/v1/envs", EnvsResponse, params={} if after is None else {"after": after})
+            names += page.envs
+            if page.next_after is None:
+                return names
+            after = page.next_after
+
+    def delete_env(self, env_id: str) -> DeletedResponse:
+        """Delete the env KB and the facts it lent to your contributed trajectories' sub-goals."""
+        return self._call("DELETE", f"/v1/envs/{env_id}", DeletedResponse)
 
     # -- experience -------------------------------------------------------------------------------------------
     def add_trajectory(self, trajectory: Trajectory | Mapping[str, Any], env_id: str | None = None,
-                       ) -> TrajectoryResponse:
-        """Contribute a finished trajectory to the experiential KB (stored with source ``agent``)."""
-        body = TrajectoryRequest(trajectory=Trajectory.model_validate(trajectory), env_id=env_id)
+                       overwrite: bool = False) -> TrajectoryResponse:
+        """Contribute a finished trajectory to the experiential KB (stored with source ``agent``, seen by your
+        tenant only); ``overwrite`` replaces your own stored one of the same episode id."""
+        body = TrajectoryRequest(trajectory=Trajectory.model_validate(trajectory), env_id=env_id, overwrite=overwrite)
         return self._call("POST", "/v1/trajectories", TrajectoryResponse, body)
+
+    def trajectories(self) -> list[TrajectoryInfo]:
+        """Your tenant's contributed trajectories (who added what), all pages."""
+        found: list[TrajectoryInfo] = []
+        after: str | None = None
+        while True:
+            page = self._call("GET", "/v1/trajectories", TrajectoriesResponse,
+                              params={} if after is None else {"after": after})
+            found += page.trajectories
+            if page.next_after is None:
+                return found
+            after = page.next_after
+
+    def delete_trajectory(self, episode_id: str) -> DeletedResponse:
+        """Delete a trajectory you contributed, from every indexed version and the training store."""
+        return self._call("DELETE", f"/v1/trajectories/{episode_id}", DeletedResponse)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     def _call(self, method: str, path: str, model: type[T], body: BaseModel | None = None,

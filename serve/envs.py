@@ -15,6 +15,7 @@ start, oldest first.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -90,6 +91,24 @@ class EnvActors:
                 self._used[env_id] = time.monotonic()
                 if not self._busy[env_id] and env_id not in self._handles:  # ended meanwhile: forget it
                     del self._busy[env_id], self._used[env_id]
+
+    def remove(self, env_id: str) -> int:
+        """End the env's actor (if one runs) and delete its files; returns how many files went. A write racing the
+        delete may find the env gone (404) or start it again, empty.
+
+        Raises:
+            EnvNotFoundError: no KB exists for ``env_id``.
+        """
+        validate_env_id(env_id)
+        if not self.exists(env_id):
+            raise EnvNotFoundError(f"no env KB for env id {env_id!r}")
+        with self._lock:
+            self._handles.pop(env_id, None)
+        retire_env_kb(env_id, self._config)
+        directory = env_kb_directory(self._config) / env_id
+        files = sum(1 for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
+        shutil.rmtree(directory, ignore_errors=True)
+        return files
 
     def alive(self) -> int:
         """Env-KB actors this replica holds open."""

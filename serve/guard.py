@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from knowmap.api_schemas import ErrorDetail, ErrorResponse
-from knowmap.serve.auth import digest, key_matches
+from knowmap.serve.auth import match_key
 
 OPEN = {"/healthz"}
 DOCS = {"/docs", "/openapi.json"}
@@ -29,11 +29,12 @@ def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | N
 
 class Guard:
     """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs when
-    ``serve.public_docs``); 413 if the body is over ``serve.max_body_bytes``, by its declared length and by the
-    bytes actually received (a chunked upload declares none), counted as they arrive, so an oversized body is never
-    held whole; 408 (and the connection closed) if the body stops arriving for ``serve.body_timeout_s``. Then the
-    route runs under ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504 (work a KB
-    actor already took on may still finish; every write is idempotent, so a retry is safe).
+    ``serve.public_docs``), else the key's tenant and role in ``request.state`` for the routes; 413 if the body is
+    over ``serve.max_body_bytes``, by its declared length and by the bytes actually received (a chunked upload
+    declares none), counted as they arrive, so an oversized body is never held whole; 408 (and the connection
+    closed) if the body stops arriving for ``serve.body_timeout_s``. Then the route runs under
+    ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504 (work a KB actor already took
+    on may still finish; a retry is safe: writes are idempotent, and a resent trajectory is accepted).
     """
 
     def __init__(self, app: Any) -> None:
@@ -70,8 +71,10 @@ class Guard:
         if path in OPEN or path.startswith(DOCS_PREFIX) or (path in DOCS and state.config.serve.public_docs):
             return None
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and key_matches(presented.strip(), state.key_digests):
-            request.scope.setdefault("state", {})["client"] = "key:" + digest(presented.strip())[:12]
+        grant = match_key(presented.strip(), state.grants) if scheme.lower() == "bearer" else None
+        if grant is not None:
+            request.scope.setdefault("state", {}).update(client="key:" + grant.digest[:12], tenant=grant.tenant,
+                                                         role=grant.role)
         else:
             return error_response(401, ErrorDetail(type="unauthorized", message="missing or wrong API key: send "
                                                    "`Authorization: Bearer <key>` (serve.api_keys, or the key file "

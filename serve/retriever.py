@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import ray
 from ray import serve
 
+from knowmap.actors.env_kb import env_kb_directory
 from knowmap.actors.experience import get_experience_kb
 from knowmap.api_schemas import (
     ObservationsRequest,
@@ -34,11 +35,19 @@ from knowmap.api_schemas import (
 )
 from knowmap.config import KnowMapConfig
 from knowmap.errors import EpisodeConflictError, KnowMapError
-from knowmap.kb.trajectory_store import check_contribution, save_trajectory
+from knowmap.kb.storage import list_env_kbs
+from knowmap.kb.trajectory_store import (
+    check_contribution,
+    check_deletion,
+    contributions,
+    delete_trajectory,
+    save_trajectory,
+)
 from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
-from knowmap.schemas import Fact, KnowledgeItem, Subgoal
+from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
 from knowmap.serve.envs import EnvActors
+from knowmap.tenancy import SHARED_EXPERIENCE, unscoped
 
 _ATTEMPTS = 3
 T = TypeVar("T")
@@ -82,20 +91,22 @@ class RetrieverDeployment:
         self._versions: dict[str, str] = {}  # model dir -> embedder version
         self._envs = EnvActors(self._config)
         self._reranker_version: str | None = None
+        self._contributing = threading.Lock()  # contributions and deletions, one at a time (per replica)
 
     # -- retrieval -------------------------------------------------------------------------------------------
-    async def retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
-        """Env facts, then experiential sub-goals, for the request (see :meth:`Retriever.retrieve`)."""
-        return await _answer(lambda: self._retrieve(request))
+    async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None) -> RetrieveResponse:
+        """Env facts, then experiential sub-goals among the rows matching ``where`` (the caller's tenant's
+        visibility), for the request (see :meth:`Retriever.retrieve`)."""
+        return await _answer(lambda: self._retrieve(request, where))
 
-    def _retrieve(self, request: RetrieveRequest) -> RetrieveResponse:
+    def _retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None) -> RetrieveResponse:
         model = self._model or self._embedder.info.remote().result()["path"]
         for _ in range(_ATTEMPTS):
             retriever = self._retriever_for(model)
             try:
                 items = retriever.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
                                            kbs=request.kbs, rerank=bool(request.rerank), step=request.as_of_step,
-                                           hybrid=request.hybrid)
+                                           hybrid=request.hybrid, where=where)
             except _ModelChanged as e:  # this replica's embedder no longer holds the pinned model
                 model = e.model
                 continue
@@ -110,7 +121,7 @@ class RetrieverDeployment:
             retriever = self._retrievers.get(model)
             if retriever is None:
                 retriever = Retriever(lambda texts: self._encode(texts, model), env_facts=self._env_facts,
-                                      experience=lambda v, k, task: self._search(v, k, task, model),
+                                      experience=lambda v, k, task, where: self._search(v, k, task, where, model),
                                       rerank=self._rerank, rerank_candidates=self._config.serve.rerank_candidates,
                                       hybrid=self._config.serve.hybrid,
                                       hybrid_candidates=self._config.serve.hybrid_candidates)
@@ -128,16 +139,18 @@ class RetrieverDeployment:
             raise _ModelChanged(encoded.model)
         return encoded.vectors
 
-    def _search(self, vector: Any, k: int, task: str | None, model: str) -> list[KnowledgeItem]:
+    def _search(self, vector: Any, k: int, task: str | None, where: dict[str, Any] | None,
+                model: str) -> list[KnowledgeItem]:
         version = self._versions[model]  # set by the encode of this very query
+        search = self._experience.search_vector
         try:
-            rows = ray.get(self._experience.search_vector.remote(vector, k, task, version))
+            rows = ray.get(search.remote(vector, k, task, version, where=where or SHARED_EXPERIENCE))
         except KnowMapError as e:
             if "ensure_index" not in str(e):
                 raise
             # The experiential-KB actor restarted and holds only its configured version again: re-index, retry.
             ray.get(self._experience.ensure_index.remote(model))
-            rows = ray.get(self._experience.search_vector.remote(vector, k, task, version))
+            rows = ray.get(search.remote(vector, k, task, version, where=where or SHARED_EXPERIENCE))
         return [KnowledgeItem.model_validate(r) for r in rows]
 
     def _rerank(self, query: str, documents: list[str]) -> list[float]:
@@ -191,30 +204,79 @@ class RetrieverDeployment:
             return [Fact.model_validate(r) for r in rows]
         return await _answer(run)
 
+    async def delete_env(self, env_id: str, tenant: str) -> dict[str, int]:
+        """Delete an env KB (its actor and files) and the facts it lent to sub-goals of its tenant's contributed
+        trajectories (they are segmented again without them).
+
+        Raises:
+            EnvNotFoundError: no KB exists for ``env_id``.
+        """
+        def run() -> dict[str, int]:
+            with self._contributing:
+                removed = self._envs.remove(env_id)
+                rewritten = 0
+                for trajectory in contributions(self._config.paths, tenant):
+                    if trajectory.env_id == env_id:
+                        rewritten += self._store_trajectory(trajectory.model_copy(update={"env_id": ""}))[0]
+            return {"files": removed, "subgoals_rewritten": rewritten}
+        return await _answer(run)
+
     # -- trajectories ----------------------------------------------------------------------------------------
-    async def add_trajectory(self, request: TrajectoryRequest) -> TrajectoryResponse:
-        """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in every version of the
-        experiential KB and in the training store (with its contributor), where retraining reads it."""
+    async def add_trajectory(self, request: TrajectoryRequest, admin: bool = False) -> TrajectoryResponse:
+        """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in the training store
+        (where retraining reads it) and in every version of the experiential KB. The ingress has set its stored
+        episode id, tenant, contributor and env id (:mod:`knowmap.tenancy`)."""
         def run() -> TrajectoryResponse:
             trajectory = request.trajectory.model_copy(update={"source": "agent"})
             episode = trajectory.episode_id
             if ray.get(self._experience.count.remote(episode_id=episode, source="expert")):
                 raise EpisodeConflictError(f"episode id {episode!r} is an expert episode; contribute under "
                                            "another id")
-            check_contribution(self._config.paths, trajectory)
-            if request.env_id and self._envs.exists(request.env_id):
-                goals = [Subgoal.model_validate(g) for g in
-                         self._env_call(request.env_id, "segment", trajectory.model_dump())]
-            else:
-                from knowmap.kb.segmentation import SubgoalSegmenter
-
-                goals = SubgoalSegmenter().segment(trajectory)
-            goals = [g.model_copy(update={"source": "agent"}) for g in goals]
-            rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
-                                                                  [g.model_dump() for g in goals]))
-            save_trajectory(self._config.paths, trajectory)
-            return TrajectoryResponse(episode_id=episode, subgoals=len(goals), rows=rows)
+            with self._contributing:  # the check and the write of one episode are not interleaved with another's
+                check_contribution(self._config.paths, trajectory, overwrite=request.overwrite, admin=admin)
+                subgoals, rows = self._store_trajectory(trajectory)
+            return TrajectoryResponse(episode_id=unscoped(trajectory.tenant, episode), subgoals=subgoals, rows=rows)
         return await _answer(run)
+
+    def _store_trajectory(self, trajectory: Trajectory) -> tuple[int, int]:
+        """Save to the training store first (a crash before the rows leaves a file that a delete still finds),
+        then replace the episode's rows in the experiential KB; returns (sub-goals, rows)."""
+        if trajectory.env_id and self._envs.exists(trajectory.env_id):
+            goals = [Subgoal.model_validate(g) for g in
+                     self._env_call(trajectory.env_id, "segment", trajectory.model_dump())]
+        else:
+            from knowmap.kb.segmentation import SubgoalSegmenter
+
+            goals = SubgoalSegmenter().segment(trajectory)
+        goals = [g.model_copy(update={"source": "agent"}) for g in goals]
+        save_trajectory(self._config.paths, trajectory)
+        rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
+                                                              [g.model_dump() for g in goals]))
+        return len(goals), rows
+
+    async def delete_trajectory(self, episode_id: str, tenant: str, contributor: str,
+                                admin: bool = False) -> dict[str, int]:
+        """Delete a contributed trajectory: its rows in every collection of the experiential KB, then its file in
+        the training store (so no retrain reads it again).
+
+        Raises:
+            EpisodeNotFoundError: no contribution of the tenant has this id.
+            ForbiddenError: another key contributed it and the caller is not an admin.
+        """
+        def run() -> dict[str, int]:
+            with self._contributing:
+                check_deletion(self._config.paths, tenant, episode_id, contributor, admin)
+                rows = ray.get(self._experience.delete_episode.remote(episode_id))
+                return {"rows": rows, "files": int(delete_trajectory(self._config.paths, episode_id))}
+        return await _answer(run)
+
+    async def contributions(self, tenant: str) -> list[Trajectory]:
+        """The trajectories ``tenant`` contributed, by stored episode id."""
+        return await _answer(lambda: contributions(self._config.paths, tenant))
+
+    async def envs(self) -> list[str]:
+        """Every env id (as stored) with a KB on disk."""
+        return await _answer(lambda: list_env_kbs(env_kb_directory(self._config)))
 
     async def experience_versions(self) -> dict[str, Any]:
         return await self._experience.versions.remote()

@@ -20,6 +20,7 @@ from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.experience_versions import VersionedExperienceKB
 from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
+from knowmap.tenancy import SHARED_EXPERIENCE
 
 
 class EnvKBSlot(Protocol):
@@ -66,7 +67,8 @@ class ExperienceAccess(Protocol):
         ...
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
-        """The ``k`` sub-goals nearest ``vector`` in ``version``'s collection (``task`` = only that task)."""
+        """The ``k`` sub-goals nearest ``vector`` in ``version``'s collection (``task`` = only that task), among
+        the shared ones (expert and the deployment's own rollouts, never a tenant's contribution)."""
         ...
 
 
@@ -134,7 +136,8 @@ class LocalExperience:
         return self.kb.ensure_index(embedder_path)["version"]
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
-        rows = self.kb.search_vector(np.asarray(vector).tolist(), k, task=task, version=version)
+        rows = self.kb.search_vector(np.asarray(vector).tolist(), k, task=task, version=version,
+                                     where=SHARED_EXPERIENCE)
         return [KnowledgeItem.model_validate(row) for row in rows]
 
 

@@ -135,7 +135,7 @@ class AgentWorker:
             version = experience.ensure_index(path)
             self._retrievers[mode] = Retriever(
                 embedder.encode, env_facts=lambda env_id, step: self.env_kb.facts(step),
-                experience=lambda vector, k, task: experience.search(vector, k, task, version),
+                experience=lambda vector, k, task, where: experience.search(vector, k, task, version),
                 hybrid=self.config.serve.hybrid, hybrid_candidates=self.config.serve.hybrid_candidates)
         return self._retrievers[mode]
 

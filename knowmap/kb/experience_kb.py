@@ -49,17 +49,6 @@ class ExperienceKB:
         store.ensure_collection(self.collection, embedder.dim)
 
     # -- writes -------------------------------------------------------------------------------------------------
-    def add_subgoals(self, subgoals: list[Subgoal]) -> int:
-        """Embed and store sub-goals, replacing rows with the same ``subgoal_id``.
-
-        Returns:
-            the number of rows written.
-
-        Raises:
-            VectorStoreError: the store refused the write.
-        """
-        return self._write([_subgoal_row(g) for g in subgoals])
-
     def add_trajectory(self, trajectory: Trajectory, subgoals: list[Subgoal]) -> int:
         """Store an episode: one row per sub-goal and one trajectory row; idempotent by ``episode_id``.
 
@@ -77,13 +66,20 @@ class ExperienceKB:
         if strangers:
             raise ValueError(f"sub-goals of episodes {strangers} passed with trajectory {episode!r}; "
                              "pass each trajectory with its own sub-goals")
-        rows = [_subgoal_row(g) for g in subgoals] + [_trajectory_row(trajectory)]
+        rows = [_subgoal_row(g, trajectory.tenant) for g in subgoals] + [_trajectory_row(trajectory)]
         written = self._write(rows)
         keep = {row["id"] for row in rows}
         stale = [r["id"] for r in self.store.iterate(self.collection, {"episode_id": episode}) if r["id"] not in keep]
         if stale:
             self.store.delete(self.collection, ids=stale)
         return written
+
+    def delete_episode(self, episode_id: str) -> int:
+        """Delete every row of an episode (its sub-goals and its trajectory row); returns how many there were."""
+        found = self.count(episode_id=episode_id)
+        if found:
+            self.store.delete(self.collection, filter={"episode_id": episode_id})
+        return found
 
     def _write(self, rows: list[dict[str, Any]]) -> int:
         if not rows:
@@ -95,7 +91,7 @@ class ExperienceKB:
 
     # -- reads --------------------------------------------------------------------------------------------------
     def search(self, query: str, k: int = 5, *, task: str | None = None, kind: str | None = "subgoal",
-               source: str | None = None) -> list[KnowledgeItem]:
+               source: str | None = None, where: dict[str, Any] | None = None) -> list[KnowledgeItem]:
         """The ``k`` stored rows most similar to ``query``, best first.
 
         Args:
@@ -104,6 +100,8 @@ class ExperienceKB:
             task: only rows of this ScienceWorld task.
             kind: ``"subgoal"``, ``"trajectory"``, or None for both.
             source: ``"expert"``, ``"agent"``, or None for both.
+            where: a further filter (:func:`~knowmap.kb.store_rows.build_filter`), e.g. a tenant's visibility
+                (:func:`knowmap.tenancy.experience_filter`).
 
         Returns:
             items with ``score`` (cosine similarity) and ``provenance``: kind, episode_id, task, variation, split,
@@ -113,12 +111,13 @@ class ExperienceKB:
             ValueError: an unknown kind or source.
             VectorStoreError: the search failed.
         """
-        return self.search_vector(self.embedder.encode([query])[0], k, task=task, kind=kind, source=source)
+        return self.search_vector(self.embedder.encode([query])[0], k, task=task, kind=kind, source=source,
+                                  where=where)
 
     def search_vector(self, vector: Any, k: int = 5, *, task: str | None = None, kind: str | None = "subgoal",
-                      source: str | None = None) -> list[KnowledgeItem]:
+                      source: str | None = None, where: dict[str, Any] | None = None) -> list[KnowledgeItem]:
         """As :meth:`search`, for a query already embedded by this KB's embedder (a unit vector ``(dim,)``)."""
-        filters = self._filters(task=task, kind=kind, source=source)
+        filters = {**(where or {}), **self._filters(task=task, kind=kind, source=source)}
         return [_item(hit) for hit in self.store.search(self.collection, vector, k, filters)[0]]
 
     def count(self, **filters: str | None) -> int:
@@ -175,11 +174,11 @@ class ExperienceKB:
         return f"ExperienceKB(collection={self.collection!r}, store={self.store.uri!r})"
 
 
-def _subgoal_row(goal: Subgoal) -> dict[str, Any]:
+def _subgoal_row(goal: Subgoal, tenant: str = "") -> dict[str, Any]:
     return {
         "id": goal.subgoal_id, "text": _clip(goal.text()), "task": goal.task, "kind": "subgoal",
         "episode_id": goal.episode_id, "source": goal.source,
-        "meta": {"variation": goal.variation, "split": goal.split, "index": goal.index,
+        "meta": {"variation": goal.variation, "split": goal.split, "index": goal.index, "tenant": tenant,
                  "subgoal": goal.model_dump(mode="json")},
     }
 
@@ -191,8 +190,9 @@ def _trajectory_row(trajectory: Trajectory) -> dict[str, Any]:
     return {
         "id": stable_id(trajectory.episode_id, "trajectory"), "text": _clip(text), "task": trajectory.task,
         "kind": "trajectory", "episode_id": trajectory.episode_id, "source": trajectory.source,
-        "meta": {"variation": trajectory.variation, "split": trajectory.split,
-                 "simplifications": trajectory.simplifications, "task_description": trajectory.task_description,
+        "meta": {"variation": trajectory.variation, "split": trajectory.split, "tenant": trajectory.tenant,
+                 "contributor": trajectory.contributor, "simplifications": trajectory.simplifications,
+                 "task_description": trajectory.task_description,
                  "actions": actions, "final_score": trajectory.final_score, "steps": len(trajectory.steps)},
     }
 
@@ -201,7 +201,7 @@ def _item(hit: Hit) -> KnowledgeItem:
     meta = hit.meta
     provenance: dict[str, Any] = {"kind": hit.kind, "episode_id": hit.episode_id, "task": hit.task,
                                   "variation": meta.get("variation"), "split": meta.get("split"),
-                                  "source": hit.source}
+                                  "source": hit.source, "tenant": meta.get("tenant")}
     if hit.kind == "subgoal":
         goal = meta.get("subgoal", {})
         provenance.update(subgoal_id=hit.id, index=meta.get("index"), start_step=goal.get("start_step"),

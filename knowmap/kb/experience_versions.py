@@ -48,6 +48,7 @@ class VersionedExperienceKB:
         self._kbs = {embedder.version: kb}
         self._paths = {embedder.version: embedder.name_or_path}
         self._current = embedder.version
+        self._deleted: set[str] = set()  # episodes deleted while this process runs (see delete_episode)
 
     @property
     def _kb(self) -> Any:
@@ -73,9 +74,10 @@ class VersionedExperienceKB:
         return [h.model_dump() for h in self._kb.search(query, k, task=task, kind=kind, source=source)]
 
     def search_vector(self, vector: Any, k: int = 5, task: str | None = None, version: str | None = None,
-                      kind: str | None = "subgoal", source: str | None = None) -> list[dict[str, Any]]:
+                      kind: str | None = "subgoal", source: str | None = None,
+                      where: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The ``k`` best rows for a query embedded elsewhere, in the collection of the embedder ``version`` that
-        embedded it (None = the current one).
+        embedded it (None = the current one), among those matching ``where`` (e.g. a tenant's visibility).
 
         Raises:
             KnowMapError: ``version`` is not indexed here (the message lists the held versions).
@@ -86,7 +88,8 @@ class VersionedExperienceKB:
         if kb is None:
             raise KnowMapError(f"no experiential collection for embedder version {version!r}; indexed: {held}. "
                                "Call ensure_index(<model path>) first")
-        return [h.model_dump() for h in kb.search_vector(vector, k, task=task, kind=kind, source=source)]
+        return [h.model_dump() for h in kb.search_vector(vector, k, task=task, kind=kind, source=source,
+                                                         where=where)]
 
     def ensure_index(self, embedder_path: str, make_current: bool = False) -> dict[str, Any]:
         """Hold the collection of the embedder at ``embedder_path``, re-embedding the current version's rows into
@@ -116,6 +119,10 @@ class VersionedExperienceKB:
                 self._paths[embedder.version] = embedder.name_or_path
             try:
                 copied = kb.copy_from(source)
+                with self._lock:
+                    deleted = sorted(self._deleted)
+                for episode in deleted:  # deleted while the copy ran: it may have copied them back
+                    kb.delete_episode(episode)
             except BaseException:
                 with self._lock:
                     del self._kbs[embedder.version]
@@ -144,6 +151,25 @@ class VersionedExperienceKB:
         """``{"current": version, "held": {version: model path}}``."""
         with self._lock:
             return {"current": self._current, "held": {v: self._paths[v] for v in self._kbs}}
+
+    def delete_episode(self, episode_id: str) -> int:
+        """Delete an episode's rows from every collection of this KB in the store: the held versions and any older
+        one still on disk (a later re-index or rollback must not bring them back). Returns the rows deleted from
+        the current version. A re-index running meanwhile deletes them again from its copy when it ends."""
+        prefix = f"{self._config.store.collection_prefix}_"
+        with self._lock:
+            self._deleted.add(episode_id)
+            held = dict(self._kbs)
+            current = self._current
+        found = held[current].delete_episode(episode_id)
+        for version, kb in held.items():
+            if version != current:
+                kb.delete_episode(episode_id)
+        names = {kb.collection for kb in held.values()}
+        for name in self._store.list_collections():
+            if name.startswith(prefix) and name not in names:
+                self._store.delete(name, filter={"episode_id": episode_id})
+        return found
 
     def subgoals(self, episode_id: str) -> list[dict[str, Any]]:
         """The sub-goals the current version holds for an episode (with their reflections), in order."""

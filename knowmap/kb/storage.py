@@ -25,18 +25,21 @@ from pydantic import ValidationError
 
 from knowmap.errors import InvalidEnvIdError, KnowMapError
 from knowmap.schemas import CARDINALITY, ENV_ID_PATTERN, Cardinality, Relation
+from knowmap.tenancy import SCOPED_PATTERN
 
-_ENV_ID = re.compile(ENV_ID_PATTERN)
+_ENV_ID = re.compile(SCOPED_PATTERN)  # a client's env id, or a tenant's as stored (<tenant>@<env id>)
 SNAPSHOT_NAME = re.compile(r"snapshot-(\d{12})\.json")
 LOG_NAME = "log.jsonl"
 PREVIOUS_LOG_NAME = "log.prev.jsonl"
 
 
 def validate_env_id(env_id: object) -> str:
-    """Return ``env_id`` if it can name a KB directory.
+    """Return ``env_id`` if it can name a KB directory: a client's env id, or a tenant's as stored
+    (``<tenant>@<env id>``, :mod:`knowmap.tenancy`).
 
     Raises:
-        InvalidEnvIdError: it is not a string of 1 to 128 characters from ``[A-Za-z0-9._-]``, or is ``.``/``..``.
+        InvalidEnvIdError: it is not a string of 1 to 128 characters from ``[A-Za-z0-9._-]`` (after an optional
+            ``<tenant>@``), or is ``.``/``..``.
     """
     if not isinstance(env_id, str) or not _ENV_ID.fullmatch(env_id) or env_id in {".", ".."}:
         raise InvalidEnvIdError(f"invalid env id {env_id!r}: use 1 to 128 characters matching {ENV_ID_PATTERN} "

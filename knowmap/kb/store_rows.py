@@ -50,7 +50,9 @@ def build_filter(filter: Mapping[str, Any] | None) -> str:
 
     Keys are the scalar fields ``id, task, kind, episode_id, source`` or ``meta.<key>`` for a top-level key of the
     JSON ``meta`` field. A value is a string (``==``) or a list of them (``in``); ``meta.<key>`` also takes an int,
-    float or bool. Strings are escaped, so no value can change the expression. Conditions are joined by ``and``.
+    float or bool. Strings are escaped, so no value can change the expression. Conditions are joined by ``and``;
+    the key ``"$or"`` takes a list of such dicts, any of which may hold (``{"$or": [{"source": "expert"},
+    {"meta.tenant": "a"}]}``).
 
     Returns:
         the expression; ``""`` for no filter.
@@ -60,6 +62,11 @@ def build_filter(filter: Mapping[str, Any] | None) -> str:
     """
     clauses = []
     for key, value in (filter or {}).items():
+        if key == "$or":
+            if not isinstance(value, list | tuple) or not value or not all(isinstance(v, Mapping) and v for v in value):
+                raise VectorStoreError("filter '$or' takes a non-empty list of non-empty filter dicts")
+            clauses.append("(" + " or ".join(f"({build_filter(v)})" for v in value) + ")")
+            continue
         meta = _META_KEY.match(key)
         if key not in SCALAR_FIELDS and not meta:
             raise VectorStoreError(f"cannot filter on {key!r}; allowed keys: {', '.join(SCALAR_FIELDS)}, or "

@@ -5,8 +5,9 @@ embedder), behind Ray actor handles, and inside the Serve deployments (which pas
 
 * ``encode(texts) -> (n, dim)`` unit vectors: the embedder;
 * ``env_facts(env_id, step) -> list[Fact]``: the env KB of one environment instance, now or as of a step;
-* ``experience(vector, k, task) -> list[KnowledgeItem]``: a vector search of the experiential KB, in the collection
-  embedded by the **same** model as ``encode`` (the caller keeps the two versions in step);
+* ``experience(vector, k, task, where) -> list[KnowledgeItem]``: a vector search of the experiential KB, in the
+  collection embedded by the **same** model as ``encode`` (the caller keeps the two versions in step), among the rows
+  matching ``where`` (a vector-store filter, e.g. a tenant's visibility; None = the searcher's own);
 * optionally ``rerank(query, texts) -> scores``: a cross-encoder.
 
 Two optional stages after the embedder, both fused by reciprocal rank (:mod:`knowmap.models.lexical`), so neither
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,7 @@ from knowmap.schemas import KB_KINDS, Fact, KBKind, KnowledgeItem
 
 Encode = Callable[[list[str]], np.ndarray]
 EnvFacts = Callable[[str, "int | None"], list[Fact]]
-ExperienceSearch = Callable[[np.ndarray, int, "str | None"], list[KnowledgeItem]]
+ExperienceSearch = Callable[[np.ndarray, int, "str | None", "dict[str, Any] | None"], list[KnowledgeItem]]
 Rerank = Callable[[str, list[str]], list[float]]
 
 ENRICH_FACTS = 5  # env facts appended to the experiential query
@@ -71,7 +73,7 @@ class Retriever:
 
     def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
                  kbs: Sequence[KBKind] = KB_KINDS, rerank: bool = False, step: int | None = None,
-                 hybrid: bool | None = None) -> list[KnowledgeItem]:
+                 hybrid: bool | None = None, where: dict[str, Any] | None = None) -> list[KnowledgeItem]:
         """Up to ``k`` items from each KB asked for: env facts first, then sub-goals, each best first.
 
         Args:
@@ -83,6 +85,7 @@ class Retriever:
             rerank: fuse the cross-encoder's order of each KB's top ``rerank_candidates`` with the first stage's.
             step: env facts as of this step (None = now).
             hybrid: fuse BM25 with the embedder; None = this retriever's default.
+            where: a filter on the experiential rows, passed to ``experience`` (e.g. what a tenant may see).
 
         Returns:
             knowledge items with ``score`` (the cosine; the fused reciprocal-rank score after a fusion, the stages'
@@ -112,7 +115,7 @@ class Retriever:
         if "experience" in kbs and self.experience is not None:
             enriched = enrich_query(query, [item.text for item in env_items])
             found = self.experience(self.encode([enriched])[0], max(depth, self.hybrid_candidates) if hybrid
-                                    else depth, task)
+                                    else depth, task, where)
             exp_items = [i.model_copy(update={"provenance": {**i.provenance, "ranker": "embedder"}}) for i in found]
             if hybrid:
                 exp_items = _fuse(exp_items, BM25Retriever([i.text for i in exp_items]).rank(enriched)

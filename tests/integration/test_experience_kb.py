@@ -121,3 +121,32 @@ def test_copy_from_re_indexes_into_another_collection(kb: ExperienceKB, embedder
     target = ExperienceKB(kb.store, embedder, collection_prefix="reindexed")
     assert target.copy_from(kb, batch_size=4) == kb.count() == target.count()
     assert target.search("water the seed", k=1)[0].id == kb.search("water the seed", k=1)[0].id
+
+
+def test_a_tenant_sees_shared_experience_and_its_own_never_another_tenants(kb: ExperienceKB) -> None:
+    """The filter the service puts on every retrieve, on the real store: an old agent row without meta.tenant is
+    seen by nobody, the deployment's own rows by everyone, a contribution by its tenant only; deletes are whole."""
+    from knowmap.tenancy import experience_filter
+
+    rows = {}
+    for name, tenant, source in [("expert", "", "expert"), ("own", "", "agent"), ("acme", "acme", "agent"),
+                                 ("beta", "beta", "agent")]:
+        trajectory, goals = episode("boil", len(rows), BOIL, source)
+        kb.add_trajectory(trajectory.model_copy(update={"tenant": tenant}), goals)
+        rows[name] = trajectory.episode_id
+    legacy, goals = episode("boil", 9, BOIL, "agent")
+    kb.add_trajectory(legacy, goals)
+    kb.store.upsert(kb.collection, [{**r, "meta": {k: v for k, v in r["meta"].items() if k != "tenant"}}
+                                    for r in kb.store.iterate(kb.collection, {"episode_id": legacy.episode_id},
+                                                              with_vectors=True)])
+
+    def seen(tenant: str, **narrow: str) -> set[str]:
+        hits = kb.search("boil the water in the metal pot", k=100, where=experience_filter(tenant, **narrow))
+        return {next(n for n, e in rows.items() if e == h.provenance["episode_id"]) for h in hits}
+
+    assert seen("acme") == {"expert", "own", "acme"} and seen("beta") == {"expert", "own", "beta"}
+    assert seen("gamma") == {"expert", "own"} and seen("acme", owner="mine") == {"acme"}
+    assert seen("acme", owner="shared") == {"expert", "own"} and seen("acme", source="agent") == {"own", "acme"}
+    assert seen("acme", split="test") == set()
+    assert kb.delete_episode(rows["acme"]) == len(BOIL) + 1 and seen("acme") == {"expert", "own"}
+    assert kb.delete_episode(rows["acme"]) == 0

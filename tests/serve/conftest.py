@@ -13,6 +13,9 @@ import pytest
 
 from knowmap.config import KnowMapConfig
 
+TENANT_KEYS = {"km-acme-write": ("acme", "write"), "km-acme-write-2": ("acme", "write"),
+               "km-acme-read": ("acme", "read"), "km-acme-admin": ("acme", "admin"), "km-beta-write": ("beta", "write")}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,7 +38,8 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]
                            serve={"port": free_port(), "max_texts": 16, "max_text_chars": 2000,
                                   "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25,
                                   "body_timeout_s": 2, "max_env_actors": 4,
-                                  "api_keys": ["km-test-key-a", "km-test-key-b"]})
+                                  "api_keys": ["km-test-key-a", "km-test-key-b"],
+                                  "keys": [{"key": k, "tenant": t, "role": r} for k, (t, r) in TENANT_KEYS.items()]})
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, namespace=namespace)
     info = start_service(config, embedder="", reranker=model_dirs["reranker"])

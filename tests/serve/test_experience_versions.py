@@ -51,3 +51,23 @@ def test_reindex_keeps_versions_apart_and_adds_reach_all(tmp_path: Path, store_u
         assert set(kb.versions()["held"]) == {new}
     finally:
         kb.close()
+
+
+def test_a_deleted_episode_is_gone_from_every_collection_and_no_reindex_brings_it_back(
+        tmp_path: Path, store_uri: str, model_dirs: dict[str, str]) -> None:
+    kb = ExperienceKBActor(KnowMapConfig(data_dir=tmp_path, store={"uri": store_uri}).model_dump(mode="json"))
+    try:
+        old = kb.versions()["current"]
+        trajectory, goals = _episode("boil-0.json")
+        kb.add_trajectory(trajectory, goals)
+        kept = kb.add_trajectory(*_episode("find-living-thing-0.json"))
+        new = kb.ensure_index(model_dirs["embedder_b"])["version"]
+        kb.set_current(new)
+        assert kb.release_index(old)  # no longer held, still on disk: a rollback could hold it again
+        episode = trajectory["episode_id"]
+        assert kb.delete_episode(episode) == len(goals) + 1
+        assert kb.count(episode_id=episode) == 0 and kb.count() == kept
+        kb.set_current(kb.ensure_index("")["version"])  # hold the old version's collection again
+        assert kb.versions()["current"] == old and kb.count(episode_id=episode) == 0 and kb.count() == kept
+    finally:
+        kb.close()

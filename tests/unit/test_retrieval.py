@@ -24,7 +24,7 @@ class RecordingExperience:
     def __init__(self, encoder: HashingEncoder) -> None:
         self.encoder, self.queries = encoder, []
 
-    def __call__(self, vector: np.ndarray, k: int, task: str | None) -> list[KnowledgeItem]:
+    def __call__(self, vector: np.ndarray, k: int, task: str | None, where: object = None) -> list[KnowledgeItem]:
         self.queries.append((vector, k, task))
         items = [KnowledgeItem(id=f"g{i}", kind="subgoal", text=t, score=1.0 - i / 10)
                  for i, t in enumerate(["heat the pot on the stove", "plant the seed", "read the thermometer"])]

@@ -17,7 +17,7 @@ from knowmap.api_schemas import EmbeddingRequest, ObservationsRequest, RetrieveR
 from knowmap.config import KnowMapConfig
 from knowmap.errors import ConfigError, KnowMapError
 from knowmap.serve.app import resolve_models
-from knowmap.serve.auth import digest, key_matches, load_api_keys
+from knowmap.serve.auth import Grant, add_key, digest, load_keys, match_key
 from knowmap.serve.deployments import IdleGate, encode_requests, score_requests
 
 
@@ -133,27 +133,56 @@ def test_a_cancelled_request_leaves_the_gate_open(entered: bool) -> None:
 
 def test_a_key_is_generated_once_with_0600_and_checked_in_constant_time(tmp_path: Path) -> None:
     config = KnowMapConfig(data_dir=tmp_path)
-    keys, path = load_api_keys(config)
+    grants, keys, path = load_keys(config)
     assert path == tmp_path / "serve" / "api_key" and len(keys) == 1 and keys[0].startswith("km-")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert load_api_keys(config) == (keys, path)  # read back, not regenerated
-    digests = [digest(k) for k in keys]
-    assert key_matches(keys[0], digests)
-    assert not key_matches(keys[0] + "x", digests) and not key_matches(None, digests) and not key_matches("", digests)
+    assert load_keys(config) == (grants, keys, path)  # read back, not regenerated
+    assert match_key(keys[0], grants) == Grant(digest=digest(keys[0]), tenant="default", role="admin")
+    assert match_key(keys[0] + "x", grants) is None and match_key(None, grants) is None
+    assert match_key("", grants) is None
 
 
 def test_configured_keys_need_no_file_and_a_readable_key_file_is_refused(tmp_path: Path) -> None:
     config = KnowMapConfig(data_dir=tmp_path, serve={"api_keys": ["secret-1"]})
-    assert load_api_keys(config) == (["secret-1"], None)
+    assert load_keys(config) == ([Grant(digest=digest("secret-1"))], ["secret-1"], None)
     path = tmp_path / "keys"
-    path.write_text("k1\n# comment\nk2\n")
+    path.write_text("k1\n# comment\nk2 acme read\n")
     path.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
-        load_api_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))
+        load_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))
     path.chmod(0o600)
-    assert load_api_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))[0] == ["k1", "k2"]
+    grants, keys, _ = load_keys(KnowMapConfig(data_dir=tmp_path, serve={"api_key_file": str(path)}))
+    assert keys == ["k1", "k2"] and [(g.tenant, g.role) for g in grants] == [("default", "admin"), ("acme", "read")]
     with pytest.raises(ConfigError, match="no API key"):
-        load_api_keys(KnowMapConfig(data_dir=tmp_path / "other"), generate=False)
+        load_keys(KnowMapConfig(data_dir=tmp_path / "other"), generate=False)
+
+
+def test_tenant_keys_come_from_config_digests_and_the_key_file(tmp_path: Path) -> None:
+    hidden = digest("only-the-digest-is-configured")
+    config = KnowMapConfig(data_dir=tmp_path, serve={"keys": [
+        {"key": "km-a", "tenant": "acme", "role": "write"}, {"sha256": hidden, "tenant": "beta", "role": "read"}]})
+    grants, keys, path = load_keys(config)
+    assert path is None and keys == ["km-a"]
+    assert match_key("only-the-digest-is-configured", grants) == Grant(digest=hidden, tenant="beta", role="read")
+    key, path = add_key(config, "gamma", "admin")  # appended to the key file, which now counts too
+    own, *added = path.read_text().split()  # the deployment's own admin key first: `knowmap serve` hands it out
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and added == [key, "gamma", "admin"]
+    grants, keys, _ = load_keys(config)
+    assert keys[0] == own and match_key(own, grants) == Grant(digest=digest(own))
+    assert match_key(key, grants) == Grant(digest=digest(key), tenant="gamma", role="admin") and len(grants) == 4
+    for bad in ({"key": "k", "sha256": hidden}, {}, {"key": "k", "tenant": "Not A Tenant"},
+                {"key": "k", "role": "root"}):
+        with pytest.raises(ValidationError):
+            KnowMapConfig(data_dir=tmp_path, serve={"keys": [bad]})
+    path.write_text("k1 acme write extra\n")
+    with pytest.raises(ConfigError, match="KEY \\[TENANT \\[ROLE\\]\\]"):
+        load_keys(config)
+    path.write_text("k1 acme superuser\n")
+    with pytest.raises(ConfigError, match="role 'superuser'"):
+        load_keys(config)
+    path.write_text("km-a beta write\n")  # the same key as in serve.keys, with another tenant
+    with pytest.raises(ConfigError, match="configured twice"):
+        load_keys(config)
 
 
 def test_wire_schemas_accept_openai_shapes_and_refuse_the_rest() -> None:
@@ -249,21 +278,44 @@ def test_a_request_past_its_deadline_is_cancelled_and_answered_504() -> None:
 
 
 def test_a_stored_episode_id_belongs_to_whoever_stored_it(tmp_path: Path) -> None:
-    from knowmap.errors import EpisodeConflictError
-    from knowmap.kb.trajectory_store import check_contribution, save_trajectory
+    from knowmap.errors import EpisodeConflictError, EpisodeNotFoundError, ForbiddenError
+    from knowmap.kb.trajectory_store import (
+        check_contribution,
+        check_deletion,
+        contributions,
+        delete_trajectory,
+        save_trajectory,
+    )
     from knowmap.layout import DataLayout
     from knowmap.schemas import Trajectory
 
     paths = DataLayout(root=tmp_path)
-    mine = Trajectory(episode_id="ep-1", task="boil", variation=0, split="train", source="agent", contributor="key:a")
+    mine = Trajectory(episode_id="acme@ep-1", task="boil", variation=0, split="train", source="agent",
+                      contributor="key:a", tenant="acme")
     check_contribution(paths, mine)  # nothing stored yet
     save_trajectory(paths, mine)
-    check_contribution(paths, mine.model_copy(update={"task_description": "again"}))  # mine: may replace it
-    with pytest.raises(EpisodeConflictError, match="another contributor"):
-        check_contribution(paths, mine.model_copy(update={"contributor": "key:b"}))
-    save_trajectory(paths, mine.model_copy(update={"episode_id": "ep-2", "source": "expert", "contributor": ""}))
+    check_contribution(paths, mine)  # exactly the same again: a retry
+    changed = mine.model_copy(update={"task_description": "again"})
+    with pytest.raises(EpisodeConflictError, match="send overwrite=true"):
+        check_contribution(paths, changed)
+    check_contribution(paths, changed, overwrite=True)  # its contributor may replace it
+    with pytest.raises(ForbiddenError, match="another key"):
+        check_contribution(paths, changed.model_copy(update={"contributor": "key:b"}), overwrite=True)
+    check_contribution(paths, changed.model_copy(update={"contributor": "key:b"}), overwrite=True, admin=True)
+    save_trajectory(paths, mine.model_copy(update={"episode_id": "ep-2", "source": "expert", "contributor": "",
+                                                   "tenant": ""}))
     with pytest.raises(EpisodeConflictError, match="expert episode"):
-        check_contribution(paths, mine.model_copy(update={"episode_id": "ep-2"}))
+        check_contribution(paths, mine.model_copy(update={"episode_id": "ep-2", "tenant": "default"}), overwrite=True)
     with pytest.raises(KnowMapError, match="cannot name a stored trajectory"):
         save_trajectory(paths, mine.model_copy(update={"episode_id": "../escape"}))
-    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["ep-1.json", "ep-2.json"]
+    assert [t.episode_id for t in contributions(paths, "acme")] == ["acme@ep-1"]
+    assert contributions(paths, "beta") == [] and contributions(paths, "default") == []  # ep-2 is an expert's
+    with pytest.raises(EpisodeNotFoundError):
+        check_deletion(paths, "beta", "acme@ep-1", "key:a", admin=True)  # another tenant's reads as absent
+    with pytest.raises(EpisodeNotFoundError):
+        check_deletion(paths, "default", "ep-2", "key:a", admin=True)  # an expert's cannot be deleted
+    with pytest.raises(ForbiddenError):
+        check_deletion(paths, "acme", "acme@ep-1", "key:b", admin=False)
+    assert check_deletion(paths, "acme", "acme@ep-1", "key:a", admin=False).episode_id == "acme@ep-1"
+    assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["acme@ep-1.json", "ep-2.json"]
+    assert delete_trajectory(paths, "acme@ep-1") and not delete_trajectory(paths, "acme@ep-1")

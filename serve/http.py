@@ -1,0 +1,174 @@
+"""The retrieval API's FastAPI app without its routes: the error shapes, the key and role dependencies, the limit
+checks, and how a deployment's answer becomes an HTTP one (:func:`call`). The routes are :mod:`knowmap.serve.api`.
+
+No ``from __future__ import annotations`` here: FastAPI resolves the dependencies' annotations at import.
+"""
+
+import logging
+from pathlib import PurePath
+from typing import Annotated, Any, NamedTuple
+
+from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray.exceptions import RayActorError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from knowmap.api_schemas import API_VERSION, ENV_ID_PATTERN, ErrorDetail, ErrorResponse
+from knowmap.config import KnowMapConfig
+from knowmap.errors import (
+    APIError,
+    EnvNotFoundError,
+    EpisodeConflictError,
+    EpisodeNotFoundError,
+    ForbiddenError,
+    KnowMapError,
+    RerankerUnavailableError,
+)
+from knowmap.schemas import ServingModels
+from knowmap.serve.guard import Guard, error_response
+from knowmap.tenancy import allows
+
+logger = logging.getLogger("ray.serve")
+
+
+_ERRORS = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid_request", 408: "timeout",
+           409: "conflict",
+           413: "too_large", 422: "invalid_request", 503: "unavailable", 504: "timeout"}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse, "description": d} for s, d in
+    [(401, "missing or wrong API key"), (403, "the key's role may not do this, or the data is another key's"),
+     (413, "over a configured limit"), (422, "invalid or malformed body")]}
+
+bearer = HTTPBearer(auto_error=False, description="an API key from serve.api_keys or the key file")
+app = FastAPI(title="KnowMap retrieval API", version=API_VERSION, docs_url=None, redoc_url=None,
+              openapi_url=None, responses=_RESPONSES,
+              description="Env facts and experiential sub-goals for LLM agents (KnowMap), OpenAI-compatible "
+                          "embeddings, reranking. Every route but /healthz needs `Authorization: Bearer <key>`.")
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    detail = ErrorDetail(type=exc.type, message=exc.message, code=exc.code, param=exc.param)  # type: ignore[arg-type]
+    return error_response(exc.status, detail, headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    param = ".".join(str(p) for p in first["loc"]) or None
+    code = "json_invalid" if any(e["type"] == "json_invalid" for e in errors) else "validation_error"
+    return error_response(422, ErrorDetail(type="invalid_request", message=f"{param or 'body'}: {first['msg']}",
+                                           code=code, param=param, errors=errors))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # FastAPI's answer to a body json.loads cannot read (not UTF-8, nested too deep)
+        return error_response(422, ErrorDetail(type="invalid_request", code="json_invalid", param="body",
+                                               message="the body is not JSON this API reads: send UTF-8 JSON "
+                                               "nested at most a few hundred levels"))
+    kind = _ERRORS.get(exc.status_code, "invalid_request")
+    return error_response(exc.status_code, ErrorDetail(type=kind, message=str(exc.detail)))  # type: ignore[arg-type]
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(500, ErrorDetail(type="internal_error", message=f"internal error ({type(exc).__name__}); "
+                                           "see the service log"))
+
+
+app.add_middleware(Guard)
+
+
+async def require_key(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+    """Declares bearer auth in the OpenAPI schema; the check itself is :class:`Guard` (it runs first)."""
+
+
+async def require_write(request: Request) -> None:
+    """403 unless the caller's key has the write or admin role."""
+    if not allows(getattr(request.state, "role", ""), "write"):
+        raise APIError(403, "forbidden", "this key has the read role; adding or deleting data needs a key with the "
+                       "write or admin role (serve.keys, or `knowmap keys add`)", code="read_only_key")
+
+
+class Caller(NamedTuple):
+    """Who sent a request, as the Guard found its key."""
+
+    tenant: str
+    admin: bool
+    client: str
+
+
+def caller(request: Request) -> Caller:
+    state = request.state
+    return Caller(state.tenant, state.role == "admin", state.client)
+
+
+Authorized = [Depends(require_key)]
+Writer = [Depends(require_key), Depends(require_write)]
+Page = Annotated[int, Query(ge=1, le=10_000, description="items per page")]
+EnvId = Annotated[str, Path(pattern=ENV_ID_PATTERN, description="the environment instance")]
+
+
+def check_texts(config: KnowMapConfig, texts: list[str], param: str, count: bool = True) -> None:
+    limits = config.serve
+    if count and len(texts) > limits.max_texts:
+        raise APIError(413, "too_large", f"{len(texts)} texts in {param}; at most serve.max_texts "
+                       f"({limits.max_texts}) per request", code="too_many_texts", param=param)
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_text_chars:
+            raise APIError(413, "too_large", f"{param}[{i}] has {len(text)} characters; at most "
+                           f"serve.max_text_chars ({limits.max_text_chars})", code="text_too_long",
+                           param=f"{param}[{i}]")
+
+
+def check_steps(config: KnowMapConfig, steps: list[int], param: str) -> None:
+    for i, step in enumerate(steps):
+        if step > config.serve.max_step:
+            raise APIError(422, "invalid_request", f"{param}[{i}].step is {step}; at most serve.max_step "
+                           f"({config.serve.max_step})", code="step_too_large", param=f"{param}[{i}].step")
+
+
+async def call(response: Any) -> Any:
+    """Await a deployment call, mapping KnowMap errors (raised, or returned by the retriever) to HTTP ones."""
+    try:
+        result = await response
+        if isinstance(result, KnowMapError):
+            raise result
+        return result
+    except RerankerUnavailableError as e:
+        raise APIError(409, "conflict", str(e).splitlines()[-1], code="no_reranker") from e
+    except EnvNotFoundError as e:
+        raise APIError(404, "not_found", _message(e), code="unknown_env") from e
+    except EpisodeNotFoundError as e:
+        raise APIError(404, "not_found", _message(e), code="unknown_episode") from e
+    except ForbiddenError as e:
+        raise APIError(403, "forbidden", _message(e), code="not_owner") from e
+    except EpisodeConflictError as e:
+        raise APIError(409, "conflict", _message(e), code="episode_taken") from e
+    except (KnowMapError, ValueError) as e:
+        raise APIError(422, "invalid_request", _message(e)) from e
+    except RayActorError as e:  # e.g. the env KB is held open by a running episode's own actor
+        raise APIError(503, "unavailable", "a knowledge-base actor is unavailable (an env KB held by a running "
+                       "episode, or an actor restarting); retry shortly", code="kb_unavailable") from e
+
+
+def _message(error: Exception) -> str:
+    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the original exception as .cause
+    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+
+
+def public_name(path: str) -> str:
+    """A model's name for clients: its directory's last part (or its hub name), never the server's file layout."""
+    return PurePath(path).name if path else ""
+
+
+def named(models: ServingModels) -> ServingModels:
+    return models.model_copy(update={"embedder": public_name(models.embedder),
+                                     "reranker": public_name(models.reranker)})
