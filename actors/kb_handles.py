@@ -21,7 +21,7 @@ from knowmap.actors.env_kb import create_env_kb_slot
 from knowmap.actors.experience import get_experience_kb
 from knowmap.config import KnowMapConfig
 from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
-from knowmap.tenancy import SHARED_EXPERIENCE
+from knowmap.tenancy import DEPLOYMENT_VIEW
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ class RayExperience:
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
         rows = ray.get(self.handle.search_vector.remote(np.asarray(vector).tolist(), k, task=task, version=version,
-                                                        where=SHARED_EXPERIENCE))
+                                                        where=DEPLOYMENT_VIEW))
         return [KnowledgeItem.model_validate(row) for row in rows]
 
 

@@ -90,4 +90,5 @@ def experience_filter(tenant: str, *, owner: Owner = "any", source: str | None =
     return found
 
 
-SHARED_EXPERIENCE = {"$or": [{"source": "expert"}, {"meta.tenant": ""}]}  # what the deployment's own agents read
+# What the deployment's own agents read (in-process, on the rollout pool): they act for the default tenant.
+DEPLOYMENT_VIEW = experience_filter(DEFAULT_TENANT)

@@ -47,7 +47,7 @@ from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
 from knowmap.serve.envs import EnvActors
-from knowmap.tenancy import SHARED_EXPERIENCE, unscoped
+from knowmap.tenancy import DEPLOYMENT_VIEW, unscoped
 
 _ATTEMPTS = 3
 T = TypeVar("T")
@@ -144,13 +144,13 @@ class RetrieverDeployment:
         version = self._versions[model]  # set by the encode of this very query
         search = self._experience.search_vector
         try:
-            rows = ray.get(search.remote(vector, k, task, version, where=where or SHARED_EXPERIENCE))
+            rows = ray.get(search.remote(vector, k, task, version, where=where or DEPLOYMENT_VIEW))
         except KnowMapError as e:
             if "ensure_index" not in str(e):
                 raise
             # The experiential-KB actor restarted and holds only its configured version again: re-index, retry.
             ray.get(self._experience.ensure_index.remote(model))
-            rows = ray.get(search.remote(vector, k, task, version, where=where or SHARED_EXPERIENCE))
+            rows = ray.get(search.remote(vector, k, task, version, where=where or DEPLOYMENT_VIEW))
         return [KnowledgeItem.model_validate(r) for r in rows]
 
     def _rerank(self, query: str, documents: list[str]) -> list[float]:

@@ -20,7 +20,7 @@ from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.experience_versions import VersionedExperienceKB
 from knowmap.kb.segmentation import SubgoalSegmenter
 from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
-from knowmap.tenancy import SHARED_EXPERIENCE
+from knowmap.tenancy import DEPLOYMENT_VIEW
 
 
 class EnvKBSlot(Protocol):
@@ -68,7 +68,8 @@ class ExperienceAccess(Protocol):
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
         """The ``k`` sub-goals nearest ``vector`` in ``version``'s collection (``task`` = only that task), among
-        the shared ones (expert and the deployment's own rollouts, never a tenant's contribution)."""
+        those the default tenant sees (expert, the deployment's own rollouts and the default tenant's contributions;
+        never another tenant's)."""
         ...
 
 
@@ -137,7 +138,7 @@ class LocalExperience:
 
     def search(self, vector: np.ndarray, k: int, task: str | None, version: str) -> list[KnowledgeItem]:
         rows = self.kb.search_vector(np.asarray(vector).tolist(), k, task=task, version=version,
-                                     where=SHARED_EXPERIENCE)
+                                     where=DEPLOYMENT_VIEW)
         return [KnowledgeItem.model_validate(row) for row in rows]
 
 
