@@ -262,6 +262,12 @@ class HealthResponse(BaseModel):
     api_version: str = API_VERSION
 
 
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description="each check: 'ok' or 'failing: <why>' (embedder, reranker, "
+                                   "retriever's experience_kb, vector_store, env_kbs)")
+
+
 # -- between deployments (Ray calls inside the service, not HTTP) ----------------------------------------------
 class EncodedTexts(BaseModel):
     """The embedder deployment's answer: vectors and the model that made them.

@@ -11,7 +11,8 @@ Tenants (:mod:`knowmap.tenancy`): every key belongs to a tenant, and every env i
 read in the caller's tenant's namespace, so another tenant's data is never found (404, never 403: its existence is
 not revealed). Retrieves see shared experience and the tenant's own contributions only.
 
-Only ``/healthz`` is open; ``/docs`` and ``/openapi.json`` need a key unless ``serve.public_docs``.
+Only ``/healthz`` and ``/readyz`` are open; ``/docs`` and ``/openapi.json`` need a key unless ``serve.public_docs``.
+Every answer is counted in Prometheus metrics through Ray (:mod:`knowmap.serve.metrics`).
 The key and body-size checks run in a middleware, before routing and parsing: an unauthenticated request learns
 nothing about the API's validation.
 
@@ -19,6 +20,7 @@ No ``from __future__ import annotations`` here: FastAPI must resolve the route s
 and under ``@serve.ingress`` string annotations of module-level aliases (``EnvId``) fail to resolve.
 """
 
+import asyncio
 import base64
 from pathlib import PurePath
 from typing import Annotated, Any
@@ -44,6 +46,7 @@ from knowmap.api_schemas import (
     ModelsResponse,
     ObservationsRequest,
     ObservationsResponse,
+    ReadyResponse,
     RerankRequest,
     RerankResponse,
     RerankResult,
@@ -100,6 +103,24 @@ class Ingress:
     async def healthz(self) -> HealthResponse:
         """Liveness: answers without a key."""
         return HealthResponse()
+
+    @app.get("/readyz", response_model=ReadyResponse, tags=["service"],
+             responses={503: {"model": ReadyResponse, "description": "a check failed"}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness, without a key: the embedder and reranker deployments answer, the experiential-KB actor and its
+        vector store answer a count. 503 names the failing checks (a load balancer takes the service out)."""
+        checks: dict[str, str] = {}
+        for name, probe in (("embedder", self.embedder.info.remote()), ("reranker", self.reranker.info.remote()),
+                            ("retriever", self.retriever.ready.remote())):
+            try:
+                answer = await asyncio.wait_for(probe, timeout=15)
+                checks.update(answer if name == "retriever" else {name: "ok" if answer or name == "reranker"
+                                                                  else "failing: no model"})
+            except Exception as e:  # noqa: BLE001 - readiness reports any failure as a failed check
+                checks[name] = f"failing: {type(e).__name__}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(ReadyResponse(status="ready" if ready else "not_ready", checks=checks).model_dump(),
+                            status_code=200 if ready else 503)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(self) -> JSONResponse:

@@ -23,6 +23,7 @@ from knowmap.api_schemas import EncodedTexts, ScoredDocuments
 from knowmap.errors import RerankerUnavailableError
 from knowmap.models.embedder import Embedder, default_embedder_path
 from knowmap.models.reranker import Reranker
+from knowmap.serve.metrics import record_batch
 
 logger = logging.getLogger("ray.serve")
 
@@ -192,6 +193,7 @@ class EmbedderDeployment:
             self._stats["model_seconds"] += time.perf_counter() - started
             self._stats["batches"] += 1
             self._stats["requests"] += len(members)
+            record_batch("embedder", len(members))
             self._stats["texts"] += sum(len(requests[i][0]) for i in members)
             for i, vectors in zip(members, rows, strict=True):
                 results[i] = vectors if isinstance(vectors, Exception) else EncodedTexts(
@@ -245,6 +247,7 @@ class RerankerDeployment:
                 raise RerankerUnavailableError("the reranker was removed while this request waited; retry without "
                                                "rerank")
             scores = await asyncio.to_thread(score_requests, model.predict, requests)
+            record_batch("reranker", len(requests))
             return [s if isinstance(s, Exception) else ScoredDocuments(scores=s, version=model.version)
                     for s in scores]
         finally:

@@ -8,6 +8,7 @@ Every refusal has the API's one error shape (:func:`error_response`).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from fastapi import Request
@@ -15,8 +16,9 @@ from fastapi.responses import JSONResponse
 
 from knowmap.api_schemas import ErrorDetail, ErrorResponse
 from knowmap.serve.auth import match_key
+from knowmap.serve.metrics import record_request
 
-OPEN = {"/healthz"}
+OPEN = {"/healthz", "/readyz"}
 DOCS = {"/docs", "/openapi.json"}
 DOCS_PREFIX = "/docs/"  # Swagger UI's own scripts and styles (nothing of this API): always open
 
@@ -34,7 +36,8 @@ class Guard:
     declares none), counted as they arrive, so an oversized body is never held whole; 408 (and the connection
     closed) if the body stops arriving for ``serve.body_timeout_s``. Then the route runs under
     ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504 (work a KB actor already took
-    on may still finish; a retry is safe: writes are idempotent, and a resent trajectory is accepted).
+    on may still finish; a retry is safe: writes are idempotent, and a resent trajectory is accepted). Every
+    answer is counted in the service's metrics (:mod:`knowmap.serve.metrics`).
     """
 
     def __init__(self, app: Any) -> None:
@@ -44,6 +47,21 @@ class Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started, status = time.perf_counter(), 500
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._handle(scope, receive, tracked)
+        finally:  # by route template (never an id from the path): refused requests count as "unrouted"
+            route = getattr(scope.get("route"), "path", "unrouted")
+            record_request(route, scope.get("method", ""), status, time.perf_counter() - started)
+
+    async def _handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         request = Request(scope)
         limits = request.app.state.config.serve
         rejection = self._check(request)

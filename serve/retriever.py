@@ -47,6 +47,7 @@ from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
 from knowmap.serve.envs import EnvActors
+from knowmap.serve.metrics import record_kb_size
 from knowmap.tenancy import DEPLOYMENT_VIEW, unscoped
 
 _ATTEMPTS = 3
@@ -277,6 +278,19 @@ class RetrieverDeployment:
     async def envs(self) -> list[str]:
         """Every env id (as stored) with a KB on disk."""
         return await _answer(lambda: list_env_kbs(env_kb_directory(self._config)))
+
+    async def ready(self) -> dict[str, str]:
+        """Whether the experiential-KB actor answers (a count through the vector store) and how many env-KB actors
+        this replica holds; sets the KB-size metrics. Never raises: each failed check is named."""
+        checks = {"env_kbs": "ok"}
+        try:
+            rows = await asyncio.wait_for(self._experience.count.remote(), timeout=10)
+            record_kb_size("experience", rows)
+            checks["experience_kb"] = checks["vector_store"] = "ok"
+        except Exception as e:  # noqa: BLE001 - readiness reports any failure as a failed check
+            checks["experience_kb"] = checks["vector_store"] = f"failing: {type(e).__name__}"
+        record_kb_size("env_actors", self._envs.alive())
+        return checks
 
     async def experience_versions(self) -> dict[str, Any]:
         return await self._experience.versions.remote()
