@@ -1,14 +1,18 @@
 """Retrieval service latency and throughput: HTTP through Ray Serve against the same pipeline in-process.
 
-Three measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
+Five measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
 
 1. ``/v1/retrieve`` p50/p99 over HTTP (the typed client, one request at a time) against the same pipeline called
    in-process: a :class:`knowmap.models.retrieval.Retriever` in this process with its own embedder and the same KB
    actors (env KB and experiential KB). Goal: HTTP p50 <= 1.25 x in-process p50.
 2. ``/v1/embeddings`` throughput (one short text per request, 16 concurrent clients) with ``@serve.batch``
    (``serve.max_batch_size``) against the same service with batching off (``max_batch_size`` 1). Goal >= 2x.
-3. ``/v1/retrieve`` p99 while the embedder is hot-swapped (re-index + in-place reconfigure) against steady
-   state, same load (2 concurrent clients). Goal: p99 during <= 2 x steady, and 0 failed requests.
+3. ``/v1/retrieve`` p99 while the embedder is hot-swapped to a model of other weights (re-index + in-place
+   reconfigure) against steady state, same load (2 concurrent clients). Goal: p99 during <= 2 x steady, 0 failures.
+4. Steady ``/v1/retrieve`` tails at 2 and 8 concurrent clients. Goal: p99 <= 2 x p50.
+5. Against what a user would write instead (``benchmarks/monolith_service.py``: the same pipeline in one
+   FastAPI/uvicorn process, on the same KB actors): p50 at concurrency 1 (goal: Serve <= 1.25 x the monolith) and
+   retrieve throughput at concurrency 16 (goal: Serve >= 1.5 x the monolith).
 
 Everything runs on 127.0.0.1 in a local Ray (data in a temporary directory); loops are bounded by request counts.
 Prints a table and writes ``benchmarks/results/serve_latency.json`` (``metric``, ``value``, ``goal``, ``details``).
@@ -19,11 +23,14 @@ Prints a table and writes ``benchmarks/results/serve_latency.json`` (``metric``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,8 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import ray  # noqa: E402
+import requests  # noqa: E402
 import torch  # noqa: E402
-from bench_service import FIXTURES, local_service, pct  # noqa: E402
+from bench_service import FIXTURES, free_port, local_service, pct  # noqa: E402
 from ray import serve  # noqa: E402
 
 from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
@@ -50,20 +58,48 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_latency.json"
 ENV_ID = "bench-boil-0"
 QUERIES = ["focus on the water", "heat the water on the stove", "where is the metal pot", "boil water",
            "move the pot to the stove", "activate the stove", "what is in the kitchen", "use the thermometer"]
-GOALS = {"retrieve_p50_ratio": 1.25, "batching_throughput_ratio": 2.0, "swap_p99_ratio": 2.0}
+GOALS = {"retrieve_p50_ratio": 1.25, "batching_throughput_ratio": 2.0, "swap_p99_ratio": 2.0,
+         "monolith_p50_ratio": 1.25, "monolith_throughput_ratio": 1.5, "tail_ratio": 2.0}
 
 
 def second_embedder(root: Path) -> str:
-    """The packaged MiniLM under another version: linked weights, one config value changed."""
-    base = Path(default_embedder_path())
+    """The packaged MiniLM with different weights (every parameter perturbed by 1% of its mean magnitude, seeded):
+    a swap loads and re-embeds with a model of its own, as after a retrain."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(default_embedder_path(), device="cpu", local_files_only=True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.add_(noise * 0.01 * parameter.abs().mean())
     target = root / "minilm_b"
-    shutil.copytree(base, target, ignore=shutil.ignore_patterns("openvino", "onnx"), copy_function=os.symlink)
-    config = target / "sentence_bert_config.json"
-    data = json.loads(config.read_text())
-    config.unlink()
-    data["max_seq_length"] = int(data.get("max_seq_length", 256)) - 1
-    config.write_text(json.dumps(data))
+    model.save(str(target))
     return str(target)
+
+
+@contextlib.contextmanager
+def monolith(config: KnowMapConfig, key: str) -> Iterator[str]:
+    """``benchmarks/monolith_service.py`` on a free port, on this Ray cluster's KB actors; yields its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("monolith_service.py")), "--port", str(port),
+         "--address", ray.get_runtime_context().gcs_address, "--namespace", config.ray.namespace,
+         "--config-json", config.model_dump_json(), "--key", key])
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(1)
+        else:
+            raise RuntimeError("the monolith did not answer within 180 s")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def populate(client: KnowMapClient) -> None:
@@ -112,17 +148,27 @@ def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
     return Retriever(embedder.encode, env_facts=env_facts, experience=search), embedder.version
 
 
-def throughput(client_factory: Any, requests_per_client: int, concurrency: int = 16) -> dict[str, float]:
-    """Embedding requests/s with ``concurrency`` clients, each sending ``requests_per_client`` one-text requests."""
+def embed_one(client: KnowMapClient, i: int) -> None:
+    client.embed([f"{QUERIES[i % len(QUERIES)]} #{i}"])
+
+
+def retrieve_one(client: KnowMapClient, i: int) -> None:
+    client.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5)
+
+
+def throughput(client_factory: Any, requests_per_client: int, concurrency: int = 16,
+               call: Any = embed_one) -> dict[str, float]:
+    """Requests/s with ``concurrency`` clients, each sending ``requests_per_client`` requests ``call(client, i)``
+    (default: one-text embeddings)."""
     clients = [client_factory() for _ in range(concurrency)]
     for c in clients:
-        c.embed(["warm up"])
+        call(c, 0)
     barrier = threading.Barrier(concurrency)
 
     def run(i: int) -> int:
         barrier.wait()
         for j in range(requests_per_client):
-            clients[i].embed([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"])
+            call(clients[i], i * requests_per_client + j)
         return requests_per_client
 
     try:
@@ -253,6 +299,31 @@ def main() -> None:
                       "failures": (steady["failures"] + swap["failures"])[:5], "swap_seconds": swap["action_s"],
                       "reindexed_rows": swap["result"]["index"]["copied"]}
         swap_stats["ratio"] = swap_stats["swap_p99_ms"] / swap_stats["steady_p99_ms"]
+
+        # 4. steady tails at 2 and 8 concurrent clients (on the swapped-in model, as a service runs after a retrain)
+        tails = {}
+        for clients in (2, 8):
+            run = load_during(new_client, lambda: time.sleep(0), clients=clients, min_requests=25 * clients)
+            tails[clients] = {"p50_ms": pct(run["latencies"], 50), "p99_ms": pct(run["latencies"], 99),
+                              "requests": len(run["latencies"]), "failed": len(run["failures"])}
+            tails[clients]["ratio"] = tails[clients]["p99_ms"] / tails[clients]["p50_ms"]
+
+        # 5. the same pipeline behind one plain FastAPI/uvicorn process, what a user would run instead
+        with monolith(config, info.api_key) as url:
+            mono = KnowMapClient(url, info.api_key)
+            alone, served = interleaved(lambda i: retrieve_one(mono, i), lambda i: retrieve_one(client, i),
+                                        args.requests)
+            mono_load = throughput(lambda: KnowMapClient(url, info.api_key), args.throughput_requests // 2,
+                                   call=retrieve_one)
+            serve_load = throughput(new_client, args.throughput_requests // 2, call=retrieve_one)
+            mono.close()
+        versus = {"monolith_p50_ms": pct(alone, 50), "monolith_p99_ms": pct(alone, 99),
+                  "serve_p50_ms": pct(served, 50), "serve_p99_ms": pct(served, 99),
+                  "monolith_requests_per_s_16": mono_load["requests_per_s"],
+                  "serve_requests_per_s_16": serve_load["requests_per_s"],
+                  "serve_mean_batch_requests_16": serve_load["mean_batch_requests"]}
+        versus["p50_ratio"] = versus["serve_p50_ms"] / versus["monolith_p50_ms"]
+        versus["throughput_ratio"] = versus["serve_requests_per_s_16"] / versus["monolith_requests_per_s_16"]
         client.close()
 
     checks = [
@@ -266,6 +337,16 @@ def main() -> None:
         {"metric": "swap_p99_ratio", "baseline": swap_stats["steady_p99_ms"], "result": swap_stats["swap_p99_ms"],
          "value": swap_stats["ratio"], "goal": f"<= {GOALS['swap_p99_ratio']} and 0 failures",
          "met": swap_stats["ratio"] <= GOALS["swap_p99_ratio"] and swap_stats["failed_requests"] == 0},
+        {"metric": "monolith_p50_ratio", "baseline": versus["monolith_p50_ms"], "result": versus["serve_p50_ms"],
+         "value": versus["p50_ratio"], "goal": f"<= {GOALS['monolith_p50_ratio']}",
+         "met": versus["p50_ratio"] <= GOALS["monolith_p50_ratio"]},
+        {"metric": "monolith_throughput_ratio", "baseline": versus["monolith_requests_per_s_16"],
+         "result": versus["serve_requests_per_s_16"], "value": versus["throughput_ratio"],
+         "goal": f">= {GOALS['monolith_throughput_ratio']}",
+         "met": versus["throughput_ratio"] >= GOALS["monolith_throughput_ratio"]},
+        *({"metric": f"tail_ratio_c{c}", "baseline": t["p50_ms"], "result": t["p99_ms"], "value": t["ratio"],
+           "goal": f"<= {GOALS['tail_ratio']}", "met": t["ratio"] <= GOALS["tail_ratio"] and not t["failed"]}
+          for c, t in tails.items()),
     ]
     print(f"\n{'measurement':<44}{'baseline':>12}{'result':>12}{'ratio':>9}  goal")
     print(f"{'retrieve p50 ms (in-process -> HTTP)':<44}{retrieve['in_process_p50_ms']:>12.1f}"
@@ -288,9 +369,17 @@ def main() -> None:
           f"{swap_stats['swap_requests'] + swap_stats['failed_requests']} "
           f"(swap took {swap_stats['swap_seconds']:.1f} s, "
           f"{swap_stats['reindexed_rows']} rows re-embedded)")
+    print(f"{'retrieve p50 ms at 1 (monolith -> Serve)':<44}{versus['monolith_p50_ms']:>12.1f}"
+          f"{versus['serve_p50_ms']:>12.1f}{versus['p50_ratio']:>9.2f}  <= 1.25")
+    print(f"{'retrieve req/s at 16 (monolith -> Serve)':<44}{versus['monolith_requests_per_s_16']:>12.1f}"
+          f"{versus['serve_requests_per_s_16']:>12.1f}{versus['throughput_ratio']:>9.2f}  >= 1.5")
+    for c, t in tails.items():
+        print(f"{f'retrieve p50 -> p99 ms at {c} clients':<44}{t['p50_ms']:>12.1f}{t['p99_ms']:>12.1f}"
+              f"{t['ratio']:>9.2f}  <= 2.0")
     result = {"metric": "retrieve_p50_ratio_http_vs_in_process", "value": retrieve["ratio"],
               "goal": GOALS["retrieve_p50_ratio"],
               "details": {"checks": checks, "retrieve": retrieve, "batching": batching, "hot_swap": swap_stats,
+                          "monolith": versus, "tails": tails,
                           "load_average": os.getloadavg(), "cpus": os.cpu_count(),
                           "note": f"p99 of {args.requests} samples sits between the 2nd and 3rd slowest"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.jobs.cli_common import ConfigOption, DataDirOption
 from knowmap.jobs.cli_common import cli_config as _config
-from knowmap.jobs.cli_ops import env_app, export_sft_command, keys_app, milvus_app, retrain_app
+from knowmap.jobs.cli_ops import env_app, export_sft_command, keys_app, mcp_command, milvus_app, retrain_app
 
 app = typer.Typer(
     name="knowmap",
@@ -361,6 +361,7 @@ app.add_typer(env_app, name="env")
 app.add_typer(milvus_app, name="milvus")
 app.add_typer(keys_app, name="keys")
 app.command("export-sft")(export_sft_command)
+app.command("mcp")(mcp_command)
 
 
 @app.command("config")

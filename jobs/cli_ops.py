@@ -1,5 +1,5 @@
-"""``knowmap retrain``, ``env``, ``milvus``, ``keys`` and ``export-sft``: the retrain controller, an operator's env
-repairs, a local Milvus server, API keys, distillation data."""
+"""``knowmap retrain``, ``env``, ``milvus``, ``keys``, ``mcp`` and ``export-sft``: the retrain controller, an
+operator's env repairs, a local Milvus server, API keys, the MCP server, distillation data."""
 
 from __future__ import annotations
 
@@ -160,6 +160,36 @@ def keys_add(
     key, path = add_key(_config(config_file, data_dir), tenant, role)  # type: ignore[arg-type]
     typer.echo(key)
     typer.echo(f"added to {path} (tenant {tenant}, role {role})", err=True)
+
+
+def mcp_command(
+    url: Annotated[str | None, typer.Option(help="The retrieval service (default http://serve.host:serve.port).")
+                   ] = None,
+    key: Annotated[str | None, typer.Option(envvar="KNOWMAP_API_KEY", show_default=False,
+                                            help="The API key stdio calls use (default: the deployment's own, from "
+                                                 "the key file). Over HTTP each client's own bearer key is used.")
+                   ] = None,
+    transport: Annotated[str, typer.Option(help="stdio, or streamable-http.")] = "stdio",
+    host: Annotated[str, typer.Option(help="streamable-http: bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65_535, help="streamable-http: port (path /mcp).")] = 8765,
+    config_file: ConfigOption = None, data_dir: DataDirOption = None,
+) -> None:
+    """An MCP server (tools: retrieve, add_observations, facts, fact_history, list_envs, delete_env,
+    contribute_trajectory, list_trajectories, delete_trajectory) over a running retrieval service."""
+    from knowmap.serve.auth import load_keys
+    from knowmap.serve.mcp_tools import build_mcp_server
+
+    if transport not in ("stdio", "streamable-http"):
+        raise KnowMapError(f"--transport must be stdio or streamable-http, got {transport!r}")
+    config = _config(config_file, data_dir)
+    if transport == "stdio" and not key:
+        keys = load_keys(config, generate=False)[1]
+        key = keys[0] if keys else ""
+    server = build_mcp_server(url or f"http://{config.serve.host}:{config.serve.port}", key or "")
+    if transport == "stdio":
+        server.run("stdio")
+    else:
+        server.run("streamable-http", host=host, port=port)
 
 
 def export_sft_command(

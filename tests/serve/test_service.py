@@ -514,6 +514,77 @@ def test_overwrite_needs_the_flag_and_the_owner_and_a_delete_is_final(service: d
     assert goals and all(g["facts"] == [] for g in goals)
 
 
+def test_mcp_tools_over_stdio_and_streamable_http_act_as_the_callers_key(service: dict, tmp_path: Path) -> None:
+    """The official SDK's client against `knowmap mcp` (a subprocess each way) in front of the running service."""
+    import asyncio
+    import socket
+    import subprocess
+    import sys
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+    from mcp.client.streamable_http import streamable_http_client
+
+    knowmap = str(Path(sys.executable).with_name("knowmap"))
+    base = ["mcp", "--url", service["url"], "--data-dir", str(tmp_path)]
+
+    def text(result: object) -> str:
+        return " ".join(getattr(c, "text", "") for c in result.content)  # type: ignore[attr-defined]
+
+    async def over_stdio() -> None:
+        params = StdioServerParameters(command=knowmap, args=[*base, "--key", "km-acme-write"])
+        async with Client(params, cache=None) as client:
+            names = {t.name for t in (await client.list_tools()).tools}
+            assert names == {"retrieve", "add_observations", "facts", "fact_history", "list_envs", "delete_env",
+                             "contribute_trajectory", "list_trajectories", "delete_trajectory"}
+            added = await client.call_tool("add_observations", {"env_id": "mcp-env",
+                                                                "observations": _records("boil")[:4]})
+            assert not added.is_error and added.structured_content["accepted"] == 4
+            found = await client.call_tool("retrieve", {"query": "heat the water", "env_id": "mcp-env", "k": 2})
+            items = found.structured_content["items"]
+            assert not found.is_error and items[0]["provenance"]["env_id"] == "mcp-env"
+            assert "mcp-env" in text(await client.call_tool("list_envs", {}))
+            missing = await client.call_tool("facts", {"env_id": "never-there"})
+            assert missing.is_error and text(missing).startswith("404")
+            bad = await client.call_tool("add_observations", {"env_id": "mcp-env", "observations": "not a list"})
+            assert bad.is_error
+
+    asyncio.run(over_stdio())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([knowmap, *base, "--transport", "streamable-http", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    async def over_http(key: str | None) -> tuple[object, object]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with httpx2.AsyncClient(headers=headers, timeout=60) as http, Client(
+                streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http), cache=None) as client:
+            return (await client.call_tool("facts", {"env_id": "mcp-env"}),
+                    await client.call_tool("add_observations", {"env_id": "mcp-env",
+                                                                "observations": _records("boil")[4:5]}))
+
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        facts, write = asyncio.run(over_http("km-acme-read"))  # the caller's key: acme's env, read-only
+        assert not facts.is_error and facts.structured_content["result"]
+        assert write.is_error and text(write).startswith("403")
+        facts, _ = asyncio.run(over_http("km-beta-write"))  # another tenant: acme's env does not exist for it
+        assert facts.is_error and text(facts).startswith("404")
+        facts, _ = asyncio.run(over_http(None))
+        assert facts.is_error and text(facts).startswith("401")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_facts_and_history_come_a_page_at_a_time(service: dict, client: KnowMapClient) -> None:
     everything = client.history("boil-agent-1")
     r = requests.get(service["url"] + "/v1/envs/boil-agent-1/facts/history", params={"limit": 2, "offset": 2},
