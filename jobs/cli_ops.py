@@ -174,8 +174,9 @@ def mcp_command(
     port: Annotated[int, typer.Option(min=1, max=65_535, help="streamable-http: port (path /mcp).")] = 8765,
     config_file: ConfigOption = None, data_dir: DataDirOption = None,
 ) -> None:
-    """An MCP server (tools: retrieve, add_observations, facts, fact_history, list_envs, delete_env,
-    contribute_trajectory, list_trajectories, delete_trajectory) over a running retrieval service."""
+    """An MCP server (tools: retrieve, add_observations, add_facts, facts, fact_history, list_envs, delete_env,
+    contribute_trajectory, list_trajectories, delete_trajectory, embed, rerank, models) over a running retrieval
+    service."""
     from knowmap.serve.auth import load_keys
     from knowmap.serve.mcp_tools import build_mcp_server
 

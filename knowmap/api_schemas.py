@@ -31,12 +31,14 @@ from knowmap.schemas import (
     Split,
     Trajectory,
     TrajectorySource,
+    Triple,
 )
 from knowmap.tenancy import Owner, normalise_episode_id
 
 API_VERSION = "v1"
 MAX_TEXTS = 100_000  # texts of one request; ``serve.max_texts`` is the deployment's (lower) limit
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
+SetRelation = Literal["contains", "connects_to", "property"]
 
 
 class _Request(BaseModel):
@@ -169,6 +171,19 @@ class RetrieveResponse(BaseModel):
 class ObservationsRequest(_Request):
     observations: list[Observation] = Field(min_length=1, max_length=MAX_TEXTS, description="in step order; a "
                                             "step may not go back; applied whole or not at all")
+
+
+class FactsRequest(_Request):
+    """Structured facts observed at one step, for environments whose observations are not ScienceWorld text."""
+
+    step: int = Field(ge=0, le=MAX_STEP, description="the env step they were observed at; never earlier than the last")
+    triples: list[Triple] = Field(min_length=1, max_length=MAX_TEXTS, description="(subject, relation, object); the "
+                                  "relation is one of the declared vocabulary: single-valued ones (location, "
+                                  "open_state, power_state, reading, temperature, state_of_matter, focus) hold one "
+                                  "object per subject, a new one closes the old; set-valued ones (contains, "
+                                  "connects_to, property) hold many")
+    full_sets: list[tuple[str, SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
+        "(subject, set-valued relation) pairs observed in full: their objects not in triples are closed"))
 
 
 class ObservationsResponse(BaseModel):

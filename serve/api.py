@@ -40,6 +40,7 @@ from knowmap.api_schemas import (
     EmbeddingUsage,
     EnvsResponse,
     ErrorResponse,
+    FactsRequest,
     FactsResponse,
     HealthResponse,
     ModelInfo,
@@ -254,6 +255,13 @@ class Ingress:
                          f"observations.{field}", count=False)
         check_steps(self.config, [o.step for o in body.observations], "observations")
         answer = await call(self.retriever.add_observations.remote(scoped(caller(request).tenant, env_id), body))
+        return answer.model_copy(update={"env_id": env_id})
+
+    @app.post("/v1/envs/{env_id}/facts", response_model=ObservationsResponse, dependencies=Writer, tags=["env KB"])
+    async def add_facts(self, env_id: EnvId, body: FactsRequest, request: Request) -> ObservationsResponse:
+        """Structured facts observed at one step (for environments other than ScienceWorld), in the declared
+        relation vocabulary; the same replacement rule, history and ``as_of_step`` reads as observations."""
+        answer = await call(self.retriever.add_facts.remote(scoped(caller(request).tenant, env_id), body))
         return answer.model_copy(update={"env_id": env_id})
 
     @app.get("/v1/envs/{env_id}/facts", response_model=FactsResponse, dependencies=Authorized, tags=["env KB"],

@@ -24,12 +24,14 @@ from knowmap.api_schemas import (
     EnvsResponse,
     ErrorDetail,
     ErrorResponse,
+    FactsRequest,
     FactsResponse,
     HealthResponse,
     KBKind,
     ModelsResponse,
     ObservationsRequest,
     ObservationsResponse,
+    ReadyResponse,
     RerankRequest,
     RerankResponse,
     RetrieveRequest,
@@ -40,7 +42,7 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.errors import ServiceError
-from knowmap.schemas import Fact, Observation, Split, Trajectory, TrajectorySource
+from knowmap.schemas import Fact, Observation, Split, Trajectory, TrajectorySource, Triple
 from knowmap.tenancy import Owner
 
 T = TypeVar("T", bound=BaseModel)
@@ -64,6 +66,10 @@ class KnowMapClient:
     # -- service ----------------------------------------------------------------------------------------------
     def health(self) -> HealthResponse:
         return self._call("GET", "/healthz", HealthResponse)
+
+    def ready(self) -> ReadyResponse:
+        """Readiness (``/readyz``): raises :class:`ServiceError` (503) naming the failing checks."""
+        return self._call("GET", "/readyz", ReadyResponse)
 
     def models(self) -> ModelsResponse:
         """The embedder and reranker versions serving now."""
@@ -106,6 +112,14 @@ class KnowMapClient:
         """Feed observations (in step order) into the env KB of ``env_id``."""
         body = ObservationsRequest(observations=[Observation.model_validate(o) for o in observations])
         return self._call("POST", f"/v1/envs/{env_id}/observations", ObservationsResponse, body)
+
+    def add_facts(self, env_id: str, step: int, triples: Sequence[Triple | Mapping[str, Any]],
+                  full_sets: Sequence[tuple[str, str]] = ()) -> ObservationsResponse:
+        """Structured facts observed at ``step`` (relations of the declared vocabulary; ``full_sets``: (subject,
+        set-valued relation) pairs seen in full, whose other objects are closed)."""
+        body = FactsRequest(step=step, triples=[Triple.model_validate(t) for t in triples],
+                            full_sets=[tuple(p) for p in full_sets])  # type: ignore[misc]
+        return self._call("POST", f"/v1/envs/{env_id}/facts", ObservationsResponse, body)
 
     def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
         """Every fact that holds now (or held at ``as_of_step``), all pages."""

@@ -11,6 +11,7 @@ MCP tool                    HTTP route
 ==========================  ====================================================
 ``retrieve``                ``POST /v1/retrieve``
 ``add_observations``        ``POST /v1/envs/{env_id}/observations``
+``add_facts``               ``POST /v1/envs/{env_id}/facts``
 ``facts``                   ``GET /v1/envs/{env_id}/facts`` (all pages)
 ``fact_history``            ``GET /v1/envs/{env_id}/facts/history`` (all pages)
 ``list_envs``               ``GET /v1/envs``
@@ -18,6 +19,9 @@ MCP tool                    HTTP route
 ``contribute_trajectory``   ``POST /v1/trajectories``
 ``list_trajectories``       ``GET /v1/trajectories``
 ``delete_trajectory``       ``DELETE /v1/trajectories/{episode_id}``
+``embed``                   ``POST /v1/embeddings``
+``rerank``                  ``POST /v1/rerank``
+``models``                  ``GET /v1/models``
 ==========================  ====================================================
 
 A refused call (a bad id, a missing key, another tenant's data) comes back as a tool error whose text is the API's
@@ -35,7 +39,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 
 from knowmap.api_schemas import KBKind
 from knowmap.errors import ServiceError
-from knowmap.schemas import Observation, Relation, Trajectory
+from knowmap.schemas import Observation, Relation, Trajectory, Triple
 from knowmap.serve.client import KnowMapClient
 from knowmap.tenancy import Owner
 
@@ -88,6 +92,12 @@ def build_mcp_server(url: str, key: str = "", timeout_s: float = 120.0) -> MCPSe
     async def add_observations(env_id: str, observations: list[Observation], ctx: Context) -> dict[str, Any]:
         return (await call(ctx, lambda c: c.add_observations(env_id, observations))).model_dump(mode="json")
 
+    @server.tool(description="Structured facts (subject, relation, object) observed at step, in the declared "
+                 "relation vocabulary; full_sets: (subject, set-valued relation) pairs seen in full.")
+    async def add_facts(env_id: str, step: int, triples: list[Triple], ctx: Context,
+                        full_sets: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        return (await call(ctx, lambda c: c.add_facts(env_id, step, triples, full_sets or []))).model_dump(mode="json")
+
     @server.tool(description="The facts of env_id that hold now, or that held at as_of_step.")
     async def facts(env_id: str, ctx: Context, as_of_step: int | None = None) -> list[dict[str, Any]]:
         return [f.model_dump(mode="json") for f in await call(ctx, lambda c: c.facts(env_id, as_of_step))]
@@ -119,5 +129,17 @@ def build_mcp_server(url: str, key: str = "", timeout_s: float = 120.0) -> MCPSe
     @server.tool(description="Delete a trajectory you contributed, from every index and the training store.")
     async def delete_trajectory(episode_id: str, ctx: Context) -> dict[str, Any]:
         return (await call(ctx, lambda c: c.delete_trajectory(episode_id))).model_dump(mode="json")
+
+    @server.tool(description="Unit-length embeddings of texts by the deployed embedder.")
+    async def embed(texts: list[str], ctx: Context) -> list[list[float]]:
+        return (await call(ctx, lambda c: c.embed(texts))).tolist()
+
+    @server.tool(description="Cross-encoder relevance of each document to the query, best first.")
+    async def rerank(query: str, documents: list[str], ctx: Context, top_n: int | None = None) -> dict[str, Any]:
+        return (await call(ctx, lambda c: c.rerank(query, documents, top_n))).model_dump(mode="json")
+
+    @server.tool(description="The embedder and reranker serving now, and the retrain controller's state.")
+    async def models(ctx: Context) -> dict[str, Any]:
+        return (await call(ctx, lambda c: c.models())).model_dump(mode="json")
 
     return server

@@ -26,6 +26,7 @@ from ray import serve
 from knowmap.actors.env_kb import env_kb_directory
 from knowmap.actors.experience import get_experience_kb
 from knowmap.api_schemas import (
+    FactsRequest,
     ObservationsRequest,
     ObservationsResponse,
     RetrieveRequest,
@@ -175,6 +176,18 @@ class RetrieverDeployment:
             batch = [o.model_dump() for o in request.observations]
             stats = self._env_call(env_id, "ingest_many", batch, create=True)  # whole or not at all
             return ObservationsResponse(env_id=env_id, accepted=len(batch), changes=stats["changes"],
+                                        last_step=stats["last_step"], facts=stats["facts"])
+        return await _answer(run)
+
+    async def add_facts(self, env_id: str, request: FactsRequest) -> ObservationsResponse:
+        """Log and apply structured triples in the env KB of ``env_id`` (created on first use), with the same
+        replacement rule and history as observations."""
+        def run() -> ObservationsResponse:
+            changes = self._env_call(env_id, "ingest_triples", request.step,
+                                     [t.model_dump(mode="json") for t in request.triples],
+                                     [list(pair) for pair in request.full_sets], create=True)
+            stats = self._env_call(env_id, "stats")
+            return ObservationsResponse(env_id=env_id, accepted=len(request.triples), changes=changes,
                                         last_step=stats["last_step"], facts=stats["facts"])
         return await _answer(run)
 

