@@ -182,7 +182,7 @@ class FactsRequest(_Request):
                                   "open_state, power_state, reading, temperature, state_of_matter, focus) hold one "
                                   "object per subject, a new one closes the old; set-valued ones (contains, "
                                   "connects_to, property) hold many")
-    full_sets: list[tuple[str, SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
+    full_sets: list[tuple[Annotated[str, Field(min_length=1, max_length=256)], SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
         "(subject, set-valued relation) pairs observed in full: their objects not in triples are closed"))
 
 
