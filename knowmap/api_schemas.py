@@ -39,6 +39,7 @@ API_VERSION = "v1"
 MAX_TEXTS = 100_000  # texts of one request; ``serve.max_texts`` is the deployment's (lower) limit
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 SetRelation = Literal["contains", "connects_to", "property"]
+Subject = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Request(BaseModel):
@@ -182,7 +183,7 @@ class FactsRequest(_Request):
                                   "open_state, power_state, reading, temperature, state_of_matter, focus) hold one "
                                   "object per subject, a new one closes the old; set-valued ones (contains, "
                                   "connects_to, property) hold many")
-    full_sets: list[tuple[Annotated[str, Field(min_length=1, max_length=256)], SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
+    full_sets: list[tuple[Subject, SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
         "(subject, set-valued relation) pairs observed in full: their objects not in triples are closed"))
 
 
