@@ -261,6 +261,10 @@ class Ingress:
     async def add_facts(self, env_id: EnvId, body: FactsRequest, request: Request) -> ObservationsResponse:
         """Structured facts observed at one step (for environments other than ScienceWorld), in the declared
         relation vocabulary; the same replacement rule, history and ``as_of_step`` reads as observations."""
+        check_texts(self.config, [t.object for t in body.triples], "triples")
+        if body.step > self.config.serve.max_step:
+            raise APIError(422, "invalid_request", f"step is {body.step}; at most serve.max_step "
+                           f"({self.config.serve.max_step})", code="step_too_large", param="step")
         answer = await call(self.retriever.add_facts.remote(scoped(caller(request).tenant, env_id), body))
         return answer.model_copy(update={"env_id": env_id})
 
