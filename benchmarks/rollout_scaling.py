@@ -1,4 +1,5 @@
-"""Rollout scaling: env steps/s of one env in-process vs the Ray rollout pool with N agent actors (gold replay).
+"""Rollout scaling: env steps/s of one env in-process vs the Ray rollout pool with N agent actors (gold replay, and
+agent-like episodes).
 
 Baseline, measured in the same run: one :class:`EpisodeRunner` in this process replaying the workload. Each
 pool size N then replays the same workload through :class:`RolloutPool`, twice: rollout alone (``feed_kbs=False``)
@@ -7,9 +8,15 @@ experiential KB). Every JVM (each actor's, and the baseline's) replays the whole
 fresh JVM runs 2-3x slower for its first pass (JIT warm-up), which would otherwise count against the pool.
 
 Reported: ``ratio = pool steps/s / (N_eff x single steps/s)`` with ``N_eff = min(N, cores)`` (goal >= 0.90 at
-N = cores), and the env-KB ingest time as a fraction of env step time (goal <= 0.05). Run from the repo root:
+N = cores), and the env-KB ingest time as a fraction of env step time (goal <= 0.05).
 
-    .venv/bin/python benchmarks/rollout_scaling.py [--sizes 1,2,4] [--out PATH]
+Agent-like episodes (``details.agent_like``): a random policy over the valid-action list ScienceWorld builds at
+every step (what an agent pays, ~53 ms a step), at N = cores, each run sized to last at least ``--agent-seconds``
+and repeated ``--agent-reps`` times (medians, with the spread): one env, N plain processes pulling from one shared
+queue (the same dynamic scheduling as the pool), the pool alone and the pool feeding both KBs. Run from the repo
+root:
+
+    .venv/bin/python benchmarks/rollout_scaling.py [--sizes 1,2,4] [--agent-reps 3] [--out PATH]
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -109,11 +117,108 @@ def pool_runs(config: KnowMapConfig, n: int, specs: list[EpisodeSpec]) -> tuple[
         pool.shutdown()
 
 
+# -- agent-like episodes: every step builds the valid-action list and a random policy picks from it --------------
+AGENT_STEPS = 40  # step limit of an agent-like episode
+
+
+def agent_specs(episodes: int, offset: int = 0) -> list[EpisodeSpec]:
+    return [EpisodeSpec(task=TASKS[i % len(TASKS)], variation=(i // len(TASKS)) % 5, policy="random", seed=offset + i)
+            for i in range(episodes)]
+
+
+def _queue_worker(tasks: Any, results: Any, barrier: Any, warm: list[EpisodeSpec]) -> None:
+    runner = EpisodeRunner(step_limit=AGENT_STEPS)
+    try:
+        for spec in warm:
+            runner.run(spec)
+        barrier.wait()
+        steps, started = 0, time.perf_counter()
+        while (item := tasks.get()) is not None:
+            steps += len(runner.run(EpisodeSpec.model_validate(item)).steps) - 1
+        results.put((steps, started, time.perf_counter()))
+    finally:
+        runner.close()
+
+
+def plain_dynamic(n: int, specs: list[EpisodeSpec], warm: list[EpisodeSpec]) -> dict[str, Any]:
+    """n plain processes (no Ray) pulling episodes from one shared queue, as the pool's actors do."""
+    ctx = multiprocessing.get_context("spawn")
+    tasks, results, barrier = ctx.Queue(), ctx.Queue(), ctx.Barrier(n)
+    for spec in specs:
+        tasks.put(spec.model_dump())
+    for _ in range(n):
+        tasks.put(None)
+    procs = [ctx.Process(target=_queue_worker, args=(tasks, results, barrier, warm)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    done = [results.get() for _ in procs]
+    for p in procs:
+        p.join()
+    steps, seconds = sum(d[0] for d in done), max(d[2] for d in done) - min(d[1] for d in done)
+    return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
+
+
+def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float) -> dict[str, Any]:
+    """Single env, n = cores plain processes on a dynamic queue, and the pool with and without KB feeding, each
+    run ``reps`` times on a workload sized so that the n-way runs last at least ``min_seconds``."""
+    warm = agent_specs(len(TASKS), offset=10_000)
+    runner = EpisodeRunner(step_limit=AGENT_STEPS)
+    try:
+        for spec in warm:
+            runner.run(spec)
+        started = time.perf_counter()
+        probe = sum(len(runner.run(s).steps) - 1 for s in agent_specs(len(TASKS), offset=20_000))
+        rate, per_episode = probe / (time.perf_counter() - started), probe / len(TASKS)
+    finally:
+        runner.close()
+    episodes = int(min_seconds * cores * rate / per_episode) + 1
+    specs = agent_specs(episodes)
+    print(f"agent-like: {episodes} random-policy episodes of <= {AGENT_STEPS} steps (~{rate:.1f} steps/s in one env)")
+    runs: dict[str, list[dict[str, Any]]] = {"single": [], "plain": [], "pool": [], "pool_feeding": []}
+    pool = RolloutPool(config.model_copy(update={"scienceworld": config.scienceworld.model_copy(
+        update={"step_limit": AGENT_STEPS})}), num_workers=cores)
+    try:
+        ray.get([actor.run_episode.remote(spec.model_dump(), False) for actor in pool.actors for spec in warm])
+        for rep in range(reps):
+            runner = EpisodeRunner(step_limit=AGENT_STEPS)
+            try:
+                for spec in warm:
+                    runner.run(spec)
+                started = time.perf_counter()
+                steps = sum(len(runner.run(s).steps) - 1 for s in specs)
+                seconds = time.perf_counter() - started
+                runs["single"].append({"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds})
+            finally:
+                runner.close()
+            runs["plain"].append(plain_dynamic(cores, specs, warm))
+            runs["pool"].append(timed_run(pool, specs, feed_kbs=False))
+            runs["pool_feeding"].append(timed_run(pool, specs, feed_kbs=True))
+            print(f"  rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['steps_per_s']:.1f}" for k, v in runs.items()))
+    finally:
+        pool.shutdown()
+
+    def median(name: str, key: str = "steps_per_s") -> float:
+        return float(statistics.median(r[key] for r in runs[name]))
+
+    def spread(name: str) -> list[float]:
+        return [min(r["steps_per_s"] for r in runs[name]), max(r["steps_per_s"] for r in runs[name])]
+
+    single, plain, alone, fed = (median(k) for k in runs)
+    return {"single_steps_per_s": single, "plain_steps_per_s": plain, "pool_steps_per_s": alone,
+            "pool_feeding_steps_per_s": fed, "ratio_vs_n_single": alone / (cores * single),
+            "plain_vs_n_single": plain / (cores * single), "pool_vs_plain": alone / plain,
+            "feeding_vs_rollout_only": fed / alone, "ingest_fraction": median("pool_feeding", "ingest_fraction"),
+            "spread_steps_per_s": {k: spread(k) for k in runs}, "runs": runs, "episodes": episodes,
+            "step_limit": AGENT_STEPS, "reps": reps, "n": cores, "policy": "random over the valid actions"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1,2,4", help="pool sizes N, comma-separated")
     parser.add_argument("--variations", type=int, default=2, help="train variations per task in the workload")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--agent-reps", type=int, default=3, help="repetitions of the agent-like runs (0: skip)")
+    parser.add_argument("--agent-seconds", type=float, default=60.0, help="least length of an agent-like n-way run")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     cores = os.cpu_count() or 1
@@ -145,6 +250,8 @@ def main() -> None:
                   f"(ratio {row['ratio_rollout_only']:.2f}); feeding KBs {fed['steps_per_s']:.1f} steps/s "
                   f"(ratio {row['ratio_feeding_kbs']:.2f}); ingest/env time {fed['ingest_fraction']:.3f}")
 
+        agent = agent_like(config, cores, args.agent_reps, args.agent_seconds) if args.agent_reps else None
+
     at_cores = next((r for r in rows if r["n"] == cores), rows[-1])
     ingest = max(r["feeding_kbs"]["ingest_fraction"] for r in rows)
     print()
@@ -167,10 +274,18 @@ def main() -> None:
             "pool_vs_ceiling_at_cores": at_cores["rollout_only"]["steps_per_s"] / ceiling["steps_per_s"],
             "ratio_rollout_only_at_cores": at_cores["ratio_rollout_only"],
             "ingest_fraction": {"value": ingest, "goal": GOAL_INGEST},
+            "agent_like": agent,
             "protocol": {"tasks": TASKS, "split": "train", "variations": list(range(args.variations)),
                          "policy": "expert (gold replay)", "look_every_step": True, "warm_up": "one untimed pass"},
         },
     }
+    if agent:
+        print(f"agent-like (medians of {agent['reps']}, N = {cores}): single {agent['single_steps_per_s']:.1f}, "
+              f"plain {agent['plain_steps_per_s']:.1f}, pool {agent['pool_steps_per_s']:.1f}, pool feeding "
+              f"{agent['pool_feeding_steps_per_s']:.1f} steps/s; pool / plain {agent['pool_vs_plain']:.2f} (goal >= "
+              f"0.95), pool / N x single {agent['ratio_vs_n_single']:.2f} (goal >= 0.90 where plain reaches it: "
+              f"{agent['plain_vs_n_single']:.2f}), feeding / rollout only {agent['feeding_vs_rollout_only']:.2f} "
+              f"(goal >= 0.85), ingest {agent['ingest_fraction']:.3f} (goal <= 0.05)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
