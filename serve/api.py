@@ -78,6 +78,21 @@ from knowmap.serve.http import (
 )
 from knowmap.tenancy import experience_filter, normalise_episode_id, owns, scoped, unscoped
 
+
+def _as_seen(item: KnowledgeItem, tenant: str) -> KnowledgeItem:
+    """An item with the caller's own ids (env and episode ids as the tenant sent them, not as stored)."""
+    provenance = dict(item.provenance)
+    for key in ("env_id", "episode_id"):
+        if isinstance(provenance.get(key), str):
+            provenance[key] = unscoped(tenant, provenance[key])
+    stored_env = item.provenance.get("env_id")
+    item_id = item.id
+    if item.kind == "env_fact" and isinstance(stored_env, str) and item_id.startswith(stored_env + ":"):
+        item_id = provenance["env_id"] + item_id[len(stored_env):]
+    return item.model_copy(update={"id": item_id, "provenance": provenance})
+
+
+
 _SWAGGER_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"}
 
 
@@ -223,7 +238,7 @@ class Ingress:
         where = experience_filter(tenant, owner=body.owner, source=body.source, split=body.split)
         scoped_body = body.model_copy(update={"rerank": rerank, "env_id": env_id,
                                               "hybrid": defaults.hybrid if body.hybrid is None else body.hybrid})
-        response = await call(self.retriever.retrieve.remote(scoped_body, where))
+        response = await call(self.retriever.retrieve.remote(scoped_body, where), tenant)
         return response.model_copy(update={"items": [_as_seen(i, tenant) for i in response.items]})
 
     # -- env KBs ----------------------------------------------------------------------------------------------
@@ -242,7 +257,7 @@ class Ingress:
         """Delete the env KB (its actor and files) and the facts it lent to your contributed trajectories' sub-goals
         (they are segmented again without them)."""
         tenant = caller(request).tenant
-        deleted = await call(self.retriever.delete_env.remote(scoped(tenant, env_id), tenant))
+        deleted = await call(self.retriever.delete_env.remote(scoped(tenant, env_id), tenant), tenant)
         return DeletedResponse(id=env_id, deleted=deleted)
 
     @app.post("/v1/envs/{env_id}/observations", response_model=ObservationsResponse, dependencies=Writer,
@@ -254,7 +269,8 @@ class Ingress:
             check_texts(self.config, [getattr(o, field) or "" for o in body.observations],
                          f"observations.{field}", count=False)
         check_steps(self.config, [o.step for o in body.observations], "observations")
-        answer = await call(self.retriever.add_observations.remote(scoped(caller(request).tenant, env_id), body))
+        tenant = caller(request).tenant
+        answer = await call(self.retriever.add_observations.remote(scoped(tenant, env_id), body), tenant)
         return answer.model_copy(update={"env_id": env_id})
 
     @app.post("/v1/envs/{env_id}/facts", response_model=ObservationsResponse, dependencies=Writer, tags=["env KB"])
@@ -265,7 +281,8 @@ class Ingress:
         if body.step > self.config.serve.max_step:
             raise APIError(422, "invalid_request", f"step is {body.step}; at most serve.max_step "
                            f"({self.config.serve.max_step})", code="step_too_large", param="step")
-        answer = await call(self.retriever.add_facts.remote(scoped(caller(request).tenant, env_id), body))
+        tenant = caller(request).tenant
+        answer = await call(self.retriever.add_facts.remote(scoped(tenant, env_id), body), tenant)
         return answer.model_copy(update={"env_id": env_id})
 
     @app.get("/v1/envs/{env_id}/facts", response_model=FactsResponse, dependencies=Authorized, tags=["env KB"],
@@ -273,7 +290,8 @@ class Ingress:
     async def facts(self, env_id: EnvId, request: Request, as_of_step: Annotated[int | None, Query(ge=0)] = None,
                     limit: Page = 1000, offset: Annotated[int, Query(ge=0)] = 0) -> FactsResponse:
         """The facts that hold now, or that held at ``as_of_step``, a page at a time."""
-        facts = await call(self.retriever.facts.remote(scoped(caller(request).tenant, env_id), as_of_step))
+        tenant = caller(request).tenant
+        facts = await call(self.retriever.facts.remote(scoped(tenant, env_id), as_of_step), tenant)
         return FactsResponse(env_id=env_id, as_of_step=as_of_step, facts=facts[offset:offset + limit],
                              next_offset=offset + limit if len(facts) > offset + limit else None)
 
@@ -284,8 +302,9 @@ class Ingress:
                       limit: Page = 1000, offset: Annotated[int, Query(ge=0)] = 0) -> FactsResponse:
         """Every fact ever recorded, open and closed, with its step range, oldest first; optionally one
         subject/relation; a page at a time."""
-        facts = await call(self.retriever.history.remote(scoped(caller(request).tenant, env_id), subject,
-                                                          relation.value if relation else None))
+        tenant = caller(request).tenant
+        facts = await call(self.retriever.history.remote(scoped(tenant, env_id), subject,
+                                                         relation.value if relation else None), tenant)
         return FactsResponse(env_id=env_id, facts=facts[offset:offset + limit],
                              next_offset=offset + limit if len(facts) > offset + limit else None)
 
@@ -313,7 +332,7 @@ class Ingress:
             "episode_id": scoped(who.tenant, body.trajectory.episode_id), "tenant": who.tenant,
             "contributor": who.client, "env_id": scoped(who.tenant, body.env_id) if body.env_id else ""})
         return await call(self.retriever.add_trajectory.remote(body.model_copy(update={"trajectory": trajectory}),
-                                                                who.admin))
+                                                               who.admin), who.tenant)
 
     @app.get("/v1/trajectories", response_model=TrajectoriesResponse, dependencies=Authorized,
              tags=["experience KB"])
@@ -336,21 +355,8 @@ class Ingress:
         every indexed embedder version, and its file in the training store, so no later retrain reads it."""
         who, episode = caller(request), normalise_episode_id(episode_id)
         deleted = await call(self.retriever.delete_trajectory.remote(scoped(who.tenant, episode), who.tenant,
-                                                                      who.client, who.admin))
+                                                                     who.client, who.admin), who.tenant)
         return DeletedResponse(id=episode, deleted=deleted)
-
-
-def _as_seen(item: KnowledgeItem, tenant: str) -> KnowledgeItem:
-    """An item with the caller's own ids (env and episode ids as the tenant sent them, not as stored)."""
-    provenance = dict(item.provenance)
-    for key in ("env_id", "episode_id"):
-        if isinstance(provenance.get(key), str):
-            provenance[key] = unscoped(tenant, provenance[key])
-    stored_env = item.provenance.get("env_id")
-    item_id = item.id
-    if item.kind == "env_fact" and isinstance(stored_env, str) and item_id.startswith(stored_env + ":"):
-        item_id = provenance["env_id"] + item_id[len(stored_env):]
-    return item.model_copy(update={"id": item_id, "provenance": provenance})
 
 
 __all__ = ["APIError", "Ingress", "InvalidEnvIdError", "app", "require_key"]

@@ -28,7 +28,7 @@ from knowmap.errors import (
 )
 from knowmap.schemas import ServingModels
 from knowmap.serve.guard import Guard, error_response
-from knowmap.tenancy import allows
+from knowmap.tenancy import SEPARATOR, allows
 
 logger = logging.getLogger("ray.serve")
 
@@ -135,8 +135,14 @@ def check_steps(config: KnowMapConfig, steps: list[int], param: str) -> None:
                            f"({config.serve.max_step})", code="step_too_large", param=f"{param}[{i}].step")
 
 
-async def call(response: Any) -> Any:
-    """Await a deployment call, mapping KnowMap errors (raised, or returned by the retriever) to HTTP ones."""
+async def call(response: Any, tenant: str | None = None) -> Any:
+    """Await a deployment call, mapping KnowMap errors (raised, or returned by the retriever) to HTTP ones; with
+    ``tenant``, ids in messages read as the tenant sent them (``acme@env-1`` -> ``env-1``)."""
+    def message(error: Exception) -> str:
+        cause = getattr(error, "cause", None) or error  # a RayTaskError carries the original exception as .cause
+        text = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        return text.replace(f"{tenant}{SEPARATOR}", "") if tenant else text
+
     try:
         result = await response
         if isinstance(result, KnowMapError):
@@ -145,23 +151,18 @@ async def call(response: Any) -> Any:
     except RerankerUnavailableError as e:
         raise APIError(409, "conflict", str(e).splitlines()[-1], code="no_reranker") from e
     except EnvNotFoundError as e:
-        raise APIError(404, "not_found", _message(e), code="unknown_env") from e
+        raise APIError(404, "not_found", message(e), code="unknown_env") from e
     except EpisodeNotFoundError as e:
-        raise APIError(404, "not_found", _message(e), code="unknown_episode") from e
+        raise APIError(404, "not_found", message(e), code="unknown_episode") from e
     except ForbiddenError as e:
-        raise APIError(403, "forbidden", _message(e), code="not_owner") from e
+        raise APIError(403, "forbidden", message(e), code="not_owner") from e
     except EpisodeConflictError as e:
-        raise APIError(409, "conflict", _message(e), code="episode_taken") from e
+        raise APIError(409, "conflict", message(e), code="episode_taken") from e
     except (KnowMapError, ValueError) as e:
-        raise APIError(422, "invalid_request", _message(e)) from e
+        raise APIError(422, "invalid_request", message(e)) from e
     except RayActorError as e:  # e.g. the env KB is held open by a running episode's own actor
         raise APIError(503, "unavailable", "a knowledge-base actor is unavailable (an env KB held by a running "
                        "episode, or an actor restarting); retry shortly", code="kb_unavailable") from e
-
-
-def _message(error: Exception) -> str:
-    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the original exception as .cause
-    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
 
 
 def public_name(path: str) -> str:
