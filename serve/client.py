@@ -142,14 +142,7 @@ class KnowMapClient:
 
     def envs(self) -> list[str]:
         """Your tenant's env ids with a KB, all pages."""
-        names: list[str] = []
-        after: str | None = None
-        while True:
-            page = self._call("GET", "/v1/envs", EnvsResponse, params={} if after is None else {"after": after})
-            names += page.envs
-            if page.next_after is None:
-                return names
-            after = page.next_after
+        return self._pages("/v1/envs", EnvsResponse, "envs")
 
     def delete_env(self, env_id: str) -> DeletedResponse:
         """Delete the env KB and the facts it lent to your contributed trajectories' sub-goals."""
@@ -165,21 +158,24 @@ class KnowMapClient:
 
     def trajectories(self) -> list[TrajectoryInfo]:
         """Your tenant's contributed trajectories (who added what), all pages."""
-        found: list[TrajectoryInfo] = []
-        after: str | None = None
-        while True:
-            page = self._call("GET", "/v1/trajectories", TrajectoriesResponse,
-                              params={} if after is None else {"after": after})
-            found += page.trajectories
-            if page.next_after is None:
-                return found
-            after = page.next_after
+        return self._pages("/v1/trajectories", TrajectoriesResponse, "trajectories")
 
     def delete_trajectory(self, episode_id: str) -> DeletedResponse:
         """Delete a trajectory you contributed, from every indexed version and the training store."""
         return self._call("DELETE", f"/v1/trajectories/{episode_id}", DeletedResponse)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
+    def _pages(self, path: str, model: type[BaseModel], field: str) -> list[Any]:
+        """Every item of a listing paged by ``after`` / ``next_after``."""
+        found: list[Any] = []
+        after: str | None = None
+        while True:
+            page = self._call("GET", path, model, params={} if after is None else {"after": after})
+            found += getattr(page, field)
+            if page.next_after is None:  # type: ignore[attr-defined]
+                return found
+            after = page.next_after  # type: ignore[attr-defined]
+
     def _call(self, method: str, path: str, model: type[T], body: BaseModel | None = None,
               params: Mapping[str, Any] | None = None) -> T:
         response = self._session.request(
