@@ -92,7 +92,6 @@ def _as_seen(item: KnowledgeItem, tenant: str) -> KnowledgeItem:
     return item.model_copy(update={"id": item_id, "provenance": provenance})
 
 
-
 _SWAGGER_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"}
 
 
