@@ -107,7 +107,8 @@ class EnvActors:
         retire_env_kb(env_id, self._config)
         directory = env_kb_directory(self._config) / env_id
         files = sum(1 for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else 0
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory.is_dir():
+            shutil.rmtree(directory)
         return files
 
     def alive(self) -> int:
