@@ -8,9 +8,9 @@ this store reaches it the same way). No batching, no replicas: FastAPI runs each
 Started by ``benchmarks/serve_latency.py`` as a subprocess:
 
     python benchmarks/monolith_service.py --port P --address RAY_ADDRESS --namespace NS --config-json '{...}' --key K
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations``: FastAPI reads the route's annotations, defined inside ``main``.
+"""
 
 import argparse
 import hmac
