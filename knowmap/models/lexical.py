@@ -37,11 +37,16 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
 
 def fused_order(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
     """The ids of ``rankings`` by descending :func:`rrf` score; ties keep the first ranking's order."""
+    return fuse(rankings, k)[0]
+
+
+def fuse(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> tuple[list[int], dict[int, float]]:
+    """:func:`fused_order` and the :func:`rrf` scores it sorted by, computed once."""
     scores = rrf(rankings, k)
     first: dict[int, int] = {}
     for doc in (d for ranking in rankings for d in ranking):
         first.setdefault(doc, len(first))
-    return sorted(scores, key=lambda doc: (-scores[doc], first[doc]))
+    return sorted(scores, key=lambda doc: (-scores[doc], first[doc])), scores
 
 
 def rerank_head(ranking: Sequence[int], score: Callable[[int], float], top: int) -> list[int]:

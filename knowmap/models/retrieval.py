@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from knowmap.errors import KnowMapError
-from knowmap.models.lexical import BM25Retriever, fused_order, rrf
+from knowmap.models.lexical import BM25Retriever, fuse
 from knowmap.schemas import KB_KINDS, Fact, KBKind, KnowledgeItem
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -137,8 +137,7 @@ class Retriever:
         fused: dict[int, float] = {}
         if hybrid:
             lexical = BM25Retriever(texts).rank(query)
-            fused = rrf([order, lexical])
-            order = fused_order([order, lexical])
+            order, fused = fuse([order, lexical])
         order = order[:depth]
         items = [
             KnowledgeItem(
@@ -183,9 +182,8 @@ class Retriever:
 def _fuse(items: list[KnowledgeItem], other: list[int], ranker: str) -> list[KnowledgeItem]:
     """``items`` (in their first-stage order) fused by reciprocal rank with ``other`` (positions into ``items``,
     best first); each item's score becomes the fused score, its cosine kept as ``provenance["embedder_score"]``."""
-    first = list(range(len(items)))
-    fused = rrf([first, other])
+    order, fused = fuse([list(range(len(items))), other])
     return [items[i].model_copy(update={"score": fused[i], "provenance": {
         **items[i].provenance, "ranker": ranker,
         "embedder_score": items[i].provenance.get("embedder_score", items[i].score)}})
-        for i in fused_order([first, other])]
+        for i in order]
