@@ -70,6 +70,7 @@ from knowmap.serve.http import (
     app,
     call,
     caller,
+    check_step,
     check_steps,
     check_texts,
     named,
@@ -277,9 +278,7 @@ class Ingress:
         """Structured facts observed at one step (for environments other than ScienceWorld), in the declared
         relation vocabulary; the same replacement rule, history and ``as_of_step`` reads as observations."""
         check_texts(self.config, [t.object for t in body.triples], "triples")
-        if body.step > self.config.serve.max_step:
-            raise APIError(422, "invalid_request", f"step is {body.step}; at most serve.max_step "
-                           f"({self.config.serve.max_step})", code="step_too_large", param="step")
+        check_step(self.config, body.step, "step")
         tenant = caller(request).tenant
         answer = await call(self.retriever.add_facts.remote(scoped(tenant, env_id), body), tenant)
         return answer.model_copy(update={"env_id": env_id})

@@ -130,9 +130,13 @@ def check_texts(config: KnowMapConfig, texts: list[str], param: str, count: bool
 
 def check_steps(config: KnowMapConfig, steps: list[int], param: str) -> None:
     for i, step in enumerate(steps):
-        if step > config.serve.max_step:
-            raise APIError(422, "invalid_request", f"{param}[{i}].step is {step}; at most serve.max_step "
-                           f"({config.serve.max_step})", code="step_too_large", param=f"{param}[{i}].step")
+        check_step(config, step, f"{param}[{i}].step")
+
+
+def check_step(config: KnowMapConfig, step: int, param: str) -> None:
+    if step > config.serve.max_step:
+        raise APIError(422, "invalid_request", f"{param} is {step}; at most serve.max_step "
+                       f"({config.serve.max_step})", code="step_too_large", param=param)
 
 
 async def call(response: Any, tenant: str | None = None) -> Any:

@@ -30,6 +30,7 @@ error message and status; nothing else is lost.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -59,6 +60,10 @@ def build_mcp_server(url: str, key: str = "", timeout_s: float = 120.0) -> MCPSe
     """
     server = MCPServer(name="knowmap", instructions=INSTRUCTIONS)
 
+    @functools.lru_cache(maxsize=64)
+    def client_for(use: str) -> KnowMapClient:  # one connection pool per key, not a new connection per call
+        return KnowMapClient(url, use, timeout_s=timeout_s)
+
     async def call(ctx: Context, fn: Callable[[KnowMapClient], T]) -> T:
         headers = ctx.headers
         if headers is not None:  # HTTP: the MCP client's own key, so its tenant and role apply
@@ -73,11 +78,10 @@ def build_mcp_server(url: str, key: str = "", timeout_s: float = 120.0) -> MCPSe
             raise ToolError("401: no API key: start `knowmap mcp --key <key>` (or set KNOWMAP_API_KEY)")
 
         def run() -> T:
-            with KnowMapClient(url, use, timeout_s=timeout_s) as client:
-                try:
-                    return fn(client)
-                except ServiceError as e:
-                    raise ToolError(f"{e.status}: {e.error.message}") from None
+            try:
+                return fn(client_for(use))
+            except ServiceError as e:
+                raise ToolError(f"{e.status}: {e.error.message}") from None
 
         return await anyio.to_thread.run_sync(run)
 
