@@ -31,6 +31,11 @@ class ExperienceKBActor(VersionedExperienceKB):
         return super().add_trajectory(trajectory, subgoals)
 
     @ray.method(concurrency_group="contribute")
+    def add_trajectory_timed(self, trajectory: dict[str, Any], subgoals: list[dict[str, Any]]) -> dict[str, Any]:
+        """The rollout pool's pipelined add: the agent moves on, the pool awaits this acknowledgement."""
+        return super().add_trajectory_timed(trajectory, subgoals)
+
+    @ray.method(concurrency_group="contribute")
     def delete_episode(self, episode_id: str) -> int:
         """In the same thread as adds: a delete and an add (or overwrite) of one episode never interleave."""
         return super().delete_episode(episode_id)

@@ -3,8 +3,9 @@
 :class:`RayKnowledgeBases` is what the rollout pool hands each agent actor: picklable (it carries only the
 config), it opens handles inside the actor that uses it. Its env KB slot is an env-KB actor next to the agent,
 switched from episode to episode (an actor per episode would cost a worker process each); observations are sent
-without waiting (pipelined) and :meth:`RayEnvKBSlot.flush` waits for every acknowledgement. An env-KB actor that
-died (and may be out of restarts) is killed for good, and the next episode starts a fresh one.
+without waiting (pipelined), in batches of up to :data:`INGEST_BATCH` (one call and one ``fsync`` each; a read
+of the KB waits for what was sent before it), and :meth:`RayEnvKBSlot.flush` waits for every acknowledgement. An
+env-KB actor that died (and may be out of restarts) is killed for good, and the next episode starts a fresh one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajector
 from knowmap.tenancy import DEPLOYMENT_VIEW
 
 T = TypeVar("T")
+INGEST_BATCH = 16  # observations per ingest call: one Ray call and one fsync for up to this many agent steps
 
 
 class RayEnvKBSlot:
@@ -33,36 +35,50 @@ class RayEnvKBSlot:
         self._config = config
         self._handle: ray.actor.ActorHandle | None = None
         self._pending: list[ray.ObjectRef] = []
+        self._held: list[dict[str, Any]] = []  # observations not sent yet
 
     def open(self, env_id: str) -> None:
-        self._pending = []
+        self._pending, self._held = [], []
         if self._handle is None:
             self._handle = create_env_kb_slot(env_id, self._config)
-        self._call(lambda h: ray.get(h.switch.remote(env_id)))
-        self._call(lambda h: ray.get(h.reset.remote()))
+        # Not awaited: the actor runs calls in order, so the ingests behind them land in the new KB; a failure
+        # surfaces at the next read or flush (a read waits for every write sent before it).
+        self._pending = self._call(lambda h: [h.switch.remote(env_id), h.reset.remote()])
 
     def ingest(self, observation: Observation) -> None:
-        self._pending.append(self._call(lambda h: h.ingest.remote(observation.model_dump())))
+        self._held.append(observation.model_dump())
+        if len(self._held) >= INGEST_BATCH:
+            self._send()
+
+    def _send(self) -> None:
+        """Send the held observations (the actor runs calls in order: a read sent after this sees them)."""
+        if self._held:
+            held, self._held = self._held, []
+            self._pending.append(self._call(lambda h: h.ingest_many.remote(held)))
 
     def flush(self) -> None:
+        self._send()
         pending, self._pending = self._pending, []
         self._call(lambda h: ray.get(pending))
 
     def facts(self, step: int | None = None) -> list[Fact]:
         if self._handle is None:
             return []
+        self.flush()
         rows = self._call(lambda h: ray.get(h.current.remote() if step is None else h.as_of.remote(step)))
         return [Fact.model_validate(row) for row in rows]
 
     def segment(self, trajectory: Trajectory) -> list[Subgoal]:
+        self._send()
         rows = self._call(lambda h: ray.get(h.segment.remote(trajectory.model_dump())))
         return [Subgoal.model_validate(row) for row in rows]
 
     def close(self) -> dict[str, Any]:
+        self._send()
         return self._call(lambda h: ray.get(h.close.remote()))
 
     def discard(self) -> None:
-        self._pending = []
+        self._pending, self._held = [], []
 
     def _call(self, fn: Callable[[ray.actor.ActorHandle], T]) -> T:
         if self._handle is None:
@@ -73,7 +89,7 @@ class RayEnvKBSlot:
             # The env-KB actor died (and may be out of restarts): end it; the next episode starts a fresh one.
             with contextlib.suppress(Exception):
                 ray.kill(self._handle, no_restart=True)
-            self._handle, self._pending = None, []
+            self._handle, self._pending, self._held = None, [], []
             raise
 
 
@@ -86,6 +102,13 @@ class RayExperience:
     def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
         return ray.get(self.handle.add_trajectory.remote(trajectory.model_dump(),
                                                          [g.model_dump(mode="json") for g in subgoals]))
+
+    def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> ray.ObjectRef:
+        return self.handle.add_trajectory_timed.remote(trajectory.model_dump(),
+                                                       [g.model_dump(mode="json") for g in subgoals])
+
+    def finish_add(self, pending: ray.ObjectRef) -> dict[str, Any]:
+        return ray.get(pending)
 
     def ensure_index(self, embedder_path: str) -> str:
         return ray.get(self.handle.ensure_index.remote(embedder_path))["version"]

@@ -3,10 +3,12 @@
 The agents are :class:`knowmap.agent.worker.AgentWorker`, the one episode path: with ``num_workers=0`` the pool
 runs one in this process without Ray (over :class:`~knowmap.agent.knowledge.LocalKnowledgeBases`), otherwise as
 Ray actors over the KB actors (:class:`~knowmap.actors.kb_handles.RayKnowledgeBases`). One episode is in flight
-per actor. An episode whose actor died, or whose result says it is ``retryable`` (its JVM or its env-KB actor
-died), is retried up to ``ray.max_episode_retries`` times on a live actor; a dead actor is replaced. Episodes are
-idempotent by id (the env KB restarts from step 0, the experiential KB replaces the episode's rows), so a retry
-never duplicates.
+per actor; an actor moves on to its next episode once the env KB has acknowledged its last one, while the pool
+awaits the experiential KB's acknowledgement (embedding the sub-goals) before it reports the episode done (at
+most two such pending adds per actor). An episode whose actor died, whose add failed, or whose result says it is
+``retryable`` (its JVM or its env-KB actor died), is retried up to ``ray.max_episode_retries`` times on a live
+actor; a dead actor is replaced. Episodes are idempotent by id (the env KB restarts from step 0, the
+experiential KB replaces the episode's rows), so a retry never duplicates.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -24,9 +27,9 @@ from knowmap.actors.experience import get_experience_kb
 from knowmap.actors.kb_handles import RayKnowledgeBases
 from knowmap.agent.knowledge import LocalKnowledgeBases
 from knowmap.agent.rollout import EpisodeSpec
-from knowmap.agent.worker import AgentWorker
+from knowmap.agent.worker import AgentWorker, settle_add
 from knowmap.config import KnowMapConfig
-from knowmap.errors import KnowMapError
+from knowmap.errors import KnowMapError, is_retryable
 from knowmap.results import EpisodeResult
 
 _ACTOR_LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -79,6 +82,13 @@ class RayAgentWorker(AgentWorker):
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def play(self, spec: dict[str, Any], feed_kbs: bool) -> tuple[EpisodeResult, ray.ObjectRef | None]:
+        """:meth:`run_episode` without waiting for the experiential KB: the result and the pending add (None if
+        nothing was fed), which the pool awaits while this actor plays its next episode."""
+        result = self.run_episode(spec, feed_kbs, await_experience=False)
+        pending, self.pending_add = self.pending_add, None
+        return result, pending
 
 
 class RolloutPool:
@@ -133,32 +143,50 @@ class RolloutPool:
         queue: deque[tuple[int, int]] = deque((i, 1) for i in range(len(specs)))  # (spec index, attempt)
         results: list[EpisodeResult | None] = [None] * len(specs)
         in_flight: dict[ray.ObjectRef, tuple[int, int, int]] = {}  # ref -> (spec index, attempt, actor slot)
+        # Episodes played whose experiential-KB add is still pending: ack ref -> (spec index, attempt, result).
+        # Bounded, so that agents cannot run ahead of the experiential KB without limit.
+        acking: dict[ray.ObjectRef, tuple[int, int, EpisodeResult]] = {}
         idle = deque(range(len(self.actors)))
 
-        while queue or in_flight:
-            while queue and idle:
+        def finish(index: int, attempt: int, result: EpisodeResult) -> None:
+            if self._again(result, attempt):
+                queue.append((index, attempt + 1))
+                return
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+
+        while queue or in_flight or acking:
+            while queue and idle and len(acking) < 2 * len(self.actors):
                 index, attempt = queue.popleft()
                 slot = idle.popleft()
-                ref = self.actors[slot].run_episode.remote(specs[index].model_dump(), feed_kbs)
+                ref = self.actors[slot].play.remote(specs[index].model_dump(), feed_kbs)
                 in_flight[ref] = (index, attempt, slot)
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = done[0]
+            ref = ray.wait([*in_flight, *acking], num_returns=1)[0][0]
+            if ref in acking:
+                index, attempt, result = acking.pop(ref)
+                try:
+                    settle_add(result, ray.get(ref))
+                except Exception as e:  # noqa: BLE001 - the add failed: the episode is played again (idempotent)
+                    result.ok, result.retryable = False, is_retryable(e)
+                    result.error = f"the experiential KB did not store the episode: {type(e).__name__}: {e}"
+                finish(index, attempt, result)
+                continue
             index, attempt, slot = in_flight.pop(ref)
             idle.append(slot)
             try:
-                result: EpisodeResult = ray.get(ref)
+                result, pending = ray.get(ref)
             except _ACTOR_LOST as e:
                 # The actor (or its node) died mid-episode. Ray restarts it up to max_restarts; if it is gone
                 # for good, a fresh actor takes its slot. Either way the episode may be tried again.
                 if not self._alive(slot):
                     self.actors[slot] = self._new_actor()
-                result = EpisodeResult(spec=specs[index], ok=False, retryable=True, error=f"actor lost: {e}")
-            if self._again(result, attempt):
-                queue.append((index, attempt + 1))
-                continue
-            results[index] = result
-            if on_result is not None:
-                on_result(result)
+                result, pending = EpisodeResult(spec=specs[index], ok=False, retryable=True,
+                                                error=f"actor lost: {e}"), None
+            if pending is not None and result.ok:
+                acking[pending] = (index, attempt, result)
+            else:
+                finish(index, attempt, result)
         return [r for r in results if r is not None]
 
     def _run_here(self, spec: EpisodeSpec, on_result: Callable[[EpisodeResult], None] | None,

@@ -37,6 +37,8 @@ class EpisodeResult(BaseModel):
     seconds: float = 0.0
     env_seconds: float = 0.0  # stepping the env, the policy and handing observations off
     ingest_seconds: float = 0.0  # the env-KB actor's own time spent ingesting (log, fsync, extraction, apply)
+    segment_seconds: float = 0.0  # cutting the trajectory into sub-goals against the env KB (as the agent waits)
+    embed_seconds: float = 0.0  # the experiential KB's time embedding and storing the episode's rows
     node: str = ""
     pid: int = 0
     # The LLM agent (policies llm-*): tokens, calls, replans, answers that named no valid action, the last plan.

@@ -62,6 +62,19 @@ class ExperienceAccess(Protocol):
         """Store a trajectory and its sub-goals in every indexed version (replacing the episode's earlier rows)."""
         ...
 
+    def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> Any:
+        """Begin :meth:`add_trajectory` without waiting; returns what :meth:`finish_add` takes (on Ray, the pending
+        acknowledgement, which the rollout pool awaits while the agent plays on)."""
+        ...
+
+    def finish_add(self, pending: Any) -> dict[str, Any]:
+        """Wait for a :meth:`start_add`; returns ``rows`` written and ``seconds`` spent embedding and storing.
+
+        Raises:
+            whatever the add raised (a refused write, an experiential-KB actor out of restarts).
+        """
+        ...
+
     def ensure_index(self, embedder_path: str) -> str:
         """Make sure the collection of this embedder exists (re-embedding if new); returns its version."""
         ...
@@ -132,6 +145,13 @@ class LocalExperience:
 
     def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
         return self.kb.add_trajectory(trajectory, list(subgoals))
+
+    def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> dict[str, Any]:
+        """In this process the add is done when this returns."""
+        return self.kb.add_trajectory_timed(trajectory, list(subgoals))
+
+    def finish_add(self, pending: dict[str, Any]) -> dict[str, Any]:
+        return pending
 
     def ensure_index(self, embedder_path: str) -> str:
         return self.kb.ensure_index(embedder_path)["version"]

@@ -52,6 +52,7 @@ class AgentWorker:
         self.env_kb = kbs.env_slot()
         self._llm: LLMClient | None = None  # created at the first LLM episode, kept for the worker's life
         self._retrievers: dict[str, Retriever] = {}  # per knowledge mode (embedders load once)
+        self.pending_add: Any = None  # the last episode's experiential-KB add, when run without awaiting it
 
     def node(self) -> str:
         """Where this worker runs (the Ray pool's actors report their Ray node id instead)."""
@@ -61,11 +62,15 @@ class AgentWorker:
         """Where this agent runs: node id, process id and its JVM's process id."""
         return {"node": self.node(), "pid": os.getpid(), "jvm_pid": self.runner.env.jvm_pid}
 
-    def run_episode(self, spec: dict[str, Any] | EpisodeSpec, feed_kbs: bool = True) -> EpisodeResult:
+    def run_episode(self, spec: dict[str, Any] | EpisodeSpec, feed_kbs: bool = True, *,
+                    await_experience: bool = True) -> EpisodeResult:
         """Play one episode and store it in both KBs; an error comes back as a result, not an exception.
 
         Args:
             feed_kbs: False plays the episode without touching the KBs (to measure rollout alone).
+            await_experience: False returns once the env KB has acknowledged the episode, leaving the experiential
+                KB's add in :attr:`pending_add` for the caller to await (the rollout pool does, while this worker
+                plays its next episode); the result is then not final until :func:`settle_add` has run.
         """
         spec = EpisodeSpec.model_validate(spec)
         result = EpisodeResult(spec=spec, node=self.node(), pid=os.getpid())
@@ -85,7 +90,7 @@ class AgentWorker:
             result.final_score = trajectory.final_score
             result.env_seconds = time.perf_counter() - started
             if feed_kbs:
-                self._store(trajectory, policy, result)
+                self._store(trajectory, policy, result, await_experience)
         except Exception as e:  # noqa: BLE001 - the pool wants every failure as a value
             self.env_kb.discard()
             result.ok, result.retryable = False, is_retryable(e)
@@ -94,18 +99,25 @@ class AgentWorker:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _store(self, trajectory: Trajectory, policy: Any, result: EpisodeResult) -> None:
+    def _store(self, trajectory: Trajectory, policy: Any, result: EpisodeResult, await_experience: bool) -> None:
         self.env_kb.flush()  # every observation acknowledged before the episode counts as done
+        started = time.perf_counter()
         subgoals = self.env_kb.segment(trajectory)
+        result.segment_seconds = time.perf_counter() - started
         if trajectory.source == "agent":  # successes and failures alike carry a reflection
             llm = policy.llm if isinstance(policy, LLMPolicy) and self.config.agent.llm_reflections else None
             subgoals = reflect(trajectory, subgoals, llm)
-        self.kbs.experience().add_trajectory(trajectory, subgoals)
+        experience = self.kbs.experience()
+        pending = experience.start_add(trajectory, subgoals)
         save_trajectory(self.config.paths, trajectory)
         stats = self.env_kb.close()  # the episode is over: snapshot and release its env KB
         result.ingest_seconds = float(stats.get("ingest_seconds", 0.0))
         result.facts, result.current_facts = int(stats.get("facts", 0)), int(stats.get("current_facts", 0))
         result.subgoals = len(subgoals)
+        if await_experience:
+            settle_add(result, experience.finish_add(pending))
+        else:
+            self.pending_add = pending
 
     def _llm_policy(self, name: str) -> LLMPolicy:
         """A fresh LLM policy for ``name`` (``llm`` or ``llm-<mode>``), retrieving through this worker's KBs.
@@ -143,6 +155,12 @@ class AgentWorker:
         """Close the JVM and release the env KB slot."""
         self.env_kb.discard()
         self.runner.close()
+
+
+def settle_add(result: EpisodeResult, done: dict[str, Any]) -> None:
+    """Fold an experiential-KB add's acknowledgement (:meth:`ExperienceAccess.finish_add`) into its episode's
+    result."""
+    result.embed_seconds = float(done["seconds"])
 
 
 def _llm_stats(result: EpisodeResult, policy: Any) -> None:

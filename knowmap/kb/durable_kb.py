@@ -8,9 +8,10 @@ Files under ``<directory>/<env_id>/``:
 - ``snapshot-<seq>.json``: an :meth:`EnvironmentKB.save` snapshot holding every write up to sequence ``<seq>``.
 - ``lock``: an ``flock`` held by the one process that has the KB open.
 
-A write is validated, appended to the log (``write`` + ``fsync``), applied in memory, and only then
-acknowledged. Every ``snapshot_every`` writes, and on :meth:`close`, the KB is saved atomically as
-``snapshot-<seq>.json`` (the directory is fsynced), older snapshots are deleted and the log is rotated.
+A write is validated, appended to the log (``write`` + ``fsync``; a batch of observations shares one ``fsync``),
+applied in memory, and only then acknowledged. Every ``snapshot_every`` writes, and on :meth:`close`, the KB is
+saved atomically as ``snapshot-<seq>.json`` (the directory is fsynced), older snapshots are deleted and the log is
+rotated.
 Opening loads the newest snapshot and replays the log records with ``seq`` greater than its own. A crash between
 any two of these steps leaves records that the snapshot already holds; replay skips them by sequence number, so
 nothing is applied twice and nothing acknowledged is lost. A write resent after a crash whose first attempt was
@@ -27,6 +28,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -115,44 +117,37 @@ class DurableEnvironmentKB:
             KnowMapError: the observation is malformed, its step is earlier than the last ingested step, or
                 the KB is closed.
         """
+        return self._ingest([observation], one=True)
+
+    def ingest_many(self, observations: Sequence[Observation | Mapping[str, Any]]) -> int:
+        """Apply a batch of observations whole or not at all, logged with one ``fsync`` (group commit); returns the
+        facts opened or closed. Each is checked (valid, in step order, none before the last ingested step) before
+        anything is logged: a KnowMapError names the one refused and nothing is stored."""
+        return self._ingest(observations, one=False)
+
+    def _ingest(self, observations: Sequence[Observation | Mapping[str, Any]], one: bool) -> int:
         started = time.perf_counter()
         try:
             self._check_writable()
-            obs = validated(Observation, observation, "observation")
-            record = {"op": "observation", "observation": obs.model_dump(mode="json")}
-            resent, digest = self._resent(record)
-            if resent:
-                return 0
-            self._check_step(obs.step)
-            extraction = self._extract(obs)
-            full_sets = full_set_pairs(extraction.full_sets)
-            return self._write(record, lambda: self._kb.ingest_triples(obs.step, extraction.triples, full_sets),
-                               digest)
+            batch = [validated(Observation, o, "observation" if one else f"observations[{i}]")
+                     for i, o in enumerate(observations)]
+            records = [{"op": "observation", "observation": obs.model_dump(mode="json")} for obs in batch]
+            # A write resent after a crash is acknowledged without a step check (its first attempt moved the KB on).
+            fresh = [(i, obs, rec, digest) for i, (obs, rec) in enumerate(zip(batch, records, strict=True))
+                     for resent, digest in [self._resent(rec)] if not resent]
+            last, where = self._kb.last_step, "the last stored step"
+            for i, obs, _, _ in fresh:
+                if one:
+                    self._check_step(obs.step)
+                elif obs.step < last:
+                    raise KnowMapError(f"observations[{i}] has step {obs.step}, before {where} ({last}) of env "
+                                       f"{self.env_id!r}: a KB only moves forward; nothing of this batch was stored")
+                last, where = obs.step, f"observations[{i}]'s step"
+            return self._write([(record, partial(self._kb.ingest_triples, obs.step, ex.triples,
+                                                 full_set_pairs(ex.full_sets)), digest)
+                                for _, obs, record, digest in fresh for ex in [self._extract(obs)]])
         finally:
             self._ingest_seconds += time.perf_counter() - started
-
-    def ingest_many(self, observations: Sequence[Observation | Mapping[str, Any]]) -> int:
-        """Apply a batch of observations whole or not at all; returns the facts opened or closed. Each is checked
-        (valid, in step order, none before the last ingested step) before the first is applied: a KnowMapError names
-        the one refused and nothing is stored. Should applying fail (a full disk), the error says what was stored.
-        """
-        batch = [validated(Observation, o, f"observations[{i}]") for i, o in enumerate(observations)]
-        last, where = self._kb.last_step, "the last stored step"
-        for i, obs in enumerate(batch):
-            if obs.step < last:
-                raise KnowMapError(f"observations[{i}] has step {obs.step}, before {where} ({last}) of env "
-                                   f"{self.env_id!r}: a KB only moves forward; nothing of this batch was stored")
-            last, where = obs.step, f"observations[{i}]'s step"
-        changes = 0
-        for i, obs in enumerate(batch):
-            try:
-                changes += self.ingest(obs)
-            except KnowMapError as e:
-                if i == 0:
-                    raise
-                raise type(e)(f"observations[{i}] could not be stored ({e}); observations[0:{i}] were "
-                              f"stored, through step {batch[i - 1].step}") from e
-        return changes
 
     def ingest_triples(self, step: int, triples: Sequence[Triple | Mapping[str, Any]],
                        full_sets: Iterable[Sequence[str]] = ()) -> int:
@@ -182,11 +177,11 @@ class DurableEnvironmentKB:
         if resent:
             return 0
         self._check_step(step)
-        return self._write(record, lambda: self._kb.ingest_triples(step, checked, sets), digest)
+        return self._write([(record, lambda: self._kb.ingest_triples(step, checked, sets), digest)])
 
     def reset(self) -> None:
         """Forget every fact (durably): the env instance starts again from step 0, e.g. a retried episode."""
-        self._write({"op": "reset"}, self._apply_reset)
+        self._write([({"op": "reset"}, self._apply_reset, None)])
         self._snapshot_quietly()
 
     def snapshot(self) -> int:
@@ -404,32 +399,38 @@ class DurableEnvironmentKB:
         if self._broken:
             raise KnowMapError(f"env KB {self.env_id!r} refuses writes: {self._broken}; open it again")
 
-    def _write(self, record: dict[str, Any], apply: Callable[[], int], digest: str | None = None) -> int:
-        """Log ``record`` durably, then ``apply`` it; undo the log append if either step fails."""
+    def _write(self, writes: Sequence[tuple[dict[str, Any], Callable[[], int], str | None]]) -> int:
+        """Log every write, ``fsync`` once, then apply them in order; returns the changes. If logging fails none is
+        kept; if applying one fails (a bug: inputs were validated) it and those after it leave the log, and memory
+        is reloaded from disk so that both hold the ones before it."""
         self._check_writable()
-        seq = self._seq + 1
-        line = encode_record({"seq": seq, **record})
-        offset = os.fstat(self._log.fileno()).st_size
+        if not writes:
+            return 0
+        lines = [encode_record({"seq": self._seq + 1 + i, **record}) for i, (record, _, _) in enumerate(writes)]
+        offsets = [os.fstat(self._log.fileno()).st_size]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line))
         try:
-            view = memoryview(line)
+            view = memoryview(b"".join(lines))
             while view:
                 view = view[os.write(self._log.fileno(), view):]
             os.fsync(self._log.fileno())
         except OSError as e:
-            self._undo_append(offset, f"appending to the log failed ({e})")
+            self._undo_append(offsets[0], f"appending to the log failed ({e})")
             raise KnowMapError(f"could not log the write to {self._log_path}: {e}; it was not applied") from e
-        try:
-            changes = apply()
-        except Exception:
-            # Inputs were validated, so this is a bug; keep memory and log in step: drop the record, reload.
-            self._undo_append(offset, "applying a logged write failed")
+        changes = 0
+        for i, (record, apply, digest) in enumerate(writes):
             try:
-                self._restore()
-            except Exception as e:  # pragma: no cover - the disk changed under us
-                self._broken = f"reloading after a failed write failed ({e})"
-            raise
-        self._seq, self._since_snapshot = seq, self._since_snapshot + 1
-        self._remember(record, digest)
+                changes += apply()
+            except Exception:
+                self._undo_append(offsets[i], "applying a logged write failed")
+                try:
+                    self._restore()
+                except Exception as e:  # pragma: no cover - the disk changed under us
+                    self._broken = f"reloading after a failed write failed ({e})"
+                raise
+            self._seq, self._since_snapshot = self._seq + 1, self._since_snapshot + 1
+            self._remember(record, digest)
         if self._since_snapshot >= self.snapshot_every:
             self._snapshot_quietly()
         return changes

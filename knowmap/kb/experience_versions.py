@@ -14,6 +14,7 @@ searches the matching collection throughout. Older versions stay held for rollba
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from knowmap.config import KnowMapConfig
@@ -67,6 +68,14 @@ class VersionedExperienceKB:
         for kb in others:
             kb.add_trajectory(traj, goals)
         return written
+
+    def add_trajectory_timed(self, trajectory: dict[str, Any] | Trajectory,
+                             subgoals: list[dict[str, Any] | Subgoal]) -> dict[str, Any]:
+        """:meth:`add_trajectory`, reporting ``rows`` and ``seconds`` (embedding and storing, every held version):
+        what a rollout counts as its experiential-KB ingest time."""
+        started = time.perf_counter()
+        rows = self.add_trajectory(trajectory, subgoals)
+        return {"rows": rows, "seconds": time.perf_counter() - started}
 
     def search(self, query: str, k: int = 5, task: str | None = None, kind: str | None = "subgoal",
                source: str | None = None) -> list[dict[str, Any]]:

@@ -58,6 +58,8 @@ def test_pool_runs_every_episode_and_feeds_both_kbs(tmp_path: Path, configs) -> 
     assert all(r.ok for r in results), [r.error for r in results]
     assert all(r.final_score == 100.0 and r.steps > 0 and r.facts > 0 for r in results)
     assert len({r.pid for r in results}) == 2  # both actors played
+    # Reported only once the experiential KB acknowledged the add (the agent did not wait for it), with its time.
+    assert all(r.embed_seconds > 0 and r.segment_seconds > 0 and r.ingest_seconds > 0 for r in results)
 
     # Env KBs: one per episode on disk (their actors were retired), holding what the episode saw.
     assert sorted(list_env_kbs(env_kb_directory(config))) == sorted(r.episode_id for r in results)

@@ -322,3 +322,22 @@ def test_a_batch_of_observations_is_stored_whole_or_not_at_all(tmp_path: Path) -
     kb.close()
     with pytest.raises(EnvKBClosedError, match="closed"):
         kb.ingest_many([Observation(step=7)])
+
+
+def test_a_batch_is_logged_with_one_fsync_and_a_resent_batch_is_not_applied_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kb = open_kb(tmp_path, snapshot_every=1000)
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    batch = [Observation(step=s, text=f"door|open_state|{'open' if s % 2 else 'closed'}") for s in range(1, 9)]
+    assert kb.ingest_many(batch) > 0
+    assert len(synced) == 1 and kb.seq == 8  # group commit: eight records, one fsync
+    before = kb.kb.to_dict()
+    del kb  # a crash after the batch was logged, before the writer heard back
+    again = open_kb(tmp_path)
+    assert again.kb.to_dict() == before and again.seq == 8
+    # The writer resends the whole batch: recognised, acknowledged, nothing applied twice, no step refused.
+    assert again.ingest_many(batch) == 0 and again.seq == 8
+    again.ingest_many([*batch[-2:], Observation(step=9, text="door|open_state|open")])  # two resent, one new
+    assert again.seq == 9 and door_history(again)[-3:] == [("open", 7, 8), ("closed", 8, 9), ("open", 9, None)]
