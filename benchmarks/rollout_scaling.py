@@ -14,10 +14,11 @@ write-ahead log, segmentation (as the agent waits for it) and the experiential K
 Agent-like episodes (``details.agent_like``): a random policy over the valid-action list ScienceWorld builds at
 every step (what an agent pays, ~53 ms a step), at N = cores, each run sized to last at least ``--agent-seconds``
 and repeated ``--agent-reps`` times (medians, with the spread): one env, N plain processes pulling from one shared
-queue (the same dynamic scheduling as the pool), the pool alone and the pool feeding both KBs. Run from the repo
-root:
+queue (the same dynamic scheduling as the pool), the pool alone and the pool feeding both KBs.
+``details.embedding_batching``: the same episodes' rows embedded one episode per call (what the experiential KB does)
+against one call for all (what a cross-episode batcher would do). Run from the repo root:
 
-    .venv/bin/python benchmarks/rollout_scaling.py [--sizes 1,2,4] [--agent-reps 3] [--out PATH]
+    .venv/bin/python benchmarks/rollout_scaling.py [--sizes 1,2,4] [--agent-reps 3] [--out PATH] [--batching-only]
 """
 
 from __future__ import annotations
@@ -30,15 +31,19 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from knowmap.actors.pool import RolloutPool
+from knowmap.agent.knowledge import LocalEnvKBSlot
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.config import KnowMapConfig
 from knowmap.jobs.session import ray_session
+from knowmap.kb.experience_kb import episode_rows
+from knowmap.models.embedder import Embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "rollout_scaling.json"
@@ -162,20 +167,59 @@ def plain_dynamic(n: int, specs: list[EpisodeSpec], warm: list[EpisodeSpec]) -> 
     return {"steps": steps, "seconds": seconds, "steps_per_s": steps / seconds}
 
 
-def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float) -> dict[str, Any]:
+def embedding_batches(config: KnowMapConfig, episodes: int = 24) -> dict[str, Any]:
+    """What batching sub-goal embedding across episodes buys on this machine: the rows of ``episodes`` agent-like
+    episodes (segmented against their env KBs), embedded one episode per call (what the experiential KB does) and
+    all in one call (what a cross-episode batcher would do), best of three each."""
+    runner = EpisodeRunner(step_limit=AGENT_STEPS)
+    try:
+        trajectories = [runner.run(spec) for spec in agent_specs(episodes, offset=30_000)]
+    finally:
+        runner.close()
+    slot, texts = LocalEnvKBSlot(config), []
+    for trajectory in trajectories:
+        slot.open(trajectory.episode_id)
+        for record in trajectory.steps:
+            slot.ingest(record.as_observation())
+        texts.append([row["text"] for row in episode_rows(trajectory, slot.segment(trajectory))])
+        slot.close()
+    embedder = Embedder(config.models.embedder, batch_size=config.models.batch_size)
+    embedder.encode(texts[0])  # warm-up
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    per_episode = best(lambda: [embedder.encode(t) for t in texts])
+    one_batch = best(lambda: embedder.encode([t for ts in texts for t in ts]))
+    rows = sum(map(len, texts))
+    print(f"embedding {rows} rows of {episodes} episodes: one call per episode {per_episode:.2f} s (baseline), "
+          f"one call for all {one_batch:.2f} s, ratio {per_episode / one_batch:.2f}")
+    return {"episodes": episodes, "rows": rows, "per_episode_calls_s": per_episode, "one_batch_s": one_batch,
+            "speedup": per_episode / one_batch}
+
+
+def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float,
+               checkpoint: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Single env, n = cores plain processes on a dynamic queue, and the pool with and without KB feeding, each
-    run ``reps`` times on a workload sized so that the n-way runs last at least ``min_seconds``."""
+    run ``reps`` times on a workload sized so that the n-way runs last at least ``min_seconds``; ``checkpoint``
+    gets the summary after every repetition (a run cut short keeps what it measured)."""
     warm = agent_specs(len(TASKS), offset=10_000)
     runner = EpisodeRunner(step_limit=AGENT_STEPS)
     try:
         for spec in warm:
             runner.run(spec)
-        started = time.perf_counter()
-        probe = sum(len(runner.run(s).steps) - 1 for s in agent_specs(len(TASKS), offset=20_000))
-        rate, per_episode = probe / (time.perf_counter() - started), probe / len(TASKS)
+        started = time.perf_counter()  # probe episodes of every variation the workload uses
+        probe = sum(len(runner.run(s).steps) - 1 for s in agent_specs(5 * len(TASKS), offset=20_000)[::3])
+        rate, per_episode = probe / (time.perf_counter() - started), probe / len(range(0, 5 * len(TASKS), 3))
     finally:
         runner.close()
-    episodes = int(min_seconds * cores * rate / per_episode) + 1
+    # n processes reach up to ~(n + 1) x one env here (one env alone leaves its core idle between JVM calls).
+    episodes = int(min_seconds * (cores + 1) * rate / per_episode) + 1
     specs = agent_specs(episodes)
     print(f"agent-like: {episodes} random-policy episodes of <= {AGENT_STEPS} steps (~{rate:.1f} steps/s in one env)")
     runs: dict[str, list[dict[str, Any]]] = {"single": [], "plain": [], "pool": [], "pool_feeding": []}
@@ -198,9 +242,14 @@ def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float)
             runs["pool"].append(timed_run(pool, specs, feed_kbs=False))
             runs["pool_feeding"].append(timed_run(pool, specs, feed_kbs=True))
             print(f"  rep {rep + 1}: " + ", ".join(f"{k} {v[-1]['steps_per_s']:.1f}" for k, v in runs.items()))
+            checkpoint(_summary(runs, cores, episodes))
     finally:
         pool.shutdown()
+    return _summary(runs, cores, episodes)
 
+
+def _summary(runs: dict[str, list[dict[str, Any]]], cores: int, episodes: int) -> dict[str, Any]:
+    """Medians over the repetitions so far, the spread, and each repetition's own ratios."""
     def median(name: str, key: str = "steps_per_s") -> float:
         return float(statistics.median(r[key] for r in runs[name]))
 
@@ -208,12 +257,17 @@ def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float)
         return [min(r["steps_per_s"] for r in runs[name]), max(r["steps_per_s"] for r in runs[name])]
 
     single, plain, alone, fed = (median(k) for k in runs)
+    per_rep = [{"pool_vs_plain": p["steps_per_s"] / q["steps_per_s"],
+                "ratio_vs_n_single": p["steps_per_s"] / (cores * s["steps_per_s"]),
+                "feeding_vs_rollout_only": f["steps_per_s"] / p["steps_per_s"], "ingest_fraction": f["ingest_fraction"]}
+               for s, q, p, f in zip(*runs.values(), strict=True)]
     return {"single_steps_per_s": single, "plain_steps_per_s": plain, "pool_steps_per_s": alone,
             "pool_feeding_steps_per_s": fed, "ratio_vs_n_single": alone / (cores * single),
             "plain_vs_n_single": plain / (cores * single), "pool_vs_plain": alone / plain,
             "feeding_vs_rollout_only": fed / alone, "ingest_fraction": median("pool_feeding", "ingest_fraction"),
-            "spread_steps_per_s": {k: spread(k) for k in runs}, "runs": runs, "episodes": episodes,
-            "step_limit": AGENT_STEPS, "reps": reps, "n": cores, "policy": "random over the valid actions"}
+            "per_repetition": per_rep, "spread_steps_per_s": {k: spread(k) for k in runs}, "runs": runs,
+            "episodes": episodes, "step_limit": AGENT_STEPS, "reps": len(runs["single"]), "n": cores,
+            "policy": "random over the valid actions"}
 
 
 def main() -> None:
@@ -223,7 +277,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--agent-reps", type=int, default=3, help="repetitions of the agent-like runs (0: skip)")
     parser.add_argument("--agent-seconds", type=float, default=60.0, help="least length of an agent-like n-way run")
+    parser.add_argument("--batching-only", action="store_true", help="measure only the embedding batching and "
+                        "add it to the results already in --out")
     args = parser.parse_args()
+    if args.batching_only:
+        result = json.loads(args.out.read_text())
+        with tempfile.TemporaryDirectory(prefix="knowmap-bench-") as data_dir:
+            result["details"]["embedding_batching"] = embedding_batches(KnowMapConfig(data_dir=data_dir))
+        args.out.write_text(json.dumps(result, indent=2))
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     cores = os.cpu_count() or 1
     specs = workload(args.variations)
@@ -254,8 +316,6 @@ def main() -> None:
                   f"(ratio {row['ratio_rollout_only']:.2f}); feeding KBs {fed['steps_per_s']:.1f} steps/s "
                   f"(ratio {row['ratio_feeding_kbs']:.2f}); ingest/env time {fed['ingest_fraction']:.3f}")
 
-        agent = agent_like(config, cores, args.agent_reps, args.agent_seconds) if args.agent_reps else None
-
     at_cores = next((r for r in rows if r["n"] == cores), rows[-1])
     ingest = max(r["feeding_kbs"]["ingest_fraction"] for r in rows)
     print()
@@ -278,11 +338,26 @@ def main() -> None:
             "pool_vs_ceiling_at_cores": at_cores["rollout_only"]["steps_per_s"] / ceiling["steps_per_s"],
             "ratio_rollout_only_at_cores": at_cores["ratio_rollout_only"],
             "ingest_fraction": {"value": ingest, "goal": GOAL_INGEST},
-            "agent_like": agent,
+            "agent_like": None,
+            "embedding_batching": None,
             "protocol": {"tasks": TASKS, "split": "train", "variations": list(range(args.variations)),
                          "policy": "expert (gold replay)", "look_every_step": True, "warm_up": "one untimed pass"},
         },
     }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(agent_so_far: dict[str, Any] | None = None) -> None:
+        if agent_so_far is not None:
+            result["details"]["agent_like"] = agent_so_far
+        args.out.write_text(json.dumps(result, indent=2))
+
+    save()
+    agent = None
+    if args.agent_reps:
+        with ray_session(config, num_cpus=max(*sizes, cores)):
+            agent = agent_like(config, cores, args.agent_reps, args.agent_seconds, save)
+    result["details"]["embedding_batching"] = embedding_batches(config)
+    save(agent)
     if agent:
         print(f"agent-like (medians of {agent['reps']}, N = {cores}): single {agent['single_steps_per_s']:.1f}, "
               f"plain {agent['plain_steps_per_s']:.1f}, pool {agent['pool_steps_per_s']:.1f}, pool feeding "
@@ -290,8 +365,6 @@ def main() -> None:
               f"0.95), pool / N x single {agent['ratio_vs_n_single']:.2f} (goal >= 0.90 where plain reaches it: "
               f"{agent['plain_vs_n_single']:.2f}), feeding / rollout only {agent['feeding_vs_rollout_only']:.2f} "
               f"(goal >= 0.85), ingest {agent['ingest_fraction']:.3f} (goal <= 0.05)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -6,7 +6,8 @@ from config and gives it :class:`knowmap.actors.kb_handles.RayKnowledgeBases`; t
 
 One episode: the env KB slot opens the episode's KB (emptied, so a retry starts from step 0); each step's
 observation goes to it as it is seen; at the end every observation is acknowledged, the trajectory is cut into
-sub-goals against the KB's facts (reflections added for agent trajectories), stored in the experiential KB and as
+sub-goals against the KB's facts (reflections added for agent trajectories), handed to the experiential KB (awaited
+here, or left pending for the rollout pool to await: ``await_experience``) and stored as
 ``trajectories/<episode_id>.json``, and the env KB is snapshotted and released. Any error becomes a result with
 ``ok=False`` and ``retryable`` decided here, where it was caught (:func:`knowmap.errors.is_retryable`).
 """

@@ -66,7 +66,7 @@ class ExperienceKB:
         if strangers:
             raise ValueError(f"sub-goals of episodes {strangers} passed with trajectory {episode!r}; "
                              "pass each trajectory with its own sub-goals")
-        rows = [_subgoal_row(g, trajectory.tenant) for g in subgoals] + [_trajectory_row(trajectory)]
+        rows = episode_rows(trajectory, subgoals)
         written = self._write(rows)
         keep = {row["id"] for row in rows}
         stale = [r["id"] for r in self.store.iterate(self.collection, {"episode_id": episode}) if r["id"] not in keep]
@@ -172,6 +172,11 @@ class ExperienceKB:
 
     def __repr__(self) -> str:
         return f"ExperienceKB(collection={self.collection!r}, store={self.store.uri!r})"
+
+
+def episode_rows(trajectory: Trajectory, subgoals: list[Subgoal]) -> list[dict[str, Any]]:
+    """The rows an episode is stored as (``text`` is what gets embedded): one per sub-goal, then the trajectory's."""
+    return [_subgoal_row(g, trajectory.tenant) for g in subgoals] + [_trajectory_row(trajectory)]
 
 
 def _subgoal_row(goal: Subgoal, tenant: str = "") -> dict[str, Any]:
