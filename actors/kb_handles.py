@@ -99,10 +99,6 @@ class RayExperience:
     def __init__(self, handle: ray.actor.ActorHandle) -> None:
         self.handle = handle
 
-    def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
-        return ray.get(self.handle.add_trajectory.remote(trajectory.model_dump(),
-                                                         [g.model_dump(mode="json") for g in subgoals]))
-
     def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> ray.ObjectRef:
         return self.handle.add_trajectory_timed.remote(trajectory.model_dump(),
                                                        [g.model_dump(mode="json") for g in subgoals])

@@ -58,13 +58,10 @@ class EnvKBSlot(Protocol):
 class ExperienceAccess(Protocol):
     """The shared experiential KB."""
 
-    def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
-        """Store a trajectory and its sub-goals in every indexed version (replacing the episode's earlier rows)."""
-        ...
-
     def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> Any:
-        """Begin :meth:`add_trajectory` without waiting; returns what :meth:`finish_add` takes (on Ray, the pending
-        acknowledgement, which the rollout pool awaits while the agent plays on)."""
+        """Begin storing a trajectory and its sub-goals in every indexed version (replacing the episode's earlier
+        rows); returns what :meth:`finish_add` takes (on Ray, the pending acknowledgement, which the rollout pool
+        awaits while the agent plays on)."""
         ...
 
     def finish_add(self, pending: Any) -> dict[str, Any]:
@@ -142,9 +139,6 @@ class LocalExperience:
 
     def __init__(self, kb: VersionedExperienceKB) -> None:
         self.kb = kb
-
-    def add_trajectory(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> int:
-        return self.kb.add_trajectory(trajectory, list(subgoals))
 
     def start_add(self, trajectory: Trajectory, subgoals: Sequence[Subgoal]) -> dict[str, Any]:
         """In this process the add is done when this returns."""
