@@ -213,9 +213,10 @@ def agent_like(config: KnowMapConfig, cores: int, reps: int, min_seconds: float,
     try:
         for spec in warm:
             runner.run(spec)
-        started = time.perf_counter()  # probe episodes of every variation the workload uses
-        probe = sum(len(runner.run(s).steps) - 1 for s in agent_specs(5 * len(TASKS), offset=20_000)[::3])
-        rate, per_episode = probe / (time.perf_counter() - started), probe / len(range(0, 5 * len(TASKS), 3))
+        sample = agent_specs(5 * len(TASKS), offset=20_000)[::5]  # every task once, every variation the work uses
+        started = time.perf_counter()
+        probe = sum(len(runner.run(s).steps) - 1 for s in sample)
+        rate, per_episode = probe / (time.perf_counter() - started), probe / len(sample)
     finally:
         runner.close()
     # n processes reach up to ~(n + 1) x one env here (one env alone leaves its core idle between JVM calls).
