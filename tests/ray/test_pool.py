@@ -52,13 +52,17 @@ def test_pool_runs_every_episode_and_feeds_both_kbs(tmp_path: Path, configs) -> 
     try:
         seen = []
         results = pool.run(SPECS, on_result=seen.append)
+        # An agent hands back its episode with the experiential-KB add still pending (it does not wait for it);
+        # the pool's results carry the add's time, so the pool awaited it.
+        played, pending = ray.get(pool.actors[0].play.remote(SPECS[0].model_dump(), True))
+        assert isinstance(pending, ray.ObjectRef) and played.embed_seconds == 0
+        assert ray.get(pending)["rows"] == played.subgoals + 1
     finally:
         pool.shutdown()
     assert [r.spec for r in results] == SPECS and len(seen) == len(SPECS)
     assert all(r.ok for r in results), [r.error for r in results]
     assert all(r.final_score == 100.0 and r.steps > 0 and r.facts > 0 for r in results)
     assert len({r.pid for r in results}) == 2  # both actors played
-    # Reported only once the experiential KB acknowledged the add (the agent did not wait for it), with its time.
     assert all(r.embed_seconds > 0 and r.segment_seconds > 0 and r.ingest_seconds > 0 for r in results)
 
     # Env KBs: one per episode on disk (their actors were retired), holding what the episode saw.
