@@ -49,7 +49,7 @@ def local_service(namespace: str, start: bool = True, **serve: Any) -> Iterator[
 
     tmp = Path(tempfile.mkdtemp(prefix=f"knowmap-{namespace}-"))
     config = KnowMapConfig(data_dir=tmp / "data", ray={"namespace": namespace},
-                           serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25, **serve})
+                           serve={"port": free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25, **serve})
     os.environ.update(proxy_environment(config))
     ray.init(num_cpus=2, include_dashboard=False, namespace=namespace, log_to_driver=False)
     try:

@@ -51,7 +51,7 @@ def side(device: str, pairs: list, requests: int, tmp: Path) -> dict[str, Any]:
         training={"epochs": 1, "batch_size": 64, "use_gpu": gpu, "backend": "nccl" if gpu else "gloo",
                   "num_workers": 1 if gpu else min(2, cores), "cpus_per_worker": 1.0,
                   "finetuned_weight": 1.0, "select_variations": 0},
-        serve={"port": free_port(), "num_gpus": 0.5 if gpu else 0.0, "embedder_num_cpus": 0.5,
+        serve={"port": free_port(), "num_gpus": 0.5 if gpu else 0.0, "ingress_num_cpus": 0.5,
                "reranker_num_cpus": 0.25})
     ray.init(num_cpus=max(2, cores), num_gpus=1 if gpu else 0, include_dashboard=False, log_to_driver=False,
              namespace=config.ray.namespace)

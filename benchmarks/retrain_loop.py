@@ -182,7 +182,7 @@ def main() -> None:
         training={"epochs": args.epochs, "select_variations": 0, "cpus_per_worker": 0.5},
         retrain={"gate_tasks": tasks, "gate_variations": 1, "reranker": False, "every": 1,
                  "warm_start": args.warm_start},
-        serve={"port": free_port(), "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25})
+        serve={"port": free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25})
     started = time.perf_counter()
     cycles: list[dict[str, Any]] = []
     try:

@@ -53,6 +53,7 @@ from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
 from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, public_config, swap_models  # noqa: E402
 from knowmap.serve.auth import Grant, digest  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
+from knowmap.serve.deployments import use_model_threads  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_latency.json"
 ENV_ID = "bench-boil-0"
@@ -130,9 +131,7 @@ def interleaved(first: Any, second: Any, n: int) -> tuple[list[float], list[floa
 
 def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
     """The same pipeline without HTTP or Serve: a local embedder, the same env-KB and experiential-KB actors."""
-    # One torch thread, as in the embedder replica (Ray sets OMP_NUM_THREADS from its num_cpus): the same model
-    # work on both sides.
-    torch.set_num_threads(1)
+    use_model_threads(config.serve.model_threads)  # as the ingress's embedder: the same model work on both sides
     embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
     env = get_or_create_env_kb(ENV_ID, config)
     experience = get_experience_kb(config)
@@ -180,7 +179,7 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
 
 def timed_load(run: Any, concurrency: int) -> dict[str, float]:
     """Run ``run(i)`` on ``concurrency`` threads; requests/s and the embedder's batch statistics meanwhile."""
-    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
     before = handle.info.remote().result()["stats"]
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -195,21 +194,6 @@ def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     delta = {k: after[k] - before[k] for k in before}
     return {"mean_batch_requests": delta["requests"] / max(delta["batches"], 1),
             "model_seconds": delta["model_seconds"]}
-
-
-def handle_throughput(requests_per_client: int, concurrency: int = 16) -> dict[str, float]:
-    """As :func:`throughput`, through the Embedder deployment's handle (no HTTP): the model side alone."""
-    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
-    handle.encode.remote(["warm up"]).result()
-    barrier = threading.Barrier(concurrency)
-
-    def run(i: int) -> int:
-        barrier.wait()
-        for j in range(requests_per_client):
-            handle.encode.remote([f"{QUERIES[(i + j) % len(QUERIES)]} #{i}-{j}"]).result()
-        return requests_per_client
-
-    return timed_load(run, concurrency)
 
 
 def load_during(client_factory: Any, action: Any, clients: int = 2, min_requests: int = 100) -> dict[str, Any]:
@@ -273,20 +257,16 @@ def main() -> None:
 
         # 2. embeddings throughput at concurrency 16, batching on vs off (the same service, redeployed)
         batched = throughput(new_client, args.throughput_requests)
-        batched_handle = handle_throughput(2 * args.throughput_requests)
         unbatched_config = config.model_copy(deep=True)
         unbatched_config.serve.max_batch_size = 1
         keys = [Grant(digest=digest(info.api_key))]
         serve.run(build_app(ServeAppArgs(config=public_config(unbatched_config), grants=keys)),
                   name=APP_NAME, route_prefix="/")
         unbatched = throughput(new_client, args.throughput_requests)
-        unbatched_handle = handle_throughput(2 * args.throughput_requests)
         serve.run(build_app(ServeAppArgs(config=public_config(config), grants=keys)),
                   name=APP_NAME, route_prefix="/")
         batching = {"batched": batched, "unbatched": unbatched, "max_batch_size": config.serve.max_batch_size,
-                    "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"],
-                    "handle_batched": batched_handle, "handle_unbatched": unbatched_handle,
-                    "handle_ratio": batched_handle["requests_per_s"] / unbatched_handle["requests_per_s"]}
+                    "concurrency": 16, "ratio": batched["requests_per_s"] / unbatched["requests_per_s"]}
 
         # 3. p99 during a hot swap vs steady, same load
         steady = load_during(new_client, lambda: time.sleep(8.0))
@@ -355,8 +335,6 @@ def main() -> None:
           f"{retrieve['http_p99_ms']:>12.1f}{retrieve['http_p99_ms'] / retrieve['in_process_p99_ms']:>9.2f}")
     print(f"{'embeddings req/s at 16 (unbatched -> batched)':<44}{unbatched['requests_per_s']:>12.1f}"
           f"{batched['requests_per_s']:>12.1f}{batching['ratio']:>9.2f}  >= 2.0")
-    print(f"{'  same, through the handle (no HTTP)':<44}{unbatched_handle['requests_per_s']:>12.1f}"
-          f"{batched_handle['requests_per_s']:>12.1f}{batching['handle_ratio']:>9.2f}")
     print(f"mean requests per embedder batch: {unbatched['mean_batch_requests']:.1f} -> "
           f"{batched['mean_batch_requests']:.1f}; time inside the model per HTTP request: "
           f"{1000 * unbatched['model_seconds'] / unbatched['requests']:.1f} -> "

@@ -265,15 +265,18 @@ class ServeConfig(_Section):
                          "support)")
     hybrid_candidates: int = Field(default=100, ge=1, le=10_000, description="the embedder's sub-goal hits BM25 "
                                    "re-scores for the hybrid fusion")
-    embedder_replicas: int = Field(default=1, ge=1)
+    ingress_replicas: int = Field(default=1, ge=1, description="replicas of the HTTP ingress, each with its own "
+                                  "embedder (a hop to a separate embedder deployment cost as much as embedding a "
+                                  "query here) and its own env-KB actor handles")
     reranker_replicas: int = Field(default=1, ge=1)
-    retriever_replicas: int = Field(default=1, ge=1)
-    ingress_replicas: int = Field(default=1, ge=1)
-    embedder_num_cpus: float = Field(default=1.0, ge=0)
+    ingress_num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per ingress replica (it runs "
+                                    "the embedder)")
     reranker_num_cpus: float = Field(default=0.5, ge=0)
-    retriever_num_cpus: float = Field(default=0.0, ge=0)
-    ingress_num_cpus: float = Field(default=0.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per embedder and reranker replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per ingress (embedder) and reranker replica")
+    model_threads: int = Field(default=0, ge=0, le=1024, description="torch threads per embedder and reranker "
+                               "replica; 0 = this node's CPU count (torch's default outside Ray: Ray itself would "
+                               "give a replica of num_cpus < 2 one thread). Set it to a replica's share of the cores "
+                               "when several model replicas share a node")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="requests the embedder/reranker batch "
                                 "together (@serve.batch); 1 = no batching")
     batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10, description="how long a batch waits to fill "

@@ -62,6 +62,7 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import APIError, InvalidEnvIdError
 from knowmap.schemas import KnowledgeItem, Relation, RetrainStatus
 from knowmap.serve.auth import Grant
+from knowmap.serve.deployments import EmbedderModels
 from knowmap.serve.http import (
     Authorized,
     EnvId,
@@ -77,6 +78,7 @@ from knowmap.serve.http import (
     public_name,
     require_key,
 )
+from knowmap.serve.retriever import RetrievalBackend
 from knowmap.tenancy import experience_filter, normalise_episode_id, owns, scoped, unscoped
 
 
@@ -100,19 +102,34 @@ _SWAGGER_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
-    """The FastAPI ingress: routes to the embedder, reranker and retriever deployments.
+    """The FastAPI ingress: holds the embedder (:class:`~knowmap.serve.deployments.EmbedderModels`) and the
+    retrieval backend (:class:`~knowmap.serve.retriever.RetrievalBackend`), and calls the reranker deployment.
+
+    Its ``user_config`` is the embedder's (``{"model", "max_batch_size", "batch_wait_timeout_s"}``): a new model
+    is a lightweight in-place update (:func:`knowmap.serve.app.swap_models`).
 
     Args:
-        embedder, reranker, retriever: deployment handles.
+        reranker: the reranker deployment's handle.
         config: ``KnowMapConfig.model_dump(mode="json")`` (limits under ``serve``).
         grants: the accepted keys (:class:`~knowmap.serve.auth.Grant` dumps: digest, tenant, role).
+        device, batch_size, threads: the embedder's torch device, texts per forward pass and torch threads.
     """
 
-    def __init__(self, embedder: Any, reranker: Any, retriever: Any, config: dict[str, Any],
-                 grants: list[dict[str, Any]]) -> None:
-        self.embedder, self.reranker, self.retriever = embedder, reranker, retriever
+    def __init__(self, reranker: Any, config: dict[str, Any], grants: list[dict[str, Any]], device: str = "cpu",
+                 batch_size: int = 64, threads: int = 0) -> None:
         self.config = KnowMapConfig.model_validate(config)
+        self.embedder = EmbedderModels(device, batch_size, threads)
+        self.reranker = reranker
+        self.retriever = RetrievalBackend(self.embedder, reranker, config)
         app.state.config, app.state.grants = self.config, [Grant.model_validate(g) for g in grants]
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's in-place update: load (and switch to) the embedder ``user_config`` names."""
+        await self.embedder.reconfigure(user_config)
+
+    async def info(self) -> dict[str, Any]:
+        """The embedder serving now and this replica's batching counters (:meth:`EmbedderModels.info`)."""
+        return await self.embedder.info()
 
     # -- open -------------------------------------------------------------------------------------------------
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])
@@ -126,8 +143,8 @@ class Ingress:
         """Readiness, without a key: the embedder and reranker deployments answer, the experiential-KB actor and its
         vector store answer a count. 503 names the failing checks (a load balancer takes the service out)."""
         checks: dict[str, str] = {}
-        for name, probe in (("embedder", self.embedder.info.remote()), ("reranker", self.reranker.info.remote()),
-                            ("retriever", self.retriever.ready.remote())):
+        for name, probe in (("embedder", self.embedder.info()), ("reranker", self.reranker.info.remote()),
+                            ("retriever", self.retriever.ready())):
             try:
                 answer = await asyncio.wait_for(probe, timeout=15)
                 checks.update(answer if name == "retriever" else {name: "ok" if answer or name == "reranker"
@@ -163,7 +180,7 @@ class Ingress:
         if not texts:
             raise APIError(422, "invalid_request", "input must hold at least one text", param="input")
         check_texts(self.config, texts, "input")
-        encoded = await call(self.embedder.encode.remote(texts))
+        encoded = await call(self.embedder.encode(texts))
         vectors = np.asarray(encoded.vectors, dtype=np.float32)  # (n, dim)
         if body.dimensions is not None and body.dimensions != vectors.shape[1]:
             raise APIError(422, "invalid_request", f"dimensions must be {vectors.shape[1]} (the model's) or "
@@ -191,9 +208,9 @@ class Ingress:
     @app.get("/v1/models", response_model=ModelsResponse, dependencies=Authorized, tags=["models"])
     async def models(self) -> ModelsResponse:
         """The embedder and reranker versions serving now, and the indexed experiential collections."""
-        embedder = await self.embedder.info.remote()
+        embedder = await self.embedder.info()
         reranker = await self.reranker.info.remote()
-        versions = await self.retriever.experience_versions.remote()
+        versions = await self.retriever.experience_versions()
         data = [ModelInfo(id=embedder["version"], role="embedder", path=public_name(embedder["path"]),
                           dim=embedder["dim"])]
         if reranker:
@@ -238,7 +255,7 @@ class Ingress:
         where = experience_filter(tenant, owner=body.owner, source=body.source, split=body.split)
         scoped_body = body.model_copy(update={"rerank": rerank, "env_id": env_id,
                                               "hybrid": defaults.hybrid if body.hybrid is None else body.hybrid})
-        response = await call(self.retriever.retrieve.remote(scoped_body, where), tenant)
+        response = await call(self.retriever.retrieve(scoped_body, where), tenant)
         return response.model_copy(update={"items": [_as_seen(i, tenant) for i in response.items]})
 
     # -- env KBs ----------------------------------------------------------------------------------------------
@@ -247,7 +264,7 @@ class Ingress:
                    after: Annotated[str | None, Query(max_length=128)] = None) -> EnvsResponse:
         """Your tenant's env ids with a KB, sorted, a page at a time (``after`` = the last id of the page before)."""
         tenant = caller(request).tenant
-        names = sorted(unscoped(tenant, e) for e in await call(self.retriever.envs.remote()) if owns(tenant, e))
+        names = sorted(unscoped(tenant, e) for e in await call(self.retriever.envs()) if owns(tenant, e))
         names = [n for n in names if after is None or n > after]
         return EnvsResponse(envs=names[:limit], next_after=names[limit - 1] if len(names) > limit else None)
 
@@ -257,7 +274,7 @@ class Ingress:
         """Delete the env KB (its actor and files) and the facts it lent to your contributed trajectories' sub-goals
         (they are segmented again without them)."""
         tenant = caller(request).tenant
-        deleted = await call(self.retriever.delete_env.remote(scoped(tenant, env_id), tenant), tenant)
+        deleted = await call(self.retriever.delete_env(scoped(tenant, env_id), tenant), tenant)
         return DeletedResponse(id=env_id, deleted=deleted)
 
     @app.post("/v1/envs/{env_id}/observations", response_model=ObservationsResponse, dependencies=Writer,
@@ -270,7 +287,7 @@ class Ingress:
                          f"observations.{field}", count=False)
         check_steps(self.config, [o.step for o in body.observations], "observations")
         tenant = caller(request).tenant
-        answer = await call(self.retriever.add_observations.remote(scoped(tenant, env_id), body), tenant)
+        answer = await call(self.retriever.add_observations(scoped(tenant, env_id), body), tenant)
         return answer.model_copy(update={"env_id": env_id})
 
     @app.post("/v1/envs/{env_id}/facts", response_model=ObservationsResponse, dependencies=Writer, tags=["env KB"])
@@ -280,7 +297,7 @@ class Ingress:
         check_texts(self.config, [t.object for t in body.triples], "triples")
         check_step(self.config, body.step, "step")
         tenant = caller(request).tenant
-        answer = await call(self.retriever.add_facts.remote(scoped(tenant, env_id), body), tenant)
+        answer = await call(self.retriever.add_facts(scoped(tenant, env_id), body), tenant)
         return answer.model_copy(update={"env_id": env_id})
 
     @app.get("/v1/envs/{env_id}/facts", response_model=FactsResponse, dependencies=Authorized, tags=["env KB"],
@@ -289,7 +306,7 @@ class Ingress:
                     limit: Page = 1000, offset: Annotated[int, Query(ge=0)] = 0) -> FactsResponse:
         """The facts that hold now, or that held at ``as_of_step``, a page at a time."""
         tenant = caller(request).tenant
-        facts = await call(self.retriever.facts.remote(scoped(tenant, env_id), as_of_step), tenant)
+        facts = await call(self.retriever.facts(scoped(tenant, env_id), as_of_step), tenant)
         return FactsResponse(env_id=env_id, as_of_step=as_of_step, facts=facts[offset:offset + limit],
                              next_offset=offset + limit if len(facts) > offset + limit else None)
 
@@ -301,7 +318,7 @@ class Ingress:
         """Every fact ever recorded, open and closed, with its step range, oldest first; optionally one
         subject/relation; a page at a time."""
         tenant = caller(request).tenant
-        facts = await call(self.retriever.history.remote(scoped(tenant, env_id), subject,
+        facts = await call(self.retriever.history(scoped(tenant, env_id), subject,
                                                          relation.value if relation else None), tenant)
         return FactsResponse(env_id=env_id, facts=facts[offset:offset + limit],
                              next_offset=offset + limit if len(facts) > offset + limit else None)
@@ -329,7 +346,7 @@ class Ingress:
         trajectory = body.trajectory.model_copy(update={
             "episode_id": scoped(who.tenant, body.trajectory.episode_id), "tenant": who.tenant,
             "contributor": who.client, "env_id": scoped(who.tenant, body.env_id) if body.env_id else ""})
-        return await call(self.retriever.add_trajectory.remote(body.model_copy(update={"trajectory": trajectory}),
+        return await call(self.retriever.add_trajectory(body.model_copy(update={"trajectory": trajectory}),
                                                                who.admin), who.tenant)
 
     @app.get("/v1/trajectories", response_model=TrajectoriesResponse, dependencies=Authorized,
@@ -340,7 +357,7 @@ class Ingress:
         tenant = caller(request).tenant
         found = [TrajectoryInfo(episode_id=unscoped(tenant, t.episode_id), task=t.task, source=t.source,
                                 contributor=t.contributor, steps=len(t.steps), final_score=t.final_score)
-                 for t in await call(self.retriever.contributions.remote(tenant))]
+                 for t in await call(self.retriever.contributions(tenant))]
         found = [t for t in sorted(found, key=lambda t: t.episode_id) if after is None or t.episode_id > after]
         return TrajectoriesResponse(trajectories=found[:limit],
                                     next_after=found[limit - 1].episode_id if len(found) > limit else None)
@@ -352,7 +369,7 @@ class Ingress:
         """Delete a contributed trajectory (only the key that contributed it, or an admin key): its sub-goals in
         every indexed embedder version, and its file in the training store, so no later retrain reads it."""
         who, episode = caller(request), normalise_episode_id(episode_id)
-        deleted = await call(self.retriever.delete_trajectory.remote(scoped(who.tenant, episode), who.tenant,
+        deleted = await call(self.retriever.delete_trajectory(scoped(who.tenant, episode), who.tenant,
                                                                      who.client, who.admin), who.tenant)
         return DeletedResponse(id=episode, deleted=deleted)
 

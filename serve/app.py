@@ -1,10 +1,10 @@
 """The retrieval service's application: a typed app builder, starting the service, and swapping its models.
 
-:func:`build_app` wires Embedder and Reranker deployments, the Retriever (over them and the KB actors) and the
-FastAPI ingress, with replica counts and resources from ``config.serve``. Models travel as each deployment's
-``user_config``; :func:`swap_models` (what ``knowmap serve --embedder/--reranker`` and the retrain controller
-call) re-indexes the experiential KB for a new embedder, then redeploys the same app with the new
-``user_config``: Serve reconfigures the running replicas in place, and no request fails (see
+:func:`build_app` wires the FastAPI ingress (which holds the embedder and the retrieval backend over the KB
+actors) and the Reranker deployment, with replica counts and resources from ``config.serve``. Models travel as
+each deployment's ``user_config``; :func:`swap_models` (what ``knowmap serve --embedder/--reranker`` and the
+retrain controller call) re-indexes the experiential KB for a new embedder, then redeploys the same app with the
+new ``user_config``: Serve reconfigures the running replicas in place, and no request fails (see
 :mod:`knowmap.serve.retriever` for how requests stay on one model).
 
 Serve gives every ``serve.run`` a random code version unless one is set, and a new code version restarts every
@@ -82,35 +82,30 @@ def resolve_models(config: KnowMapConfig, embedder: str | None = None, reranker:
 
 
 def build_app(args: ServeAppArgs) -> Any:
-    """The Serve application: ``Ingress(Embedder, Reranker, Retriever(Embedder, Reranker))``.
+    """The Serve application: ``Ingress(Reranker)``; the ingress holds the embedder and the retrieval backend.
 
     Returns:
         a bound application for ``serve.run``.
     """
     from knowmap.serve.api import Ingress
-    from knowmap.serve.deployments import EmbedderDeployment, RerankerDeployment
-    from knowmap.serve.retriever import RetrieverDeployment
+    from knowmap.serve.deployments import RerankerDeployment
 
     config = KnowMapConfig.model_validate(args.config)
     s, device = config.serve, config.models.device
     batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
 
-    def options(deployment: Any, replicas: int, cpus: float, gpus: float, init: Any, **extra: Any) -> Any:
-        version = _code_version(deployment.name, init, replicas, cpus, gpus)
+    def options(deployment: Any, replicas: int, cpus: float, init: Any, models: str) -> Any:
+        version = _code_version(deployment.name, init, replicas, cpus, s.num_gpus)
         return deployment.options(num_replicas=replicas, max_ongoing_requests=s.max_ongoing_requests,
-                                  ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
-                                  version=version, _internal=True, **extra)
+                                  ray_actor_options={"num_cpus": cpus, "num_gpus": s.num_gpus},
+                                  user_config={"model": models, **batching}, version=version, _internal=True)
 
-    model_init = (device, config.models.batch_size)
-    embedder = options(EmbedderDeployment, s.embedder_replicas, s.embedder_num_cpus, s.num_gpus, model_init,
-                       user_config={"model": args.embedder, **batching}).bind(*model_init)
-    reranker = options(RerankerDeployment, s.reranker_replicas, s.reranker_num_cpus, s.num_gpus, model_init,
-                       user_config={"model": args.reranker, **batching}).bind(*model_init)
-    retriever = options(RetrieverDeployment, s.retriever_replicas, s.retriever_num_cpus, 0.0,
-                        args.config).bind(embedder, reranker, args.config)
+    model_init = (device, config.models.batch_size, s.model_threads)
+    reranker = options(RerankerDeployment, s.reranker_replicas, s.reranker_num_cpus, model_init,
+                       args.reranker).bind(*model_init)
     grants = [g.model_dump() for g in args.grants]
-    return options(Ingress, s.ingress_replicas, s.ingress_num_cpus, 0.0, [args.config, grants]).bind(
-        embedder, reranker, retriever, args.config, grants)
+    return options(Ingress, s.ingress_replicas, s.ingress_num_cpus, [args.config, grants, *model_init],
+                   args.embedder).bind(reranker, args.config, grants, *model_init)
 
 
 def start_service(config: KnowMapConfig, *, embedder: str | None = None, reranker: str | None = None,
@@ -171,7 +166,7 @@ def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker:
     from knowmap.serve.auth import load_keys
 
     started = time.perf_counter()
-    embed_handle, rerank_handle = _handle("Embedder"), _handle("Reranker")
+    embed_handle, rerank_handle = _handle("Ingress"), _handle("Reranker")
     current_embedder = embed_handle.info.remote().result()["path"]
     current_reranker = (rerank_handle.info.remote().result() or {}).get("path", "")
     new_embedder, new_reranker = resolve_models(config, embedder, reranker)
@@ -182,7 +177,7 @@ def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker:
     args = ServeAppArgs(config=public_config(config), embedder=new_embedder, reranker=new_reranker, grants=grants)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     deadline = time.monotonic() + timeout_s
-    replicas = config.serve.embedder_replicas
+    replicas = config.serve.ingress_replicas
     while True:  # every replica answers with the new model (routing spreads these probes over replicas)
         infos = [embed_handle.info.remote().result() for _ in range(4 * replicas)]
         if all(i["version"] == index["version"] for i in infos):

@@ -1,19 +1,22 @@
-"""The retrieval service's model deployments: embedder and reranker, each batching over a pure function.
+"""The retrieval service's models: the embedder (held in the ingress replica) and the reranker deployment, each
+batching over a pure function.
 
 Models are not constructor arguments but ``user_config`` (``{"model": path, "max_batch_size": n,
-"batch_wait_timeout_s": t}``): changing it is a lightweight Serve update that calls :meth:`reconfigure` on the
-running replicas, which load the new model in a thread while they keep answering with the old one, then switch.
-The embedder keeps the previous model too (``keep_models``), so a request that began on the old version can
-finish on it (see :class:`knowmap.serve.retriever.RetrieverDeployment`): no request fails during a swap.
-"""
+"batch_wait_timeout_s": t}``; the ingress's for the embedder): changing it is a lightweight Serve update that calls
+``reconfigure`` on the running replicas, which load the new model in a thread while they keep answering with the
+old one, then switch. The embedder keeps the previous model too (``keep_models``), so a request that began on the
+old version can finish on it (see :class:`knowmap.serve.retriever.RetrievalBackend`): no request fails during a
+swap."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -130,6 +133,15 @@ class IdleGate:
         self._idle.set()
 
 
+def use_model_threads(threads: int) -> None:
+    """Torch's intra-op threads in this replica: ``threads``, or with 0 this node's CPU count (Ray sets
+    ``OMP_NUM_THREADS`` from a replica's ``num_cpus``, one thread below 2, which leaves cores idle under a model
+    that is the service's main work)."""
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
 def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
     if "max_batch_size" in user_config:
         handler.set_max_batch_size(int(user_config["max_batch_size"]))
@@ -137,24 +149,29 @@ def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
         handler.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
 
-# -- deployments -----------------------------------------------------------------------------------------------
-@serve.deployment(name="Embedder")
-class EmbedderDeployment:
-    """Sentence embeddings, batched across concurrent requests.
+# -- the models ------------------------------------------------------------------------------------------------
+class EmbedderModels:
+    """Sentence embeddings, batched across the concurrent requests of the replica that holds it (the ingress: a
+    hop to a model deployment cost as much as the model's own work on a query, see the README's latency section).
 
     Args:
         device: torch device for the models.
         batch_size: texts per forward pass.
+        threads: torch threads (:func:`use_model_threads`).
         keep_models: models held at once (the current one and the ones before it), at least 2 so that requests
             pinned to the previous version finish during a swap.
     """
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, keep_models: int = 2) -> None:
+    def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0, keep_models: int = 2) -> None:
+        use_model_threads(threads)
         self._device, self._batch_size, self._keep = device, batch_size, max(2, keep_models)
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
         self._current = ""
         self._swap = asyncio.Lock()
         self._gate = IdleGate()
+        # Its own thread: callers wait for batches from worker threads (the retrieval backend's), which must never
+        # hold every thread the model needs.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedder")
         self._stats = {"batches": 0, "requests": 0, "texts": 0, "model_seconds": 0.0}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -189,7 +206,8 @@ class EmbedderDeployment:
         for path, embedder in models.items():  # normally one model; two only while a swap is under way
             members = [i for i, p in enumerate(chosen) if p == path]
             started = time.perf_counter()
-            rows = await asyncio.to_thread(encode_requests, embedder.encode, [requests[i][0] for i in members])
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, encode_requests, embedder.encode, [requests[i][0] for i in members])
             self._stats["model_seconds"] += time.perf_counter() - started
             self._stats["batches"] += 1
             self._stats["requests"] += len(members)
@@ -208,11 +226,13 @@ class EmbedderDeployment:
                 "held": [m.version for m in self._models.values()], "stats": dict(self._stats)}
 
 
+# -- deployments -----------------------------------------------------------------------------------------------
 @serve.deployment(name="Reranker")
 class RerankerDeployment:
     """Cross-encoder scores, batched across concurrent requests; ``model`` "" = no reranker."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0) -> None:
+        use_model_threads(threads)
         self._device, self._batch_size = device, batch_size
         self._model: Reranker | None = None
         self._swap = asyncio.Lock()

@@ -1,5 +1,9 @@
-"""The retriever deployment: :class:`knowmap.models.retrieval.Retriever` over the embedder and reranker deployments and
-the KB actors, plus the env-KB and trajectory operations of the API.
+"""The retrieval backend the ingress holds: :class:`knowmap.models.retrieval.Retriever` over the ingress's own
+embedder, the reranker deployment and the KB actors, plus the env-KB and trajectory operations of the API.
+
+It runs in the ingress replica, not in a deployment of its own: every Serve hop on a request's path (a handle call
+to another replica) cost about what the embedder's own work on a query costs, and a retrieve made three of them
+(ingress -> retriever -> embedder, twice). Now a retrieve's only hops are to the KB actors.
 
 Env facts come from the env-KB actor named ``envkb:<env_id>`` (:mod:`knowmap.actors.env_kb`): each env id has
 its own actor and files, so a request for one env id can only ever see that env's facts. Experience comes from
@@ -7,10 +11,9 @@ the shared experiential-KB actor, searched in the collection of the embedder ver
 
 Hot swap without failed requests: every request is pinned to one embedder model. Its first call asks the
 embedder for the model this replica last saw as current; the embedder answers with that model if it still holds
-it (it keeps the previous one) and says which model is now current, which later requests then use. If a replica
-no longer holds the pinned model, the answer names the model it used instead and the request starts over on it.
-A request thus never mixes vectors of two models, and fact vectors are cached per model.
-"""
+it (it keeps the previous one) and says which model is now current, which later requests then use. If it no
+longer holds the pinned model, the answer names the model it used instead and the request starts over on it.
+A request thus never mixes vectors of two models, and fact vectors are cached per model."""
 
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ import asyncio
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import ray
-from ray import serve
 
 from knowmap.actors.env_kb import env_kb_directory
 from knowmap.actors.experience import get_experience_kb
@@ -47,6 +50,7 @@ from knowmap.kb.trajectory_store import (
 from knowmap.models.embedder import embedder_version
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
+from knowmap.serve.deployments import EmbedderModels
 from knowmap.serve.envs import EnvActors
 from knowmap.serve.metrics import record_kb_size
 from knowmap.tenancy import DEPLOYMENT_VIEW, unscoped
@@ -55,12 +59,12 @@ _ATTEMPTS = 3
 T = TypeVar("T")
 
 
-async def _answer(fn: Callable[[], T]) -> T | KnowMapError:
-    """``fn()`` in a worker thread. A KnowMapError (what the client sent was refused: an unknown env, a step out of
+async def _answer(fn: Callable[[], T], pool: ThreadPoolExecutor) -> T | KnowMapError:
+    """``fn()`` in a thread of ``pool``. A KnowMapError (what the client sent was refused: an unknown env, a step out of
     order, an expert's episode id) is returned, not raised: Serve logs every raised error as a failed request with
     its traceback, and a client's mistake is one access-log line. The ingress raises it as its 4xx."""
     try:
-        return await asyncio.to_thread(fn)
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
     except (KnowMapError, ValueError) as e:
         cause = getattr(e, "cause", None) or e  # an env-KB actor's error arrives wrapped in a RayTaskError
         if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
@@ -74,18 +78,23 @@ class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an er
         self.model = model
 
 
-@serve.deployment(name="Retriever")
-class RetrieverDeployment:
-    """Retrieval, env-KB reads and writes, and trajectory contributions, for the HTTP ingress.
+class RetrievalBackend:
+    """Retrieval, env-KB reads and writes, and trajectory contributions, for the HTTP ingress that holds it.
+
+    Its methods are coroutines of the ingress's event loop; the blocking work (actor calls, the retriever) runs in
+    worker threads, which reach the embedder's batching back on that loop.
 
     Args:
-        embedder, reranker: handles of the model deployments.
+        embedder: the ingress's models.
+        reranker: a handle of the reranker deployment.
         config: ``KnowMapConfig.model_dump(mode="json")``: the store, data dir, namespace, ``serve`` limits.
     """
 
-    def __init__(self, embedder: Any, reranker: Any, config: dict[str, Any]) -> None:
+    def __init__(self, embedder: EmbedderModels, reranker: Any, config: dict[str, Any]) -> None:
         self._config = KnowMapConfig.model_validate(config)
         self._embedder, self._reranker = embedder, reranker
+        self._loop: asyncio.AbstractEventLoop | None = None  # the ingress's, where the embedder batches
+        self._pool = ThreadPoolExecutor(self._config.serve.max_ongoing_requests, thread_name_prefix="retrieval")
         self._experience = get_experience_kb(self._config)
         self._lock = threading.Lock()
         self._model: str | None = None  # the embedder model new requests are pinned to
@@ -95,14 +104,18 @@ class RetrieverDeployment:
         self._reranker_version: str | None = None
         self._contributing = threading.Lock()  # contributions and deletions, one at a time (per replica)
 
+    async def _run(self, fn: Callable[[], T]) -> T | KnowMapError:
+        return await _answer(fn, self._pool)
+
     # -- retrieval -------------------------------------------------------------------------------------------
     async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None) -> RetrieveResponse:
         """Env facts, then experiential sub-goals among the rows matching ``where`` (the caller's tenant's
         visibility), for the request (see :meth:`Retriever.retrieve`)."""
-        return await _answer(lambda: self._retrieve(request, where))
+        self._loop = asyncio.get_running_loop()
+        model = self._model or (await self._embedder.info())["path"]
+        return await self._run(lambda: self._retrieve(request, where, model))
 
-    def _retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None) -> RetrieveResponse:
-        model = self._model or self._embedder.info.remote().result()["path"]
+    def _retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None, model: str) -> RetrieveResponse:
         for _ in range(_ATTEMPTS):
             retriever = self._retriever_for(model)
             try:
@@ -134,7 +147,8 @@ class RetrieverDeployment:
             return retriever
 
     def _encode(self, texts: list[str], model: str) -> Any:
-        encoded = self._embedder.encode.remote(texts, model).result()
+        assert self._loop is not None  # set by retrieve(), which runs this in a worker thread
+        encoded = asyncio.run_coroutine_threadsafe(self._embedder.encode(texts, model), self._loop).result()
         self._versions[encoded.model] = encoded.version
         self._model = encoded.current  # later requests start on the embedder's current model
         if encoded.model != model:
@@ -177,7 +191,7 @@ class RetrieverDeployment:
             stats = self._env_call(env_id, "ingest_many", batch, create=True)  # whole or not at all
             return ObservationsResponse(env_id=env_id, accepted=len(batch), changes=stats["changes"],
                                         last_step=stats["last_step"], facts=stats["facts"])
-        return await _answer(run)
+        return await self._run(run)
 
     async def add_facts(self, env_id: str, request: FactsRequest) -> ObservationsResponse:
         """Log and apply structured triples in the env KB of ``env_id`` (created on first use), with the same
@@ -189,7 +203,7 @@ class RetrieverDeployment:
             stats = self._env_call(env_id, "stats")
             return ObservationsResponse(env_id=env_id, accepted=len(request.triples), changes=changes,
                                         last_step=stats["last_step"], facts=stats["facts"])
-        return await _answer(run)
+        return await self._run(run)
 
     async def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
         """The env's facts now, or as of a step.
@@ -201,7 +215,7 @@ class RetrieverDeployment:
             rows = self._env_call(env_id, "current" if as_of_step is None else "as_of",
                                   *(() if as_of_step is None else (as_of_step,)))
             return [Fact.model_validate(r) for r in rows]
-        return await _answer(run)
+        return await self._run(run)
 
     async def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
         """Every fact the env KB ever held, open and closed, with step ranges; optionally one subject/relation."""
@@ -216,7 +230,7 @@ class RetrieverDeployment:
                 if relation is not None:
                     rows = [r for r in rows if r["relation"] == relation]
             return [Fact.model_validate(r) for r in rows]
-        return await _answer(run)
+        return await self._run(run)
 
     async def delete_env(self, env_id: str, tenant: str) -> dict[str, int]:
         """Delete an env KB (its actor and files) and the facts it lent to sub-goals of its tenant's contributed
@@ -233,7 +247,7 @@ class RetrieverDeployment:
                     if trajectory.env_id == env_id:
                         rewritten += self._store_trajectory(trajectory.model_copy(update={"env_id": ""}))[0]
             return {"files": removed, "subgoals_rewritten": rewritten}
-        return await _answer(run)
+        return await self._run(run)
 
     # -- trajectories ----------------------------------------------------------------------------------------
     async def add_trajectory(self, request: TrajectoryRequest, admin: bool = False) -> TrajectoryResponse:
@@ -250,7 +264,7 @@ class RetrieverDeployment:
                 check_contribution(self._config.paths, trajectory, overwrite=request.overwrite, admin=admin)
                 subgoals, rows = self._store_trajectory(trajectory)
             return TrajectoryResponse(episode_id=unscoped(trajectory.tenant, episode), subgoals=subgoals, rows=rows)
-        return await _answer(run)
+        return await self._run(run)
 
     def _store_trajectory(self, trajectory: Trajectory) -> tuple[int, int]:
         """Save to the training store first (a crash before the rows leaves a file that a delete still finds),
@@ -282,15 +296,15 @@ class RetrieverDeployment:
                 check_deletion(self._config.paths, tenant, episode_id, contributor, admin)
                 rows = ray.get(self._experience.delete_episode.remote(episode_id))
                 return {"rows": rows, "files": int(delete_trajectory(self._config.paths, episode_id))}
-        return await _answer(run)
+        return await self._run(run)
 
     async def contributions(self, tenant: str) -> list[Trajectory]:
         """The trajectories ``tenant`` contributed, by stored episode id."""
-        return await _answer(lambda: contributions(self._config.paths, tenant))
+        return await self._run(lambda: contributions(self._config.paths, tenant))
 
     async def envs(self) -> list[str]:
         """Every env id (as stored) with a KB on disk."""
-        return await _answer(lambda: list_env_kbs(env_kb_directory(self._config)))
+        return await self._run(lambda: list_env_kbs(env_kb_directory(self._config)))
 
     async def ready(self) -> dict[str, str]:
         """Whether the experiential-KB actor answers (a count through the vector store) and how many env-KB actors

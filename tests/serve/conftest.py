@@ -36,7 +36,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]
     namespace = f"serve-test-{data_dir.name}"
     config = KnowMapConfig(data_dir=data_dir, ray={"namespace": namespace},
                            serve={"port": free_port(), "max_texts": 16, "max_text_chars": 2000,
-                                  "embedder_num_cpus": 0.5, "reranker_num_cpus": 0.25,
+                                  "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25,
                                   "body_timeout_s": 2, "max_env_actors": 4,
                                   "api_keys": ["km-test-key-a", "km-test-key-b"],
                                   "keys": [{"key": k, "tenant": t, "role": r} for k, (t, r) in TENANT_KEYS.items()]})

@@ -103,7 +103,7 @@ def test_concurrent_embedding_requests_share_batches(service: dict, client: Know
 
     from knowmap.serve.app import APP_NAME
 
-    handle = serve.get_deployment_handle("Embedder", app_name=APP_NAME)
+    handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
     before = handle.info.remote().result()["stats"]
     texts = [f"the pot is on stove {i}" for i in range(24)]
 
