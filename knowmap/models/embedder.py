@@ -29,6 +29,9 @@ DEFAULT_EMBEDDER_NAME = "all_minilm_l6_v2"
 # knowmap_model.json (training metadata) records the fingerprint, so it cannot be part of it.
 _IGNORED_SUFFIXES = (".md", ".gitattributes", ".gitignore", ".lock", "knowmap_model.json")
 _IGNORED_DIRS = {"openvino", "onnx", ".git", ".cache", "__pycache__"}
+# What one forward pass costs besides its tokens, in characters of padding: MiniLM on 2 CPU cores took ~8-10 ms a
+# pass and ~0.2 ms a token (~45 tokens, ~200 characters of English); see :func:`length_chunks`.
+PASS_COST_CHARS = 200
 _FULL_HASH_MAX_BYTES = 4 << 20  # hash smaller files whole; sample larger ones (weights) at fixed offsets
 _SAMPLE_BYTES = 64 << 10
 _SAMPLES = 32
@@ -104,18 +107,49 @@ class Embedder:
         return self._encode(list(texts))
 
     def _encode(self, texts: list[str]) -> np.ndarray:
+        chunks = length_chunks([len(t) for t in texts], self.batch_size)
         try:
-            vectors = self._model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
+            parts = [self._model.encode([texts[i] for i in chunk], batch_size=len(chunk), normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=False) for chunk in chunks]
         except (RuntimeError, ValueError) as e:
             raise EmbedderError(
                 f"embedding {len(texts)} texts with {self.name_or_path} on {self.device} failed: {e}; "
                 "lower models.batch_size or use another device"
             ) from e
-        return np.ascontiguousarray(vectors, dtype=np.float32)  # (n, dim)
+        vectors = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)  # (n, dim)
+        vectors[[i for chunk in chunks for i in chunk]] = np.concatenate(parts)
+        return vectors
 
     def __repr__(self) -> str:
         return f"Embedder(version={self.version!r}, dim={self.dim}, device={self.device!r})"
+
+
+def length_chunks(lengths: list[int], limit: int, pass_cost: int = PASS_COST_CHARS) -> list[list[int]]:
+    """Indices of texts grouped into forward passes of similar length.
+
+    A pass pads its texts to its longest and costs a fixed amount besides. Texts are taken shortest first; each
+    joins the current pass unless the padding it adds there (the pass's texts times the growth of its longest)
+    exceeds ``pass_cost``, or the pass holds ``limit`` texts. Requests batched together in the service mix short
+    queries with long enriched ones: one pass for both padded the short ones to the long (16 texts took 128 ms in
+    one pass and 98 ms in two).
+
+    Args:
+        lengths: each text's length in characters.
+        limit: texts per pass at most.
+        pass_cost: a pass's fixed cost, in characters of padding.
+
+    Returns:
+        index lists, shortest texts first; together they hold every index once.
+    """
+    chunks: list[list[int]] = []
+    longest = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if chunks and len(chunks[-1]) < limit and len(chunks[-1]) * (lengths[i] - longest) <= pass_cost:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+        longest = lengths[i]
+    return chunks
 
 
 def _load(name_or_path: str, device: str) -> SentenceTransformer:

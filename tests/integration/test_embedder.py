@@ -89,3 +89,11 @@ def test_weight_interpolation_lands_between_the_fine_tuned_and_the_base_model(tm
             assert torch.allclose(value, original[name] + 0.007, atol=1e-5), name
     with pytest.raises(ValueError, match=r"finetuned_weight must be in \(0, 1\]"):
         interpolate_weights(str(tmp_path / "tuned"), base, 0.0)
+
+
+def test_texts_of_mixed_lengths_embed_as_each_alone_in_order(embedder: Embedder) -> None:
+    texts = ["boil water", "the metal pot is on the stove, which is off, in the kitchen, beside the sink " * 4,
+             "a frog", "the thermometer reads 20 degrees celsius in the hallway " * 3, "heat"]
+    together = embedder.encode(texts)  # grouped into passes by length, then put back in order
+    alone = np.concatenate([embedder.encode([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)

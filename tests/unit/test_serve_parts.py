@@ -319,3 +319,15 @@ def test_a_stored_episode_id_belongs_to_whoever_stored_it(tmp_path: Path) -> Non
     assert check_deletion(paths, "acme", "acme@ep-1", "key:a", admin=False).episode_id == "acme@ep-1"
     assert sorted(p.name for p in (tmp_path / "trajectories").iterdir()) == ["acme@ep-1.json", "ep-2.json"]
     assert delete_trajectory(paths, "acme@ep-1") and not delete_trajectory(paths, "acme@ep-1")
+
+
+def test_length_chunks_keep_short_texts_out_of_long_passes() -> None:
+    from knowmap.models.embedder import length_chunks
+
+    lengths = [200, 30, 210, 28, 32, 205]
+    chunks = length_chunks(lengths, limit=64)
+    assert sorted(i for c in chunks for i in c) == list(range(6))  # every text once
+    assert chunks == [[3, 1, 4], [0, 5, 2]]  # short queries in one pass, the long ones in another
+    assert length_chunks([30, 200], limit=64) == [[0, 1]]  # one short beside a long: padding is cheaper than a pass
+    assert length_chunks([10] * 5, limit=2) == [[0, 1], [2, 3], [4]]  # never more than limit per pass
+    assert length_chunks([], limit=4) == []
