@@ -1,6 +1,6 @@
 """Retrieval service latency and throughput: HTTP through Ray Serve against the same pipeline in-process.
 
-Five measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
+Six measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
 
 1. ``/v1/retrieve`` p50/p99 over HTTP (the typed client, one request at a time) against the same pipeline called
    in-process: a :class:`knowmap.models.retrieval.Retriever` in this process with its own embedder and the same KB
@@ -13,6 +13,8 @@ Five measurements, each against a baseline taken in the same run (absolute times
 5. Against what a user would write instead (``benchmarks/monolith_service.py``: the same pipeline in one
    FastAPI/uvicorn process, on the same KB actors): p50 at concurrency 1 (goal: Serve <= 1.25 x the monolith) and
    retrieve throughput at concurrency 16 (goal: Serve >= 1.5 x the monolith).
+6. The same two against Serve scaled out on the same cores: two ingress replicas of one model thread each (no goal
+   of its own; what a replica count buys here).
 
 Everything runs on 127.0.0.1 in a local Ray (data in a temporary directory); loops are bounded by request counts.
 Prints a table and writes ``benchmarks/results/serve_latency.json`` (``metric``, ``value``, ``goal``, ``details``).
@@ -156,9 +158,9 @@ def retrieve_one(client: KnowMapClient, i: int) -> None:
 
 
 def throughput(client_factory: Any, requests_per_client: int, concurrency: int = 16,
-               call: Any = embed_one) -> dict[str, float]:
+               call: Any = embed_one, stats: bool = True) -> dict[str, float]:
     """Requests/s with ``concurrency`` clients, each sending ``requests_per_client`` requests ``call(client, i)``
-    (default: one-text embeddings)."""
+    (default: one-text embeddings); ``stats``: with the embedder's batch statistics (one ingress replica)."""
     clients = [client_factory() for _ in range(concurrency)]
     for c in clients:
         call(c, 0)
@@ -171,22 +173,24 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
         return requests_per_client
 
     try:
-        return timed_load(run, concurrency)
+        return timed_load(run, concurrency, stats)
     finally:
         for c in clients:
             c.close()
 
 
-def timed_load(run: Any, concurrency: int) -> dict[str, float]:
-    """Run ``run(i)`` on ``concurrency`` threads; requests/s and the embedder's batch statistics meanwhile."""
+def timed_load(run: Any, concurrency: int, stats: bool = True) -> dict[str, float]:
+    """Run ``run(i)`` on ``concurrency`` threads; requests/s and (``stats``) the embedder's batch statistics
+    meanwhile."""
     handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
-    before = handle.info.remote().result()["stats"]
+    before = handle.info.remote().result()["stats"] if stats else {}
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         total = sum(pool.map(run, range(concurrency)))
     seconds = time.perf_counter() - start
-    after = handle.info.remote().result()["stats"]
-    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, **batch_stats(before, after)}
+    after = handle.info.remote().result()["stats"] if stats else {}
+    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds,
+            **(batch_stats(before, after) if stats else {})}
 
 
 def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -296,7 +300,23 @@ def main() -> None:
             mono_load = throughput(lambda: KnowMapClient(url, info.api_key), args.throughput_requests // 2,
                                    call=retrieve_one)
             serve_load = throughput(new_client, args.throughput_requests // 2, call=retrieve_one)
+
+            # 6. Serve scaled out on the same two cores: two ingress replicas of one model thread each
+            scaled_config = config.model_copy(deep=True)
+            scaled_config.serve.ingress_replicas, scaled_config.serve.model_threads = 2, 1
+            serve.run(build_app(ServeAppArgs(config=public_config(scaled_config), embedder=embedder_b, grants=keys)),
+                      name=APP_NAME, route_prefix="/")
+            scaled_alone, scaled_served = interleaved(lambda i: retrieve_one(mono, i),
+                                                      lambda i: retrieve_one(client, i), args.requests // 2)
+            scaled_mono = throughput(lambda: KnowMapClient(url, info.api_key), args.throughput_requests // 2,
+                                     call=retrieve_one, stats=False)
+            scaled_load = throughput(new_client, args.throughput_requests // 2, call=retrieve_one, stats=False)
             mono.close()
+        scaled = {"ingress_replicas": 2, "model_threads": 1, "monolith_p50_ms": pct(scaled_alone, 50),
+                  "serve_p50_ms": pct(scaled_served, 50), "monolith_requests_per_s_16": scaled_mono["requests_per_s"],
+                  "serve_requests_per_s_16": scaled_load["requests_per_s"]}
+        scaled["p50_ratio"] = scaled["serve_p50_ms"] / scaled["monolith_p50_ms"]
+        scaled["throughput_ratio"] = scaled["serve_requests_per_s_16"] / scaled["monolith_requests_per_s_16"]
         versus = {"monolith_p50_ms": pct(alone, 50), "monolith_p99_ms": pct(alone, 99),
                   "serve_p50_ms": pct(served, 50), "serve_p99_ms": pct(served, 99),
                   "monolith_requests_per_s_16": mono_load["requests_per_s"],
@@ -351,13 +371,17 @@ def main() -> None:
           f"{versus['serve_p50_ms']:>12.1f}{versus['p50_ratio']:>9.2f}  <= 1.25")
     print(f"{'retrieve req/s at 16 (monolith -> Serve)':<44}{versus['monolith_requests_per_s_16']:>12.1f}"
           f"{versus['serve_requests_per_s_16']:>12.1f}{versus['throughput_ratio']:>9.2f}  >= 1.5")
+    print(f"{'  2 replicas x 1 thread: p50 at 1':<44}{scaled['monolith_p50_ms']:>12.1f}"
+          f"{scaled['serve_p50_ms']:>12.1f}{scaled['p50_ratio']:>9.2f}")
+    print(f"{'  2 replicas x 1 thread: req/s at 16':<44}{scaled['monolith_requests_per_s_16']:>12.1f}"
+          f"{scaled['serve_requests_per_s_16']:>12.1f}{scaled['throughput_ratio']:>9.2f}")
     for c, t in tails.items():
         print(f"{f'retrieve p50 -> p99 ms at {c} clients':<44}{t['p50_ms']:>12.1f}{t['p99_ms']:>12.1f}"
               f"{t['ratio']:>9.2f}  <= 2.0")
     result = {"metric": "retrieve_p50_ratio_http_vs_in_process", "value": retrieve["ratio"],
               "goal": GOALS["retrieve_p50_ratio"],
               "details": {"checks": checks, "retrieve": retrieve, "batching": batching, "hot_swap": swap_stats,
-                          "monolith": versus, "tails": tails,
+                          "monolith": versus, "scaled_out": scaled, "tails": tails,
                           "load_average": os.getloadavg(), "cpus": os.cpu_count(),
                           "note": f"p99 of {args.requests} samples sits between the 2nd and 3rd slowest"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

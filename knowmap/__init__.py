@@ -14,7 +14,8 @@ Where one observation becomes facts: :class:`knowmap.agent.worker.AgentWorker` s
 :mod:`knowmap.actors.kb_handles`); :class:`knowmap.kb.durable_kb.DurableEnvironmentKB` logs it, and
 :class:`knowmap.kb.environment_kb.EnvironmentKB` runs :mod:`knowmap.kb.extraction` over the text and applies the
 triples with the replacement rule. Where a ``/v1/retrieve`` goes: :mod:`knowmap.serve.api` (the ingress: auth,
-limits) -> :class:`knowmap.serve.retriever.RetrieverDeployment` -> :class:`knowmap.models.retrieval.Retriever`,
-whose embedder calls go to :class:`knowmap.serve.deployments.EmbedderDeployment`, env facts to the env-KB actor
-and sub-goals to the experiential-KB actor (:mod:`knowmap.actors`).
+limits) -> :class:`knowmap.serve.retriever.RetrievalBackend` (in the same replica) ->
+:class:`knowmap.models.retrieval.Retriever`, whose embedder calls go to the ingress's own
+:class:`knowmap.serve.deployments.EmbedderModels`, env facts to the env-KB actor and sub-goals to the
+experiential-KB actor (:mod:`knowmap.actors`).
 """
