@@ -140,8 +140,9 @@ class Ingress:
     @app.get("/readyz", response_model=ReadyResponse, tags=["service"],
              responses={503: {"model": ReadyResponse, "description": "a check failed"}})
     async def readyz(self) -> JSONResponse:
-        """Readiness, without a key: the embedder and reranker deployments answer, the experiential-KB actor and its
-        vector store answer a count. 503 names the failing checks (a load balancer takes the service out)."""
+        """Readiness, without a key: the embedder has a model, the reranker deployment answers, the experiential-KB
+        actor and its vector store answer a count. 503 names the failing checks (a load balancer takes the service
+        out)."""
         checks: dict[str, str] = {}
         for name, probe in (("embedder", self.embedder.info()), ("reranker", self.reranker.info.remote()),
                             ("retriever", self.retriever.ready())):
@@ -319,7 +320,7 @@ class Ingress:
         subject/relation; a page at a time."""
         tenant = caller(request).tenant
         facts = await call(self.retriever.history(scoped(tenant, env_id), subject,
-                                                         relation.value if relation else None), tenant)
+                                                  relation.value if relation else None), tenant)
         return FactsResponse(env_id=env_id, facts=facts[offset:offset + limit],
                              next_offset=offset + limit if len(facts) > offset + limit else None)
 
@@ -347,7 +348,7 @@ class Ingress:
             "episode_id": scoped(who.tenant, body.trajectory.episode_id), "tenant": who.tenant,
             "contributor": who.client, "env_id": scoped(who.tenant, body.env_id) if body.env_id else ""})
         return await call(self.retriever.add_trajectory(body.model_copy(update={"trajectory": trajectory}),
-                                                               who.admin), who.tenant)
+                                                        who.admin), who.tenant)
 
     @app.get("/v1/trajectories", response_model=TrajectoriesResponse, dependencies=Authorized,
              tags=["experience KB"])
@@ -370,7 +371,7 @@ class Ingress:
         every indexed embedder version, and its file in the training store, so no later retrain reads it."""
         who, episode = caller(request), normalise_episode_id(episode_id)
         deleted = await call(self.retriever.delete_trajectory(scoped(who.tenant, episode), who.tenant,
-                                                                     who.client, who.admin), who.tenant)
+                                                              who.client, who.admin), who.tenant)
         return DeletedResponse(id=episode, deleted=deleted)
 
 
