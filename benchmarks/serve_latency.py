@@ -179,17 +179,39 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
             c.close()
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) every process on this machine has used, by a short name of its command line."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {"ServeReplica:knowmap:Ingress": "serve ingress", "ProxyActor": "serve proxy",
+             "ExperienceKBActor": "experiential-KB actor", "EnvKBActor": "env-KB actor",
+             "monolith_service.py": "monolith", "serve_latency.py": "load generator"}
+    used: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        name = next((short for key, short in names.items() if key in command), "other (Ray, Milvus Lite, ...)")
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
 def timed_load(run: Any, concurrency: int, stats: bool = True) -> dict[str, float]:
     """Run ``run(i)`` on ``concurrency`` threads; requests/s and (``stats``) the embedder's batch statistics
     meanwhile."""
     handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
     before = handle.info.remote().result()["stats"] if stats else {}
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         total = sum(pool.map(run, range(concurrency)))
     seconds = time.perf_counter() - start
+    cpu_after = cpu_seconds()
     after = handle.info.remote().result()["stats"] if stats else {}
+    cpu_ms = {name: round(1000 * (used - cpu_before.get(name, 0.0)) / total, 1) for name, used in cpu_after.items()}
     return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds,
+            "cpu_ms_per_request": {k: v for k, v in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if v > 0},
             **(batch_stats(before, after) if stats else {})}
 
 
@@ -321,7 +343,9 @@ def main() -> None:
                   "serve_p50_ms": pct(served, 50), "serve_p99_ms": pct(served, 99),
                   "monolith_requests_per_s_16": mono_load["requests_per_s"],
                   "serve_requests_per_s_16": serve_load["requests_per_s"],
-                  "serve_mean_batch_requests_16": serve_load["mean_batch_requests"]}
+                  "serve_mean_batch_requests_16": serve_load["mean_batch_requests"],
+                  "monolith_cpu_ms_per_request_16": mono_load["cpu_ms_per_request"],
+                  "serve_cpu_ms_per_request_16": serve_load["cpu_ms_per_request"]}
         versus["p50_ratio"] = versus["serve_p50_ms"] / versus["monolith_p50_ms"]
         versus["throughput_ratio"] = versus["serve_requests_per_s_16"] / versus["monolith_requests_per_s_16"]
         client.close()
@@ -375,6 +399,10 @@ def main() -> None:
           f"{scaled['serve_p50_ms']:>12.1f}{scaled['p50_ratio']:>9.2f}")
     print(f"{'  2 replicas x 1 thread: req/s at 16':<44}{scaled['monolith_requests_per_s_16']:>12.1f}"
           f"{scaled['serve_requests_per_s_16']:>12.1f}{scaled['throughput_ratio']:>9.2f}")
+    for side in ("monolith", "serve"):
+        spent = versus[f"{side}_cpu_ms_per_request_16"]
+        print(f"  CPU ms per request at 16, {side}: {sum(spent.values()):.1f} = "
+              + ", ".join(f"{name} {ms}" for name, ms in spent.items()))
     for c, t in tails.items():
         print(f"{f'retrieve p50 -> p99 ms at {c} clients':<44}{t['p50_ms']:>12.1f}{t['p99_ms']:>12.1f}"
               f"{t['ratio']:>9.2f}  <= 2.0")

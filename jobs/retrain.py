@@ -41,6 +41,9 @@ from knowmap.schemas import RetrainDecision, RetrainStatus, ServingModels
 ACTOR_NAME = "retrain-controller"
 logger = logging.getLogger(__name__)
 
+MEAN_COSINE = "mean_cosine"  # not a metric: how alike the embedder's vectors of distinct sub-goals are
+COLLAPSED_COSINE = 0.99  # above it an embedder tells texts apart by float noise only (a collapsed training run)
+_COSINE_PROBE = 64  # sub-goal texts the spread is measured on
 Swap = Callable[[ServingModels], None]
 Reindex = Callable[[str], None]
 
@@ -49,9 +52,13 @@ def decide(candidate: dict[str, float], serving: dict[str, float], min_gain: flo
     """The promotion gate: promote iff the candidate's mean over the gate's metrics beats the serving model's by
     more than ``min_gain``.
 
+    A candidate whose vectors of distinct sub-goals have a mean cosine above ``COLLAPSED_COSINE`` is never
+    promoted: it ranks by tie-breaking float noise, so its scores (fused with BM25, they can look good) say nothing.
+    For the same reason a candidate that has not collapsed replaces a serving model that has.
+
     Args:
         candidate, serving: each decision-support metric (``shortlist_recall@12``, ``support@3_experience``,
-            ``support@5_env``) on the same held-out episodes.
+            ``support@5_env``) on the same held-out episodes, and optionally ``MEAN_COSINE``.
 
     Returns:
         ``(promote, reason)``; the reason names both means and every metric's numbers.
@@ -59,13 +66,21 @@ def decide(candidate: dict[str, float], serving: dict[str, float], min_gain: flo
     Raises:
         KnowMapError: the two were not measured on the same metrics, or on none.
     """
-    if not candidate or set(candidate) != set(serving):
+    names = sorted(k for k in candidate if k != MEAN_COSINE)
+    if not names or set(candidate) != set(serving):
         raise KnowMapError(f"the gate needs both models measured on the same metrics; got candidate "
                            f"{sorted(candidate)} and serving {sorted(serving)}")
-    names = sorted(candidate)
     mean_c = sum(candidate[k] for k in names) / len(names)
     mean_s = sum(serving[k] for k in names) / len(names)
     detail = ", ".join(f"{k} {candidate[k]:.3f} vs {serving[k]:.3f}" for k in names)
+    if candidate.get(MEAN_COSINE, 0.0) > COLLAPSED_COSINE:
+        return False, (f"kept the serving model: the candidate embedder has collapsed (mean cosine "
+                       f"{candidate[MEAN_COSINE]:.4f} between distinct sub-goals, above {COLLAPSED_COSINE}), so its "
+                       f"order is float noise; its decision support {mean_c:.3f} vs serving {mean_s:.3f} ({detail})")
+    if serving.get(MEAN_COSINE, 0.0) > COLLAPSED_COSINE:
+        return True, (f"promoted: the serving embedder has collapsed (mean cosine {serving[MEAN_COSINE]:.4f} between "
+                      f"distinct sub-goals) and the candidate has not ({candidate.get(MEAN_COSINE, 0.0):.4f}); "
+                      f"decision support {mean_c:.3f} vs serving {mean_s:.3f} ({detail})")
     promote = mean_c > mean_s + min_gain
     verdict = "promoted" if promote else "kept the serving model"
     return promote, (f"{verdict}: candidate mean decision support {mean_c:.3f} vs serving {mean_s:.3f}, judged by "
@@ -279,10 +294,12 @@ class RetrainController:
         wanted = (f"shortlist_recall@{agent.shortlist}", f"support@{agent.k_experience}_experience",
                   f"support@{agent.k_env}_env")
         out: dict[str, dict[str, float]] = {}
+        probe = [doc.text for doc in corpus][:_COSINE_PROBE]
         for name, side in models.items():
             rerank = serve.rerank and bool(side.reranker)
             first = name + ("+bm25" if serve.hybrid else "")
-            results = evaluate_decision(steps, corpus, embedders={name: Embedder(side.embedder, device=device)},
+            embedder = Embedder(side.embedder, device=device)
+            results = evaluate_decision(steps, corpus, embedders={name: embedder},
                                         reranker=Reranker(side.reranker, device=device) if rerank else None,
                                         rerank_top=serve.rerank_candidates, rerank_modes=[first],
                                         hybrid_modes=[name] if serve.hybrid else [],
@@ -290,6 +307,10 @@ class RetrainController:
                                         k_experience=agent.k_experience, shortlist_size=agent.shortlist)
             mode = results.modes[first + ("+rerank" if rerank else "")]
             out[name] = {m: float(mode[m]) for m in wanted if m in mode}
+            if len(probe) > 1:
+                vectors = embedder.encode(probe)  # (n, dim), unit length
+                n = len(probe)
+                out[name][MEAN_COSINE] = float(((vectors @ vectors.T).sum() - n) / (n * (n - 1)))
         return out
 
     def _promote(self, candidate: ServingModels) -> None:

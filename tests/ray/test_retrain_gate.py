@@ -1,8 +1,8 @@
 """The promotion gate on real models: real training on Ray Train (2 workers), real evaluation on a dev episode.
 
 Judged by decision support on the gate's annotated dev replay (gold next actions, no embedder's labels): a
-candidate trained with a learning rate far too high for a transformer (1e-2) is worse than the base model and is
-rejected; when that ruined model is what serves, a sanely trained candidate beats it and is promoted.
+candidate trained with a learning rate far too high for a transformer (1e-2) collapses and is rejected; when that
+ruined model is what serves, a sanely trained candidate replaces it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,11 @@ def test_gate_rejects_a_worse_model_and_promotes_a_better_one(tmp_path: Path) ->
                                  swap=lambda models: swaps.append(models.embedder))
 
     ruined = controller(lr=1e-2).retrain()
-    assert not ruined["promoted"], ruined["reason"]
-    assert _mean(ruined["candidate_scores"]) < _mean(ruined["serving_scores"])
+    # lr 1e-2 collapses the embedder: every vector points the same way, its order is float noise, and the scores of
+    # that noise fused with BM25 beat the base model's in some runs and not in others. The gate's collapse check
+    # refuses it whatever those scores are.
+    assert not ruined["promoted"] and "collapsed" in ruined["reason"], ruined["reason"]
+    assert ruined["candidate_scores"]["mean_cosine"] > 0.99 > ruined["serving_scores"]["mean_cosine"]
     assert "shortlist_recall@12" in ruined["candidate_scores"]
     assert ruined["gate_episodes"] and all("-dev-" in e for e in ruined["gate_episodes"])
     assert swaps == []
@@ -44,14 +47,11 @@ def test_gate_rejects_a_worse_model_and_promotes_a_better_one(tmp_path: Path) ->
     sane = controller(lr=2e-5)
     sane.state.serving = sane.state.serving.model_copy(update={"embedder": ruined["candidate"]["embedder"]})
     decision = sane.retrain()
-    assert decision["promoted"], decision["reason"]
-    assert _mean(decision["candidate_scores"]) > _mean(decision["serving_scores"])
+    assert decision["promoted"] and "serving embedder has collapsed" in decision["reason"], decision["reason"]
+    assert decision["candidate_scores"]["mean_cosine"] < 0.99
     assert swaps == [decision["candidate"]["embedder"]]
     status = RetrainController(sane.config, count_trajectories=lambda: 2).status()  # reloaded from disk
     assert status["serving"]["embedder"] == decision["candidate"]["embedder"]
     assert status["previous"]["embedder"] == ruined["candidate"]["embedder"]
     assert [d["promoted"] for d in status["history"]] == [False, True]
 
-
-def _mean(scores: dict[str, float]) -> float:
-    return sum(scores.values()) / len(scores)

@@ -12,7 +12,7 @@ import pytest
 
 from knowmap.config import load_config
 from knowmap.errors import KnowMapError
-from knowmap.jobs.retrain import RetrainController, decide
+from knowmap.jobs.retrain import MEAN_COSINE, RetrainController, decide
 from knowmap.schemas import ServingModels
 
 
@@ -25,6 +25,15 @@ def test_gate_promotes_only_a_better_mean() -> None:
     assert not decide({recall: 0.52}, {recall: 0.5}, min_gain=0.05)[0]  # a gain within the margin is not enough
     with pytest.raises(KnowMapError, match="same metrics"):
         decide({recall: 0.6}, {support: 0.5})
+
+
+def test_gate_never_promotes_a_collapsed_embedder() -> None:
+    recall = "shortlist_recall@12"
+    promote, reason = decide({recall: 0.9, MEAN_COSINE: 0.9999}, {recall: 0.5, MEAN_COSINE: 0.41})
+    assert not promote and "collapsed" in reason and "0.9999" in reason and "0.900 vs serving 0.500" in reason
+    assert decide({recall: 0.9, MEAN_COSINE: 0.8}, {recall: 0.5, MEAN_COSINE: 0.41})[0]  # spread, and better
+    promote, reason = decide({recall: 0.4, MEAN_COSINE: 0.5}, {recall: 0.6, MEAN_COSINE: 1.0})
+    assert promote and "serving embedder has collapsed" in reason  # the serving model's scores were noise
 
 
 class Scripted(RetrainController):
