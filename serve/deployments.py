@@ -137,9 +137,9 @@ def use_model_threads(threads: int) -> None:
     """Torch's intra-op threads in this replica: ``threads``, or with 0 this node's CPU count (Ray sets
     ``OMP_NUM_THREADS`` from a replica's ``num_cpus``, one thread below 2, which leaves cores idle under a model
     that is the service's main work)."""
-    import torch
+    from knowmap.train.loop import set_threads
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    set_threads(threads or os.cpu_count() or 1)
 
 
 def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:

@@ -59,19 +59,6 @@ _ATTEMPTS = 3
 T = TypeVar("T")
 
 
-async def _answer(fn: Callable[[], T], pool: ThreadPoolExecutor) -> T | KnowMapError:
-    """``fn()`` in a thread of ``pool``. A KnowMapError (what the client sent was refused: an unknown env, a step out of
-    order, an expert's episode id) is returned, not raised: Serve logs every raised error as a failed request with
-    its traceback, and a client's mistake is one access-log line. The ingress raises it as its 4xx."""
-    try:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn)
-    except (KnowMapError, ValueError) as e:
-        cause = getattr(e, "cause", None) or e  # an env-KB actor's error arrives wrapped in a RayTaskError
-        if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
-            return cause
-        return KnowMapError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
-
-
 class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an error
     def __init__(self, model: str) -> None:
         super().__init__(model)
@@ -105,7 +92,16 @@ class RetrievalBackend:
         self._contributing = threading.Lock()  # contributions and deletions, one at a time (per replica)
 
     async def _run(self, fn: Callable[[], T]) -> T | KnowMapError:
-        return await _answer(fn, self._pool)
+        """``fn()`` in a thread of this backend's pool. A refusal of what the client sent (an unknown env, a step
+        out of order, an expert's episode id) comes back as a KnowMapError, unwrapped from the RayTaskError an
+        env-KB actor's error arrives in; the ingress answers it with its 4xx."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except (KnowMapError, ValueError) as e:
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
+                return cause
+            return KnowMapError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
 
     # -- retrieval -------------------------------------------------------------------------------------------
     async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None) -> RetrieveResponse:
