@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from knowmap.errors import EmbedderError
-from knowmap.models.embedder import Embedder, default_embedder_path, model_fingerprint
+from knowmap.models.embedder import TRACE_TOLERANCE, Embedder, default_embedder_path, model_fingerprint
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +97,27 @@ def test_texts_of_mixed_lengths_embed_as_each_alone_in_order(embedder: Embedder)
     together = embedder.encode(texts)  # grouped into passes by length, then put back in order
     alone = np.concatenate([embedder.encode([t]) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_traced_inference_gives_the_eager_vectors(embedder: Embedder) -> None:
+    # The packaged MiniLM traces; its vectors must be the eager model's (the served collections were embedded by
+    # either), on batches the trace never saw: other sizes, lengths, one truncated text.
+    assert embedder.traced
+    texts = ["boil water", "the metal pot is on the stove " * 3, "x" * 3000,
+             *[f"step {i} of the task" for i in range(9)]]
+    eager = embedder._model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+    np.testing.assert_allclose(embedder.encode(texts), eager, atol=TRACE_TOLERANCE)
+
+
+def test_a_model_that_does_not_trace_runs_eagerly(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                  embedder: Embedder) -> None:
+    import torch
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("untraceable module")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    eager = Embedder(default_embedder_path())
+    assert not eager.traced and "untraceable module" in caplog.text
+    np.testing.assert_allclose(eager.encode(["boil water", "a frog"]), embedder.encode(["boil water", "a frog"]),
+                               atol=TRACE_TOLERANCE)
