@@ -21,6 +21,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pipeline(config: object) -> tuple[object, object]:
+    """``(retriever, embedder)``: the service's retrieval pipeline in this process, on this Ray's KB actors: the
+    embedder (the one model thread count the service's replica gets), hybrid fusion as configured. The
+    benchmark's in-process baseline is the same object. Needs ``ray.init`` first."""
+    import ray
+
+    from knowmap.actors.env_kb import get_or_create_env_kb
+    from knowmap.actors.experience import get_experience_kb
+    from knowmap.models.embedder import Embedder
+    from knowmap.models.retrieval import Retriever
+    from knowmap.schemas import Fact, KnowledgeItem
+    from knowmap.serve.deployments import use_model_threads
+
+    use_model_threads(config.serve.model_threads)
+    embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
+    experience = get_experience_kb(config)
+    envs: dict[str, object] = {}  # env id -> its actor's handle
+
+    def env_facts(env_id: str, step: int | None) -> list[Fact]:
+        env = envs.get(env_id) or envs.setdefault(env_id, get_or_create_env_kb(env_id, config))
+        rows = ray.get(env.current.remote() if step is None else env.as_of.remote(step))
+        return [Fact.model_validate(r) for r in rows]
+
+    def search(vector: object, k: int, task: str | None, where: dict | None) -> list[KnowledgeItem]:
+        rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version, where=where))
+        return [KnowledgeItem.model_validate(r) for r in rows]
+
+    retriever = Retriever(embedder.encode, env_facts=env_facts, experience=search, hybrid=config.serve.hybrid,
+                          hybrid_candidates=config.serve.hybrid_candidates)
+    return retriever, embedder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
@@ -34,31 +66,13 @@ def main() -> None:
     import uvicorn
     from fastapi import FastAPI, Header, HTTPException
 
-    from knowmap.actors.env_kb import get_or_create_env_kb
-    from knowmap.actors.experience import get_experience_kb
     from knowmap.api_schemas import RetrieveRequest, RetrieveResponse
     from knowmap.config import KnowMapConfig
-    from knowmap.models.embedder import Embedder
-    from knowmap.models.retrieval import Retriever
-    from knowmap.schemas import Fact, KnowledgeItem
     from knowmap.tenancy import experience_filter
 
     config = KnowMapConfig.model_validate(json.loads(args.config_json))
     ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
-    embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
-    experience = get_experience_kb(config)
-
-    def env_facts(env_id: str, step: int | None) -> list[Fact]:
-        env = get_or_create_env_kb(env_id, config)
-        rows = ray.get(env.current.remote() if step is None else env.as_of.remote(step))
-        return [Fact.model_validate(r) for r in rows]
-
-    def search(vector: object, k: int, task: str | None, where: dict | None) -> list[KnowledgeItem]:
-        rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version, where=where))
-        return [KnowledgeItem.model_validate(r) for r in rows]
-
-    retriever = Retriever(embedder.encode, env_facts=env_facts, experience=search, hybrid=config.serve.hybrid,
-                          hybrid_candidates=config.serve.hybrid_candidates)
+    retriever, embedder = pipeline(config)
     app = FastAPI()
 
     @app.post("/v1/retrieve", response_model=RetrieveResponse)

@@ -3,8 +3,8 @@
 Six measurements, each against a baseline taken in the same run (absolute times on a shared machine are noise):
 
 1. ``/v1/retrieve`` p50/p99 over HTTP (the typed client, one request at a time) against the same pipeline called
-   in-process: a :class:`knowmap.models.retrieval.Retriever` in this process with its own embedder and the same KB
-   actors (env KB and experiential KB). Goal: HTTP p50 <= 1.25 x in-process p50.
+   in-process: the monolith's pipeline (``monolith_service.pipeline``: its own embedder, hybrid as configured, the
+   default tenant's filter) in this process, on the same KB actors. Goal: HTTP p50 <= 1.25 x in-process p50.
 2. ``/v1/embeddings`` throughput (one short text per request, 16 concurrent clients) with ``@serve.batch``
    (``serve.max_batch_size``) against the same service with batching off (``max_batch_size`` 1). Goal >= 2x.
 3. ``/v1/retrieve`` p99 while the embedder is hot-swapped to a model of other weights (re-index + in-place
@@ -44,18 +44,16 @@ import ray  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 from bench_service import FIXTURES, free_port, local_service, pct  # noqa: E402
+from monolith_service import pipeline  # noqa: E402
 from ray import serve  # noqa: E402
 
-from knowmap.actors.env_kb import get_or_create_env_kb  # noqa: E402
-from knowmap.actors.experience import get_experience_kb  # noqa: E402
 from knowmap.config import KnowMapConfig  # noqa: E402
-from knowmap.models.embedder import Embedder, default_embedder_path  # noqa: E402
+from knowmap.models.embedder import default_embedder_path  # noqa: E402
 from knowmap.models.retrieval import Retriever  # noqa: E402
-from knowmap.schemas import Fact, KnowledgeItem  # noqa: E402
 from knowmap.serve.app import APP_NAME, ServeAppArgs, build_app, public_config, swap_models  # noqa: E402
 from knowmap.serve.auth import Grant, digest  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
-from knowmap.serve.deployments import use_model_threads  # noqa: E402
+from knowmap.tenancy import DEPLOYMENT_VIEW  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "serve_latency.json"
 ENV_ID = "bench-boil-0"
@@ -131,22 +129,10 @@ def interleaved(first: Any, second: Any, n: int) -> tuple[list[float], list[floa
     return a, b
 
 
-def in_process_retriever(config: KnowMapConfig) -> tuple[Retriever, str]:
-    """The same pipeline without HTTP or Serve: a local embedder, the same env-KB and experiential-KB actors."""
-    use_model_threads(config.serve.model_threads)  # as the ingress's embedder: the same model work on both sides
-    embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
-    env = get_or_create_env_kb(ENV_ID, config)
-    experience = get_experience_kb(config)
-
-    def env_facts(env_id: str, step: int | None) -> list[Fact]:
-        rows = ray.get(env.current.remote() if step is None else env.as_of.remote(step))
-        return [Fact.model_validate(r) for r in rows]
-
-    def search(vector: Any, k: int, task: str | None, where: Any = None) -> list[KnowledgeItem]:
-        rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version))
-        return [KnowledgeItem.model_validate(r) for r in rows]
-
-    return Retriever(embedder.encode, env_facts=env_facts, experience=search), embedder.version
+def in_process_retriever(config: KnowMapConfig) -> Retriever:
+    """The same pipeline without HTTP or Serve: the monolith's (:func:`monolith_service.pipeline`), in this
+    process; retrieve with ``where=DEPLOYMENT_VIEW``, the service's filter for its default tenant."""
+    return pipeline(config)[0]
 
 
 def embed_one(client: KnowMapClient, i: int) -> None:
@@ -273,9 +259,9 @@ def main() -> None:
             return KnowMapClient(info.url, info.api_key)
 
         # 1. retrieve over HTTP vs in-process
-        retriever, _ = in_process_retriever(config)
+        retriever = in_process_retriever(config)
         local, http = interleaved(
-            lambda i: retriever.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5),
+            lambda i: retriever.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5, where=DEPLOYMENT_VIEW),
             lambda i: client.retrieve(QUERIES[i % len(QUERIES)], env_id=ENV_ID, k=5), args.requests)
         retrieve = {"in_process_p50_ms": pct(local, 50), "in_process_p99_ms": pct(local, 99),
                     "http_p50_ms": pct(http, 50), "http_p99_ms": pct(http, 99), "requests": args.requests}
