@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ _SAMPLE_BYTES = 64 << 10
 _SAMPLES = 32
 # Texts the traced graph is checked against eager inference with: padded and unpadded batches, one truncated text.
 _TRACE_PROBES = (["a probe", "a longer probe text with more tokens than the first, so the batch is padded"],
-                 ["one text alone"], ["word " * 600, "short"])
+                 ["one text alone"], ["word " * 600])
 TRACE_TOLERANCE = 1e-4  # largest difference from eager inference in any vector component
 
 
@@ -175,6 +176,16 @@ def length_chunks(lengths: list[int], limit: int, pass_cost: int = PASS_COST_CHA
             chunks.append([i])
         longest = lengths[i]
     return chunks
+
+
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Run the calling thread (only it, on Linux) at a lower CPU priority, at least ``niceness``: a model loaded
+    and traced beside requests being served then takes the CPU they leave. A no-op where the OS does not allow it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), niceness))
+    except (AttributeError, OSError):
+        pass
 
 
 def trace_model(model: SentenceTransformer) -> object | None:
