@@ -15,7 +15,6 @@ import ray
 
 from knowmap.config import KnowMapConfig
 from knowmap.kb.experience_versions import VersionedExperienceKB
-from knowmap.models.embedder import lower_thread_priority
 from knowmap.schemas import stable_id
 
 
@@ -24,8 +23,6 @@ class ExperienceKBActor(VersionedExperienceKB):
 
     @ray.method(concurrency_group="reindex")
     def ensure_index(self, embedder_path: str, make_current: bool = False) -> dict[str, Any]:
-        """Loads, traces and re-embeds at a lower CPU priority (this group's own thread): searches go first."""
-        lower_thread_priority()
         return super().ensure_index(embedder_path, make_current)
 
     @ray.method(concurrency_group="contribute")

@@ -24,7 +24,7 @@ from ray import serve
 
 from knowmap.api_schemas import EncodedTexts, ScoredDocuments
 from knowmap.errors import RerankerUnavailableError
-from knowmap.models.embedder import Embedder, default_embedder_path, lower_thread_priority
+from knowmap.models.embedder import Embedder, default_embedder_path
 from knowmap.models.reranker import Reranker
 from knowmap.serve.metrics import record_batch
 
@@ -142,12 +142,6 @@ def use_model_threads(threads: int) -> None:
     set_threads(threads or os.cpu_count() or 1)
 
 
-def _load_aside(path: str, device: str, batch_size: int) -> Embedder:
-    """Load (and trace) a model in this thread at a lower CPU priority than the requests being served."""
-    lower_thread_priority()
-    return Embedder(path, device, batch_size)
-
-
 def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
     if "max_batch_size" in user_config:
         handler.set_max_batch_size(int(user_config["max_batch_size"]))
@@ -186,9 +180,7 @@ class EmbedderModels:
         path = str(user_config.get("model") or "") or default_embedder_path()
         async with self._swap:
             if path not in self._models:
-                with ThreadPoolExecutor(1, thread_name_prefix="embedder-load") as aside:  # at a lower priority
-                    self._models[path] = await asyncio.get_running_loop().run_in_executor(
-                        aside, _load_aside, path, self._device, self._batch_size)
+                self._models[path] = await asyncio.to_thread(Embedder, path, self._device, self._batch_size)
             self._models.move_to_end(path)
             self._current = path
             while len(self._models) > self._keep:

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import re
-import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -176,16 +175,6 @@ def length_chunks(lengths: list[int], limit: int, pass_cost: int = PASS_COST_CHA
             chunks.append([i])
         longest = lengths[i]
     return chunks
-
-
-def lower_thread_priority(niceness: int = 10) -> None:
-    """Run the calling thread (only it, on Linux) at a lower CPU priority, at least ``niceness``: a model loaded
-    and traced beside requests being served then takes the CPU they leave. A no-op where the OS does not allow it."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), niceness))
-    except (AttributeError, OSError):
-        pass
 
 
 def trace_model(model: SentenceTransformer) -> object | None:
