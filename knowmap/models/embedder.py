@@ -135,10 +135,7 @@ class Embedder:
 
     def _pass(self, texts: list[str]) -> np.ndarray:
         """One forward pass over ``texts``: unit vectors, ``(len(texts), dim)``."""
-        if self._graph is None:
-            return self._model.encode(texts, batch_size=len(texts), normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
-        return _run_graph(self._graph, self._model, texts)
+        return _eager_pass(self._model, texts) if self._graph is None else _run_graph(self._graph, self._model, texts)
 
     @property
     def traced(self) -> bool:
@@ -193,15 +190,19 @@ def trace_model(model: SentenceTransformer) -> object | None:
             graph = torch.jit.freeze(torch.jit.trace(model, (_features(model, _TRACE_PROBES[0]),), strict=False,
                                                      check_trace=False))
         for probe in _TRACE_PROBES:
-            eager = model.encode(probe, batch_size=len(probe), normalize_embeddings=True, convert_to_numpy=True,
-                                 show_progress_bar=False)
-            difference = float(np.abs(_run_graph(graph, model, probe) - eager).max())
+            difference = float(np.abs(_run_graph(graph, model, probe) - _eager_pass(model, probe)).max())
             if difference > TRACE_TOLERANCE:
                 raise ValueError(f"traced vectors differ from eager ones by {difference:.2e}")
     except Exception as e:  # noqa: BLE001 - any failure to trace leaves the eager model, which always works
         logger.warning("the embedder runs eagerly: tracing it failed (%s: %s)", type(e).__name__, e)
         return None
     return graph
+
+
+def _eager_pass(model: SentenceTransformer, texts: list[str]) -> np.ndarray:
+    """One eager forward pass over ``texts`` through sentence-transformers: unit vectors."""
+    return model.encode(texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False)
 
 
 def _features(model: SentenceTransformer, texts: list[str]) -> dict[str, object]:
