@@ -242,9 +242,10 @@ def test_constraint_styles_send_what_each_server_accepts() -> None:
 
 
 def test_transient_errors_are_retried_then_reported_clearly() -> None:
+    import httpx2
     import openai
 
-    down = openai.APIConnectionError(request=None)  # type: ignore[arg-type]
+    down = openai.APIConnectionError(request=httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions"))
     llm, c = client("grammar", [down, "go to hallway"])
     assert llm.chat([], choices=["go to hallway"]) == "go to hallway" and len(c.kwargs) == 2
     llm, c = client("grammar", [down, down, down])
