@@ -16,7 +16,9 @@ Six measurements, each against a baseline taken in the same run (absolute times 
 6. The same two against Serve scaled out on the same cores: two ingress replicas of one model thread each (no goal
    of its own; what a replica count buys here).
 
-Everything runs on 127.0.0.1 in a local Ray (data in a temporary directory); loops are bounded by request counts.
+Serve runs as configured by default: HAProxy in front of the ingress (``serve.frontend``), retrieves batched across
+concurrent requests. Everything runs on 127.0.0.1 in a local Ray (data in a temporary directory); loops are bounded
+by request counts.
 Prints a table and writes ``benchmarks/results/serve_latency.json`` (``metric``, ``value``, ``goal``, ``details``).
 
     .venv/bin/python benchmarks/serve_latency.py [--requests 200] [--throughput-requests 40] [--out PATH]
@@ -168,7 +170,7 @@ def throughput(client_factory: Any, requests_per_client: int, concurrency: int =
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds (user + system) every process on this machine has used, by a short name of its command line."""
     tick = os.sysconf("SC_CLK_TCK")
-    names = {"ServeReplica:knowmap:Ingress": "serve ingress", "ProxyActor": "serve proxy",
+    names = {"ServeReplica:knowmap:Ingress": "serve ingress", "ProxyActor": "serve proxy", "bin/haproxy": "haproxy",
              "ExperienceKBActor": "experiential-KB actor", "EnvKBActor": "env-KB actor",
              "monolith_service.py": "monolith", "serve_latency.py": "load generator"}
     used: dict[str, float] = {}
@@ -202,9 +204,10 @@ def timed_load(run: Any, concurrency: int, stats: bool = True) -> dict[str, floa
 
 
 def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Mean requests per batch, and the share of the wall time the embedder spent inside the model."""
+    """Mean requests per embedding batch and per retrieve batch, and the time the embedder spent in the model."""
     delta = {k: after[k] - before[k] for k in before}
     return {"mean_batch_requests": delta["requests"] / max(delta["batches"], 1),
+            "mean_retrieve_batch_requests": delta["retrieve_requests"] / max(delta["retrieve_batches"], 1),
             "model_seconds": delta["model_seconds"]}
 
 
@@ -329,7 +332,7 @@ def main() -> None:
                   "serve_p50_ms": pct(served, 50), "serve_p99_ms": pct(served, 99),
                   "monolith_requests_per_s_16": mono_load["requests_per_s"],
                   "serve_requests_per_s_16": serve_load["requests_per_s"],
-                  "serve_mean_batch_requests_16": serve_load["mean_batch_requests"],
+                  "serve_mean_batch_requests_16": serve_load["mean_retrieve_batch_requests"],
                   "monolith_cpu_ms_per_request_16": mono_load["cpu_ms_per_request"],
                   "serve_cpu_ms_per_request_16": serve_load["cpu_ms_per_request"]}
         versus["p50_ratio"] = versus["serve_p50_ms"] / versus["monolith_p50_ms"]
@@ -396,7 +399,7 @@ def main() -> None:
               "goal": GOALS["retrieve_p50_ratio"],
               "details": {"checks": checks, "retrieve": retrieve, "batching": batching, "hot_swap": swap_stats,
                           "monolith": versus, "scaled_out": scaled, "tails": tails,
-                          "load_average": os.getloadavg(), "cpus": os.cpu_count(),
+                          "load_average": os.getloadavg(), "cpus": os.cpu_count(), "frontend": config.serve.frontend,
                           "note": f"p99 of {args.requests} samples sits between the 2nd and 3rd slowest"}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

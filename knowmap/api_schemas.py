@@ -286,18 +286,12 @@ class ReadyResponse(BaseModel):
 
 # -- between deployments (Ray calls inside the service, not HTTP) ----------------------------------------------
 class EncodedTexts(BaseModel):
-    """The embedder deployment's answer: vectors and the model that made them.
-
-    ``model`` is the model directory actually used: the one asked for if the replica holds it, else the current
-    one; ``current`` is the replica's current model, so callers move to a new version after a swap.
-    """
+    """The embedder's answer: vectors and the version of the model that made them."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     vectors: Any = Field(description="numpy float32 (n, dim), unit rows")
-    model: str
     version: str
-    current: str
 
 
 class ScoredDocuments(BaseModel):

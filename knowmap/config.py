@@ -283,6 +283,11 @@ class ServeConfig(_Section):
                                         "once the model is idle: what a lone request pays, per model call. 0 still "
                                         "batches: requests that arrive while a batch runs join the next one")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
+    frontend: Literal["haproxy", "serve-proxy"] = Field(
+        default="haproxy", description="what takes HTTP connections: `haproxy` (Ray Serve's high-throughput mode: "
+        "HAProxy on every node in front of replicas that serve HTTP themselves) or `serve-proxy` (Serve's Python "
+        "proxy actor, which hands each request to a replica as an actor call); read when Ray starts "
+        "(knowmap.serve.proxy)")
 
 
 class RetrainConfig(_Section):

@@ -128,8 +128,10 @@ class Ingress:
         await self.embedder.reconfigure(user_config)
 
     async def info(self) -> dict[str, Any]:
-        """The embedder serving now and this replica's batching counters (:meth:`EmbedderModels.info`)."""
-        return await self.embedder.info()
+        """The embedder serving now and this replica's batching counters (:meth:`EmbedderModels.info`, with the
+        retrieve batches' ``retrieve_batches`` and ``retrieve_requests``)."""
+        info = await self.embedder.info()
+        return {**info, "stats": {**info["stats"], **self.retriever.stats()}}
 
     # -- open -------------------------------------------------------------------------------------------------
     @app.get("/healthz", response_model=HealthResponse, tags=["service"])

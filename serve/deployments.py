@@ -187,36 +187,40 @@ class EmbedderModels:
                 self._models.popitem(last=False)
         logger.info("embedder now %s", self._models[path].version)
 
-    async def encode(self, texts: list[str], model: str | None = None) -> EncodedTexts:
-        """Embed ``texts`` with ``model`` if this replica holds it, else with the current model."""
-        return _raised(await self._gate.call(self._encode_batch, (list(texts), model)))
+    async def encode(self, texts: list[str]) -> EncodedTexts:
+        """Embed ``texts`` with the current model, batched with concurrent calls."""
+        return _raised(await self._gate.call(self._encode_batch, list(texts)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _encode_batch(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
+    async def _encode_batch(self, requests: list[list[str]]) -> list[EncodedTexts | Exception]:
         try:
-            return await self._encode_requests(requests)
+            embedder = self._models[self._current]  # held here even if a swap evicts it meanwhile
+            started = time.perf_counter()
+            rows = await asyncio.get_running_loop().run_in_executor(
+                self._model_thread, encode_requests, embedder.encode, requests)
+            self._stats["model_seconds"] += time.perf_counter() - started
+            self._stats["batches"] += 1
+            self._stats["requests"] += len(requests)
+            self._stats["texts"] += sum(len(texts) for texts in requests)
+            record_batch("embedder", len(requests))
+            return [vectors if isinstance(vectors, Exception) else EncodedTexts(vectors=vectors,
+                                                                                version=embedder.version)
+                    for vectors in rows]
         finally:
             self._gate.release()
 
-    async def _encode_requests(self, requests: list[tuple[list[str], str | None]]) -> list[EncodedTexts]:
-        current = self._current
-        chosen = [model if model in self._models else current for _, model in requests]
-        models = {path: self._models[path] for path in chosen}  # held here even if a swap evicts one meanwhile
-        results: list[EncodedTexts | Exception | None] = [None] * len(requests)
-        for path, embedder in models.items():  # normally one model; two only while a swap is under way
-            members = [i for i, p in enumerate(chosen) if p == path]
-            started = time.perf_counter()
-            rows = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, encode_requests, embedder.encode, [requests[i][0] for i in members])
-            self._stats["model_seconds"] += time.perf_counter() - started
-            self._stats["batches"] += 1
-            self._stats["requests"] += len(members)
-            record_batch("embedder", len(members))
-            self._stats["texts"] += sum(len(requests[i][0]) for i in members)
-            for i, vectors in zip(members, rows, strict=True):
-                results[i] = vectors if isinstance(vectors, Exception) else EncodedTexts(
-                    vectors=vectors, model=path, version=embedder.version, current=current)
-        return results  # type: ignore[return-value]
+    def pinned(self) -> tuple[str, Embedder]:
+        """The current model's path and :class:`Embedder`: what a batch of retrieves embeds everything with (the
+        object stays usable while the batch holds it, even if a swap evicts it meanwhile)."""
+        return self._current, self._models[self._current]
+
+    def run(self, embedder: Embedder, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` with ``embedder`` on the model thread, waiting from a worker thread (a retrieve batch's
+        stages): one model call, counted in :meth:`info`'s ``model_seconds``."""
+        started = time.perf_counter()
+        vectors = self._model_thread.submit(embedder.encode, texts).result()
+        self._stats["model_seconds"] += time.perf_counter() - started
+        return vectors
 
     async def info(self) -> dict[str, Any]:
         """The current model: ``path``, ``version``, ``dim``; every model held; this replica's batching counters

@@ -9,11 +9,14 @@ Env facts come from the env-KB actor named ``envkb:<env_id>`` (:mod:`knowmap.act
 its own actor and files, so a request for one env id can only ever see that env's facts. Experience comes from
 the shared experiential-KB actor, searched in the collection of the embedder version that embedded the query.
 
-Hot swap without failed requests: every request is pinned to one embedder model. Its first call asks the
-embedder for the model this replica last saw as current; the embedder answers with that model if it still holds
-it (it keeps the previous one) and says which model is now current, which later requests then use. If it no
-longer holds the pinned model, the answer names the model it used instead and the request starts over on it.
-A request thus never mixes vectors of two models, and fact vectors are cached per model."""
+Concurrent retrieves are batched (``@serve.batch``, admitted while no batch runs, like the embedder's): a batch
+reads each env KB once, calls the model twice in all and the experiential-KB actor once (one multi-vector search),
+which on a busy replica costs less per request than one retrieve alone (README, "Latency and throughput").
+
+Hot swap without failed requests: a batch embeds everything with the model that is current when it starts, and
+keeps that model alive until it ends even if a swap evicts it meanwhile; its experiential search goes to that
+model's collection (a swap indexes the new one before the replicas switch). A request thus never mixes vectors of
+two models, and fact vectors are cached per model."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import ray
+from ray import serve
 
 from knowmap.actors.env_kb import env_kb_directory
 from knowmap.actors.experience import get_experience_kb
@@ -47,22 +51,26 @@ from knowmap.kb.trajectory_store import (
     delete_trajectory,
     save_trajectory,
 )
-from knowmap.models.embedder import embedder_version
-from knowmap.models.retrieval import Retriever
+from knowmap.models.embedder import Embedder
+from knowmap.models.retrieval import RetrieveArgs, Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
-from knowmap.serve.deployments import EmbedderModels
+from knowmap.serve.deployments import EmbedderModels, IdleGate
 from knowmap.serve.envs import EnvActors
-from knowmap.serve.metrics import record_kb_size
+from knowmap.serve.metrics import record_batch, record_kb_size
 from knowmap.tenancy import DEPLOYMENT_VIEW, unscoped
 
-_ATTEMPTS = 3
 T = TypeVar("T")
 
 
-class _ModelChanged(Exception):  # noqa: N818 - a control-flow signal, not an error
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.model = model
+def _refusal(error: Exception) -> Exception:
+    """A refusal of what the client sent (an unknown env, a step out of order, an expert's episode id) as a
+    KnowMapError, unwrapped from the RayTaskError an env-KB actor's error arrives in; any other error as it is."""
+    if not isinstance(error, KnowMapError | ValueError):
+        return error
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
+        return cause
+    return KnowMapError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
 
 
 class RetrievalBackend:
@@ -84,86 +92,87 @@ class RetrievalBackend:
         self._pool = ThreadPoolExecutor(self._config.serve.max_ongoing_requests, thread_name_prefix="retrieval")
         self._experience = get_experience_kb(self._config)
         self._lock = threading.Lock()
-        self._model: str | None = None  # the embedder model new requests are pinned to
         self._retrievers: OrderedDict[str, Retriever] = OrderedDict()  # per model: each has its own fact cache
-        self._versions: dict[str, str] = {}  # model dir -> embedder version
+        self._gate = IdleGate()
+        self._retrieve_batch.set_max_batch_size(self._config.serve.max_batch_size)
+        self._stats = {"retrieve_batches": 0, "retrieve_requests": 0}
         self._envs = EnvActors(self._config)
         self._reranker_version: str | None = None
         self._contributing = threading.Lock()  # contributions and deletions, one at a time (per replica)
 
     async def _run(self, fn: Callable[[], T]) -> T | KnowMapError:
-        """``fn()`` in a thread of this backend's pool. A refusal of what the client sent (an unknown env, a step
-        out of order, an expert's episode id) comes back as a KnowMapError, unwrapped from the RayTaskError an
-        env-KB actor's error arrives in; the ingress answers it with its 4xx."""
+        """``fn()`` in a thread of this backend's pool; a refusal of what the client sent comes back as a
+        KnowMapError (:func:`_refusal`), which the ingress answers with its 4xx."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except (KnowMapError, ValueError) as e:
-            cause = getattr(e, "cause", None) or e
-            if isinstance(cause, KnowMapError) and type(cause).__module__ == KnowMapError.__module__:
-                return cause
-            return KnowMapError(str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__)
+            return _refusal(e)  # type: ignore[return-value]
 
     # -- retrieval -------------------------------------------------------------------------------------------
-    async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None) -> RetrieveResponse:
+    async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None,
+                       ) -> RetrieveResponse | KnowMapError:
         """Env facts, then experiential sub-goals among the rows matching ``where`` (the caller's tenant's
-        visibility), for the request (see :meth:`Retriever.retrieve`)."""
-        self._loop = asyncio.get_running_loop()
-        model = self._model or (await self._embedder.info())["path"]
-        return await self._run(lambda: self._retrieve(request, where, model))
+        visibility), for the request (see :meth:`Retriever.retrieve`), batched with concurrent retrieves; a
+        refusal of this request's input comes back as a KnowMapError."""
+        result = await self._gate.call(self._retrieve_batch, (request, where))
+        if isinstance(result, Exception) and not isinstance(result, KnowMapError):
+            raise result
+        return result
 
-    def _retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None, model: str) -> RetrieveResponse:
-        for _ in range(_ATTEMPTS):
-            retriever = self._retriever_for(model)
-            try:
-                items = retriever.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
-                                           kbs=request.kbs, rerank=bool(request.rerank), step=request.as_of_step,
-                                           hybrid=request.hybrid, where=where)
-            except _ModelChanged as e:  # this replica's embedder no longer holds the pinned model
-                model = e.model
-                continue
-            if model not in self._versions:  # nothing was embedded (e.g. only env facts of an env without any)
-                self._versions[model] = embedder_version(model)
-            return RetrieveResponse(items=items, embedder=self._versions[model],
-                                    reranker=self._reranker_version if request.rerank else None)
-        raise KnowMapError(f"the embedder changed model {_ATTEMPTS} times during one request; retry")
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def _retrieve_batch(self, requests: list[tuple[RetrieveRequest, dict[str, Any] | None]],
+                              ) -> list[RetrieveResponse | Exception]:
+        try:
+            path, embedder = self._embedder.pinned()
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._retrieve_many, requests, path,
+                                                                    embedder)
+        finally:
+            self._gate.release()
 
-    def _retriever_for(self, model: str) -> Retriever:
+    def _retrieve_many(self, requests: list[tuple[RetrieveRequest, dict[str, Any] | None]], path: str,
+                       embedder: Embedder) -> list[RetrieveResponse | Exception]:
+        self._stats["retrieve_batches"] += 1
+        self._stats["retrieve_requests"] += len(requests)
+        record_batch("retrieve", len(requests))
+        found = self._retriever_for(path, embedder).retrieve_many([
+            RetrieveArgs(r.query, r.env_id, r.task, r.k, tuple(r.kbs), bool(r.rerank), r.as_of_step, r.hybrid,
+                         where) for r, where in requests])
+        return [_refusal(items) if isinstance(items, Exception) else RetrieveResponse(
+            items=items, embedder=embedder.version, reranker=self._reranker_version if r.rerank else None)
+            for items, (r, _) in zip(found, requests, strict=True)]
+
+    def stats(self) -> dict[str, int]:
+        """Retrieve batches and the requests they held, in this replica."""
+        return dict(self._stats)
+
+    def _retriever_for(self, path: str, embedder: Embedder) -> Retriever:
         with self._lock:
-            retriever = self._retrievers.get(model)
+            retriever = self._retrievers.get(path)
             if retriever is None:
-                retriever = Retriever(lambda texts: self._encode(texts, model), env_facts=self._env_facts,
-                                      experience=lambda v, k, task, where: self._search(v, k, task, where, model),
+                retriever = Retriever(lambda texts: self._embedder.run(embedder, texts), env_facts=self._env_facts,
+                                      experience_many=lambda searches: self._search(searches, path, embedder.version),
                                       rerank=self._rerank, rerank_candidates=self._config.serve.rerank_candidates,
                                       hybrid=self._config.serve.hybrid,
                                       hybrid_candidates=self._config.serve.hybrid_candidates)
-                self._retrievers[model] = retriever
-            self._retrievers.move_to_end(model)
+                self._retrievers[path] = retriever
+            self._retrievers.move_to_end(path)
             while len(self._retrievers) > 3:
                 self._retrievers.popitem(last=False)
             return retriever
 
-    def _encode(self, texts: list[str], model: str) -> Any:
-        assert self._loop is not None  # set by retrieve(), which runs this in a worker thread
-        encoded = asyncio.run_coroutine_threadsafe(self._embedder.encode(texts, model), self._loop).result()
-        self._versions[encoded.model] = encoded.version
-        self._model = encoded.current  # later requests start on the embedder's current model
-        if encoded.model != model:
-            raise _ModelChanged(encoded.model)
-        return encoded.vectors
-
-    def _search(self, vector: Any, k: int, task: str | None, where: dict[str, Any] | None,
-                model: str) -> list[KnowledgeItem]:
-        version = self._versions[model]  # set by the encode of this very query
-        search = self._experience.search_vector
+    def _search(self, searches: list[tuple[Any, int, str | None, dict[str, Any] | None]], path: str,
+                version: str) -> list[list[KnowledgeItem]]:
+        """A batch's experiential searches, in one call to the actor, in the collection of ``version``."""
+        searches = [(vector, k, task, where or DEPLOYMENT_VIEW) for vector, k, task, where in searches]
         try:
-            rows = ray.get(search.remote(vector, k, task, version, where=where or DEPLOYMENT_VIEW))
+            rows = ray.get(self._experience.search_vectors.remote(searches, version))
         except KnowMapError as e:
             if "ensure_index" not in str(e):
                 raise
             # The experiential-KB actor restarted and holds only its configured version again: re-index, retry.
-            ray.get(self._experience.ensure_index.remote(model))
-            rows = ray.get(search.remote(vector, k, task, version, where=where or DEPLOYMENT_VIEW))
-        return [KnowledgeItem.model_validate(r) for r in rows]
+            ray.get(self._experience.ensure_index.remote(path))
+            rows = ray.get(self._experience.search_vectors.remote(searches, version))
+        return [[KnowledgeItem.model_validate(r) for r in found] for found in rows]
 
     def _rerank(self, query: str, documents: list[str]) -> list[float]:
         scored = self._reranker.score.remote(query, documents).result()

@@ -16,9 +16,16 @@ if TYPE_CHECKING:
 # No model hub is reachable here: never let a loader try (and wait on retries).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Whichever test starts Ray, its Serve proxy times out request heads (knowmap.serve.proxy), after 2 s here.
-os.environ.update({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "knowmap.serve.proxy:install",
-                   "KNOWMAP_PROXY_HEADER_TIMEOUT_S": "2"})
+# Whichever test starts Ray, its Serve frontend is the default one (knowmap.serve.proxy) and times out request
+# heads after 2 s here (HAProxy: stalled clients after 3 s, past the Serve tier's 2 s body timeout).
+def _frontend_environment() -> dict[str, str]:
+    from knowmap.config import KnowMapConfig
+    from knowmap.serve.proxy import proxy_environment
+
+    return proxy_environment(KnowMapConfig(serve={"header_timeout_s": 2, "body_timeout_s": 2}))
+
+
+os.environ.update(_frontend_environment())
 
 
 @pytest.fixture(scope="session")

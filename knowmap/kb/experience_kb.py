@@ -117,8 +117,14 @@ class ExperienceKB:
     def search_vector(self, vector: Any, k: int = 5, *, task: str | None = None, kind: str | None = "subgoal",
                       source: str | None = None, where: dict[str, Any] | None = None) -> list[KnowledgeItem]:
         """As :meth:`search`, for a query already embedded by this KB's embedder (a unit vector ``(dim,)``)."""
+        return self.search_vectors(vector, k, task=task, kind=kind, source=source, where=where)[0]
+
+    def search_vectors(self, vectors: Any, k: int = 5, *, task: str | None = None, kind: str | None = "subgoal",
+                       source: str | None = None, where: dict[str, Any] | None = None) -> list[list[KnowledgeItem]]:
+        """:meth:`search_vector` for several query vectors ``(n, dim)`` under the same filters, in one store call:
+        one list of items per vector."""
         filters = {**(where or {}), **self._filters(task=task, kind=kind, source=source)}
-        return [_item(hit) for hit in self.store.search(self.collection, vector, k, filters)[0]]
+        return [[_item(hit) for hit in hits] for hits in self.store.search(self.collection, vectors, k, filters)]
 
     def count(self, **filters: str | None) -> int:
         """Rows matching ``task=``, ``kind=``, ``episode_id=``, ``source=`` (None = any); no filters = all rows."""

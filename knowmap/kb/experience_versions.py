@@ -13,9 +13,12 @@ searches the matching collection throughout. Older versions stay held for rollba
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
+
+import numpy as np
 
 from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
@@ -91,14 +94,35 @@ class VersionedExperienceKB:
         Raises:
             KnowMapError: ``version`` is not indexed here (the message lists the held versions).
         """
+        return self.search_vectors([(vector, k, task, where)], version, kind=kind, source=source)[0]
+
+    def search_vectors(self, searches: list[tuple[Any, int, str | None, dict[str, Any] | None]],
+                       version: str | None = None, kind: str | None = "subgoal",
+                       source: str | None = None) -> list[list[dict[str, Any]]]:
+        """Several :meth:`search_vector` searches ``(vector, k, task, where)`` in one call, as a retrieval service
+        batches its concurrent requests: the searches that share ``k``, task and filter go to the vector store as
+        one multi-vector query. Returns each search's rows, in order.
+
+        Raises:
+            KnowMapError: ``version`` is not indexed here (the message lists the held versions).
+        """
         with self._lock:
             kb = self._kbs.get(version or self._current)
             held = sorted(self._kbs)
         if kb is None:
             raise KnowMapError(f"no experiential collection for embedder version {version!r}; indexed: {held}. "
                                "Call ensure_index(<model path>) first")
-        return [h.model_dump() for h in kb.search_vector(vector, k, task=task, kind=kind, source=source,
-                                                         where=where)]
+        groups: dict[str, list[int]] = {}
+        for i, (_, k, task, where) in enumerate(searches):
+            groups.setdefault(json.dumps([k, task, where], sort_keys=True, default=str), []).append(i)
+        found: list[list[dict[str, Any]]] = [[] for _ in searches]
+        for members in groups.values():
+            _, k, task, where = searches[members[0]]
+            vectors = np.stack([np.asarray(searches[i][0], dtype=np.float32) for i in members])  # (n, dim)
+            hits = kb.search_vectors(vectors, k, task=task, kind=kind, source=source, where=where)
+            for i, items in zip(members, hits, strict=True):
+                found[i] = [h.model_dump() for h in items]
+        return found
 
     def ensure_index(self, embedder_path: str, make_current: bool = False) -> dict[str, Any]:
         """Hold the collection of the embedder at ``embedder_path``, re-embedding the current version's rows into

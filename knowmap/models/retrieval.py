@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -37,8 +37,25 @@ EnvFacts = Callable[[str, "int | None"], list[Fact]]
 ExperienceSearch = Callable[[np.ndarray, int, "str | None", "dict[str, Any] | None"], list[KnowledgeItem]]
 Rerank = Callable[[str, list[str]], list[float]]
 
+ExperienceSearches = Callable[[list[tuple[np.ndarray, int, "str | None", "dict[str, Any] | None"]]],
+                              list[list[KnowledgeItem]]]
+
 ENRICH_FACTS = 5  # env facts appended to the experiential query
 _FACT_CACHE = 50_000  # fact texts whose vectors are kept (facts repeat from step to step and across queries)
+
+
+class RetrieveArgs(NamedTuple):
+    """One request of :meth:`Retriever.retrieve_many`: the arguments of :meth:`Retriever.retrieve`."""
+
+    query: str
+    env_id: str | None = None
+    task: str | None = None
+    k: int = 5
+    kbs: tuple[KBKind, ...] = KB_KINDS
+    rerank: bool = False
+    step: int | None = None
+    hybrid: bool | None = None
+    where: dict[str, Any] | None = None
 
 
 def enrich_query(query: str, facts: Sequence[str], limit: int = ENRICH_FACTS) -> str:
@@ -54,6 +71,8 @@ class Retriever:
         encode: the embedder (unit-length vectors).
         env_facts: env KB lookup by env id; None = this retriever serves no env KB.
         experience: experiential KB vector search; None = none.
+        experience_many: several experiential searches ``(vector, k, task, where)`` in one call (a service's
+            batch: one round trip); None = ``experience`` once per search.
         rerank: a cross-encoder's scores for (query, text) pairs; None = reranking is unavailable.
         rerank_candidates: how many first-stage hits per KB the reranker re-orders (at least ``k``).
         hybrid: fuse BM25 with the embedder by default (a retrieve may say otherwise).
@@ -61,12 +80,15 @@ class Retriever:
     """
 
     def __init__(self, encode: Encode, *, env_facts: EnvFacts | None = None,
-                 experience: ExperienceSearch | None = None, rerank: Rerank | None = None,
-                 rerank_candidates: int = 20, hybrid: bool = False, hybrid_candidates: int = 100) -> None:
+                 experience: ExperienceSearch | None = None, experience_many: ExperienceSearches | None = None,
+                 rerank: Rerank | None = None, rerank_candidates: int = 20, hybrid: bool = False,
+                 hybrid_candidates: int = 100) -> None:
         if rerank_candidates < 1 or hybrid_candidates < 1:
             raise ValueError(f"rerank_candidates and hybrid_candidates must be >= 1, got {rerank_candidates} and "
                              f"{hybrid_candidates}")
         self.encode, self.env_facts, self.experience = encode, env_facts, experience
+        self.experience_many: ExperienceSearches | None = experience_many or (
+            None if experience is None else lambda searches: [experience(*search) for search in searches])
         self.rerank, self.rerank_candidates = rerank, rerank_candidates
         self.hybrid, self.hybrid_candidates = hybrid, hybrid_candidates
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -94,79 +116,130 @@ class Retriever:
         Raises:
             KnowMapError: an empty query, ``k`` < 1, an unknown KB, or rerank asked of a retriever without one.
         """
-        if not query.strip():
+        found = self.retrieve_many([RetrieveArgs(query, env_id, task, k, tuple(kbs), rerank, step, hybrid, where)])[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def retrieve_many(self, requests: Sequence[RetrieveArgs]) -> list[list[KnowledgeItem] | Exception]:
+        """:meth:`retrieve` for several requests at once, as a service batches concurrent ones: each env KB is read
+        once per batch, the embedder is called twice in all (facts and queries, then the enriched queries) and
+        ``experience_many`` once. Returns each request's items, or the exception that request alone raised (its
+        own bad input, or a failure of a stage only it used); a stage failing for the whole batch is retried
+        request by request, so one request never fails another."""
+        try:
+            return self._batch(requests)
+        except Exception as e:  # noqa: BLE001 - a stage's failure belongs to the requests that caused it
+            if len(requests) == 1:
+                return [e]
+        out: list[list[KnowledgeItem] | Exception] = []
+        for request in requests:
+            try:
+                out.append(self._batch([request])[0])
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                out.append(e)
+        return out
+
+    def _batch(self, requests: Sequence[RetrieveArgs]) -> list[list[KnowledgeItem] | Exception]:
+        results: list[list[KnowledgeItem] | Exception] = [[] for _ in requests]
+        valid = []
+        for i, request in enumerate(requests):
+            try:
+                self._check(request)
+                valid.append(i)
+            except KnowMapError as e:
+                results[i] = e
+        env_items: dict[int, list[KnowledgeItem]] = {}
+        wants_env = [i for i in valid if "env" in requests[i].kbs and requests[i].env_id and self.env_facts]
+        for i, items in self._env_search([requests[i] for i in wants_env]).items():
+            if isinstance(items, Exception):
+                results[wants_env[i]] = items
+            else:
+                env_items[wants_env[i]] = items[:requests[wants_env[i]].k]
+        wants_exp = [i for i in valid if "experience" in requests[i].kbs and self.experience_many is not None
+                     and not isinstance(results[i], Exception)]
+        enriched = {i: enrich_query(requests[i].query, [item.text for item in env_items.get(i, [])]) for i in wants_exp}
+        vectors = np.asarray(self.encode([enriched[i] for i in wants_exp]), dtype=np.float32) if wants_exp else []
+        searches = [(vectors[n], self._depth(requests[i], candidates=True), requests[i].task, requests[i].where)
+                    for n, i in enumerate(wants_exp)]
+        found = self.experience_many(searches) if searches else []  # type: ignore[misc]
+        for i, hits in zip(wants_exp, found, strict=True):
+            request = requests[i]
+            exp_items = [h.model_copy(update={"provenance": {**h.provenance, "ranker": "embedder"}}) for h in hits]
+            if self._hybrid(request):
+                exp_items = _fuse(exp_items, BM25Retriever([h.text for h in exp_items]).rank(enriched[i])
+                                  if exp_items else [], "embedder+bm25")[:self._depth(request)]
+            if request.rerank:
+                exp_items = self._rerank(enriched[i], exp_items)
+            results[i] = env_items.get(i, []) + exp_items[:request.k]
+        for i, items in env_items.items():
+            if i not in enriched:
+                results[i] = items
+        return results
+
+    def _check(self, request: RetrieveArgs) -> None:
+        if not request.query.strip():
             raise KnowMapError("query must not be empty")
-        if k < 1:
-            raise KnowMapError(f"k must be >= 1, got {k}")
-        unknown = sorted(set(kbs) - set(KB_KINDS))
+        if request.k < 1:
+            raise KnowMapError(f"k must be >= 1, got {request.k}")
+        unknown = sorted(set(request.kbs) - set(KB_KINDS))
         if unknown:
             raise KnowMapError(f"unknown KB kind(s) {unknown}; allowed: {list(KB_KINDS)}")
-        if rerank and self.rerank is None:
+        if request.rerank and self.rerank is None:
             raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
-        hybrid = self.hybrid if hybrid is None else hybrid
-        depth = max(k, self.rerank_candidates) if rerank else k
-        env_items: list[KnowledgeItem] = []
-        if "env" in kbs and env_id and self.env_facts is not None:
-            env_items = self._env_search(query, env_id, step, depth, hybrid)
-            if rerank:
-                env_items = self._rerank(query, env_items)
-            env_items = env_items[:k]
-        exp_items: list[KnowledgeItem] = []
-        if "experience" in kbs and self.experience is not None:
-            enriched = enrich_query(query, [item.text for item in env_items])
-            found = self.experience(self.encode([enriched])[0], max(depth, self.hybrid_candidates) if hybrid
-                                    else depth, task, where)
-            exp_items = [i.model_copy(update={"provenance": {**i.provenance, "ranker": "embedder"}}) for i in found]
-            if hybrid:
-                exp_items = _fuse(exp_items, BM25Retriever([i.text for i in exp_items]).rank(enriched)
-                                  if exp_items else [], "embedder+bm25")[:depth]
-            if rerank:
-                exp_items = self._rerank(enriched, exp_items)
-            exp_items = exp_items[:k]
-        return env_items + exp_items
 
-    def _env_search(self, query: str, env_id: str, step: int | None, depth: int,
-                    hybrid: bool) -> list[KnowledgeItem]:
-        facts = self.env_facts(env_id, step)  # type: ignore[misc]
-        if not facts:
-            return []
-        texts = [f.text() for f in facts]
-        matrix, query_vector = self._fact_vectors(texts, query)  # (n_facts, dim), (dim,)
-        scores = matrix @ query_vector  # (n_facts,)
-        order = [int(i) for i in np.argsort(-scores, kind="stable")]
-        fused: dict[int, float] = {}
-        if hybrid:
-            lexical = BM25Retriever(texts).rank(query)
-            order, fused = fuse([order, lexical])
-        order = order[:depth]
-        items = [
-            KnowledgeItem(
-                id=f"{env_id}:{facts[i].subject}|{facts[i].relation.value}|{facts[i].object}|{facts[i].valid_from}",
-                kind="env_fact", text=texts[i], score=float(scores[i]),
-                provenance={"env_id": env_id, "subject": facts[i].subject, "relation": facts[i].relation.value,
-                            "object": facts[i].object, "valid_from": facts[i].valid_from,
-                            "valid_to": facts[i].valid_to, "ranker": "embedder"},
-            )
-            for i in order
-        ]
-        if not hybrid:
-            return items
-        return [i.model_copy(update={"score": fused[o], "provenance": {**i.provenance, "ranker": "embedder+bm25",
-                                                                       "embedder_score": i.score}})
-                for i, o in zip(items, order, strict=True)]
+    def _hybrid(self, request: RetrieveArgs) -> bool:
+        return self.hybrid if request.hybrid is None else request.hybrid
 
-    def _fact_vectors(self, texts: list[str], query: str) -> tuple[np.ndarray, np.ndarray]:
-        """The facts' vectors (cached by text) and the query's, embedded together in one encoder call: every
-        call is a hop to the embedder in the service, so facts and query never pay for two."""
+    def _depth(self, request: RetrieveArgs, candidates: bool = False) -> int:
+        """Items a first stage keeps: ``k``, or the reranker's candidates; with ``candidates``, also the sub-goal
+        hits BM25 re-scores in a hybrid fusion."""
+        depth = max(request.k, self.rerank_candidates) if request.rerank else request.k
+        return max(depth, self.hybrid_candidates) if candidates and self._hybrid(request) else depth
+
+    def _env_search(self, requests: list[RetrieveArgs]) -> dict[int, list[KnowledgeItem] | Exception]:
+        """Each request's env facts, ranked (and reranked if asked); keys are positions in ``requests``. Each env
+        KB is read once (per step asked), every fact not yet embedded and every query in one encoder call."""
+        facts: dict[tuple[str, int | None], list[Fact] | Exception] = {}
+        for request in requests:
+            key = (request.env_id, request.step)
+            if key not in facts:
+                try:
+                    facts[key] = self.env_facts(*key)  # type: ignore[misc,arg-type]
+                except Exception as e:  # noqa: BLE001 - an unavailable env KB fails its own requests only
+                    facts[key] = e
+        texts = {key: [f.text() for f in found] for key, found in facts.items() if not isinstance(found, Exception)}
+        asking = {n: row for row, n in enumerate(n for n, r in enumerate(requests) if texts.get((r.env_id, r.step)))}
+        query_vectors = self._fact_vectors([t for ts in texts.values() for t in ts],
+                                           [requests[n].query for n in asking]) if asking else []
+        out: dict[int, list[KnowledgeItem] | Exception] = {}
+        lexical: dict[tuple[str, int | None], BM25Retriever] = {}
+        for n, request in enumerate(requests):
+            key = (request.env_id, request.step)
+            found = facts[key]
+            if isinstance(found, Exception) or not found:
+                out[n] = found if isinstance(found, Exception) else []
+                continue
+            matrix = np.stack([self._vectors[t] for t in texts[key]])  # (n_facts, dim)
+            bm25 = lexical.get(key) or lexical.setdefault(key, BM25Retriever(texts[key])) if self._hybrid(request) \
+                else None
+            items = _rank_facts(request, found, texts[key], matrix @ query_vectors[asking[n]],
+                                bm25, self._depth(request))
+            out[n] = self._rerank(request.query, items) if request.rerank else items
+        return out
+
+    def _fact_vectors(self, texts: list[str], queries: list[str]) -> np.ndarray:
+        """Cache the vectors of ``texts`` (facts, by text) and return the queries' ``(len(queries), dim)``, all
+        embedded in one encoder call: every call is a hop to the model thread in the service."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        encoded = np.asarray(self.encode([*missing, query]), dtype=np.float32)  # (len(missing) + 1, dim)
-        for text, vector in zip(missing, encoded[:-1], strict=True):
+        encoded = np.asarray(self.encode([*missing, *queries]), dtype=np.float32)  # (len(missing) + len(queries), dim)
+        for text, vector in zip(missing, encoded[:len(missing)], strict=True):
             self._vectors[text] = vector
-        while len(self._vectors) > _FACT_CACHE:
-            self._vectors.popitem(last=False)
         for text in texts:
             self._vectors.move_to_end(text)
-        return np.stack([self._vectors[t] for t in texts]), encoded[-1]
+        while len(self._vectors) > max(_FACT_CACHE, len(texts)):
+            self._vectors.popitem(last=False)
+        return encoded[len(missing):]
 
     def _rerank(self, query: str, items: list[KnowledgeItem]) -> list[KnowledgeItem]:
         """The cross-encoder's order of ``items`` fused with the order they came in (never replacing it)."""
@@ -177,6 +250,33 @@ class Retriever:
                  for i, s in zip(items, scores, strict=True)]
         by_reranker = sorted(range(len(items)), key=lambda i: (-scores[i], i))
         return _fuse(items, by_reranker, items[0].provenance.get("ranker", "embedder") + "+reranker")
+
+
+def _rank_facts(request: RetrieveArgs, facts: list[Fact], texts: list[str], scores: np.ndarray,
+                bm25: BM25Retriever | None, depth: int) -> list[KnowledgeItem]:
+    """One env KB's facts as items, best ``depth`` first: by cosine ``scores``, fused with ``bm25``'s order of the
+    request's query when given."""
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    fused: dict[int, float] = {}
+    if bm25 is not None:
+        order, fused = fuse([order, bm25.rank(request.query)])
+    order = order[:depth]
+    items = [
+        KnowledgeItem(
+            id=f"{request.env_id}:{facts[i].subject}|{facts[i].relation.value}|{facts[i].object}|"
+               f"{facts[i].valid_from}",
+            kind="env_fact", text=texts[i], score=float(scores[i]),
+            provenance={"env_id": request.env_id, "subject": facts[i].subject, "relation": facts[i].relation.value,
+                        "object": facts[i].object, "valid_from": facts[i].valid_from,
+                        "valid_to": facts[i].valid_to, "ranker": "embedder"},
+        )
+        for i in order
+    ]
+    if bm25 is None:
+        return items
+    return [i.model_copy(update={"score": fused[o], "provenance": {**i.provenance, "ranker": "embedder+bm25",
+                                                                   "embedder_score": i.score}})
+            for i, o in zip(items, order, strict=True)]
 
 
 def _fuse(items: list[KnowledgeItem], other: list[int], ranker: str) -> list[KnowledgeItem]:

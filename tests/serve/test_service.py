@@ -353,7 +353,8 @@ def test_stalled_connections_are_closed(service: dict) -> None:
 
     for payload in (b"", b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"):  # nothing; half a request head
         seconds, answer = held_for(payload)
-        assert seconds < 8 and answer == b"", (payload, seconds)  # closed at the 2 s head timeout (tests/conftest)
+        # closed at the 2 s head timeout (tests/conftest): HAProxy answers 408 first, Serve's proxy says nothing
+        assert seconds < 8 and (answer == b"" or answer.startswith(b"HTTP/1.1 408")), (payload, seconds, answer)
     head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n"
     seconds, answer = held_for(head + auth + b"\r\n" + b'{"input": ')  # a body that stops coming
     assert seconds < 10 and answer.startswith(b"HTTP/1.1 408"), (seconds, answer[:200])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from knowmap.errors import KnowMapError
-from knowmap.models.retrieval import Retriever, enrich_query
+from knowmap.models.retrieval import RetrieveArgs, Retriever, enrich_query
 from knowmap.schemas import Fact, KnowledgeItem, Relation
 from tests.unit.doubles import HashingEncoder
 
@@ -121,3 +121,59 @@ def test_env_facts_and_query_are_embedded_in_one_call() -> None:
     assert calls[1] == ["where is the pot"]  # fact vectors come from the cache
     assert [i.text for i in retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))] == \
         [i.text for i in first]
+
+
+def test_a_batch_answers_as_its_requests_alone_would_with_one_read_per_env_and_two_model_calls() -> None:
+    encoder = HashingEncoder()
+    calls: dict[str, list] = {"encode": [], "env": [], "experience": []}
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls["encode"].append(list(texts))
+        return encoder.encode(texts)
+
+    def env_facts(env_id: str, step: int | None) -> list[Fact]:
+        calls["env"].append((env_id, step))
+        return FACTS.get(env_id, [])
+
+    experience = RecordingExperience(encoder)
+
+    def experience_many(searches: list) -> list[list[KnowledgeItem]]:
+        calls["experience"].append(len(searches))
+        return [experience(*search) for search in searches]
+
+    batched = Retriever(encode, env_facts=env_facts, experience_many=experience_many, hybrid=True)
+    requests = [RetrieveArgs("boil water", "env-a", "boil", 2), RetrieveArgs("where is the pot", "env-a", k=1),
+                RetrieveArgs("plant a seed", "env-b", "grow", 3), RetrieveArgs("heat it", None, None, 2),
+                RetrieveArgs("only facts", "env-a", k=2, kbs=("env",))]
+    found = batched.retrieve_many(requests)
+    assert calls["env"] == [("env-a", None), ("env-b", None)]  # each env KB read once
+    assert len(calls["encode"]) == 2 and calls["experience"] == [4]  # facts + queries, then the enriched queries
+    alone, _ = make()
+    alone.hybrid = True
+    for request, items in zip(requests, found, strict=True):
+        expected = alone.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
+                                  kbs=request.kbs)
+        assert [(i.id, i.score) for i in items] == [(i.id, i.score) for i in expected]
+
+
+def test_one_requests_bad_input_or_failing_stage_fails_only_that_request() -> None:
+    encoder = HashingEncoder()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        if any("poison" in t for t in texts):
+            raise ValueError("the tokenizer refused a text")
+        return encoder.encode(texts)
+
+    def env_facts(env_id: str, step: int | None) -> list[Fact]:
+        if env_id == "env-down":
+            raise ConnectionError("env KB actor unavailable")
+        return FACTS.get(env_id, [])
+
+    retriever = Retriever(encode, env_facts=env_facts, experience=RecordingExperience(encoder))
+    found = retriever.retrieve_many([RetrieveArgs("boil water", "env-a", k=2), RetrieveArgs("   ", "env-a"),
+                                     RetrieveArgs("poison text", "env-a"), RetrieveArgs("x", "env-down"),
+                                     RetrieveArgs("plant", "env-b", k=1)])
+    assert isinstance(found[1], KnowMapError) and "empty" in str(found[1])
+    assert isinstance(found[2], ValueError) and isinstance(found[3], ConnectionError)
+    assert [i.kind for i in found[0]] == ["env_fact", "env_fact", "subgoal", "subgoal"]
+    assert [i.kind for i in found[4]] == ["env_fact", "subgoal"]
