@@ -365,9 +365,21 @@ app.command("mcp")(mcp_command)
 
 
 @app.command("config")
-def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None) -> None:
+def show_config(config_file: ConfigOption = None, data_dir: DataDirOption = None,
+                ray_env: Annotated[bool, typer.Option("--ray-env", help="print instead, as shell exports, the "
+                                                     "environment a Ray node needs before `ray start`: the "
+                                                     "service's frontend and connection timeouts")] = False) -> None:
     """Print the configuration in force (defaults, file, KNOWMAP_* env vars) as JSON."""
-    typer.echo(json.dumps(_config(config_file, data_dir).model_dump(mode="json"), indent=2))
+    config = _config(config_file, data_dir)
+    if ray_env:
+        import shlex
+
+        from knowmap.serve.proxy import proxy_environment
+
+        for name, value in sorted(proxy_environment(config).items()):
+            typer.echo(f"export {name}={shlex.quote(value)}")
+        return
+    typer.echo(json.dumps(config.model_dump(mode="json"), indent=2))
 
 
 def main() -> None:

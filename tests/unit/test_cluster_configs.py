@@ -48,3 +48,26 @@ def test_custom_resources_knowmap_asks_for_exist_and_the_package_is_installed(pa
     setup = " ".join(cluster["setup_commands"])
     assert "pip install -q -e /home/ray/knowmap" in setup and "torch==2.13.0" in setup and "openjdk-17" in setup
     assert "/home/ray/knowmap" in cluster["file_mounts"]
+
+
+@pytest.mark.parametrize("path", RAY_UP_CONFIGS, ids=lambda p: p.name)
+def test_every_node_starts_ray_with_the_services_environment(path: Path) -> None:
+    cluster = ray_up_config(path)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(cluster[key])
+        assert 'eval "$(knowmap config --ray-env)"' in start and start.index("--ray-env") < start.index("ray start")
+
+
+def test_ray_env_prints_the_frontend_of_the_cluster_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from knowmap.jobs.cli import app
+    from knowmap.serve.proxy import proxy_environment
+
+    monkeypatch.setenv("KNOWMAP_CONFIG", str(CLUSTER / "knowmap.yaml"))
+    result = CliRunner().invoke(app, ["config", "--ray-env"])
+    assert result.exit_code == 0, result.output
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in result.output.splitlines())
+    config = load_config(CLUSTER / "knowmap.yaml")
+    assert exported == proxy_environment(config) and exported["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert config.serve.host == "0.0.0.0"  # HAProxy on one node reaches ingress replicas on the others
