@@ -67,6 +67,12 @@ class DataLayout(BaseModel):
         return self.root / "models"
 
     @property
+    def traced_models(self) -> Path:
+        """Embedders traced into TorchScript, one file per version, torch version and device: a process that loads
+        a model another one traced skips the trace (:class:`knowmap.models.embedder.Embedder`)."""
+        return self.root / "cache" / "traced"
+
+    @property
     def latest_models(self) -> Path:
         """The model registry's record of the newest models (:mod:`knowmap.models.registry`)."""
         return self.models / "latest.json"

@@ -118,14 +118,15 @@ class Ingress:
     def __init__(self, reranker: Any, config: dict[str, Any], grants: list[dict[str, Any]], device: str = "cpu",
                  batch_size: int = 64, threads: int = 0) -> None:
         self.config = KnowMapConfig.model_validate(config)
-        self.embedder = EmbedderModels(device, batch_size, threads)
+        self.embedder = EmbedderModels(device, batch_size, threads, traced_dir=str(self.config.paths.traced_models))
         self.reranker = reranker
         self.retriever = RetrievalBackend(self.embedder, reranker, config)
         app.state.config, app.state.grants = self.config, [Grant.model_validate(g) for g in grants]
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's in-place update: load (and switch to) the embedder ``user_config`` names."""
-        await self.embedder.reconfigure(user_config)
+        """Serve's in-place update: load the embedder ``user_config`` names, embed the env facts in use with it,
+        then switch to it."""
+        await self.embedder.reconfigure(user_config, warm=self.retriever.warm)
 
     async def info(self) -> dict[str, Any]:
         """The embedder serving now and this replica's batching counters (:meth:`EmbedderModels.info`, with the

@@ -158,13 +158,16 @@ class EmbedderModels:
         device: torch device for the models.
         batch_size: texts per forward pass.
         threads: torch threads (:func:`use_model_threads`).
-        keep_models: models held at once (the current one and the ones before it), at least 2 so that requests
-            pinned to the previous version finish during a swap.
+        keep_models: models held at once (the current one and the ones before it), at least 2, so that swapping
+            back is quick.
+        traced_dir: where traced models are shared with other processes (:class:`Embedder`).
     """
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0, keep_models: int = 2) -> None:
+    def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0, keep_models: int = 2,
+                 traced_dir: str | None = None) -> None:
         use_model_threads(threads)
         self._device, self._batch_size, self._keep = device, batch_size, max(2, keep_models)
+        self._traced_dir = traced_dir
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
         self._current = ""
         self._swap = asyncio.Lock()
@@ -174,13 +177,19 @@ class EmbedderModels:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedder")
         self._stats = {"batches": 0, "requests": 0, "texts": 0, "model_seconds": 0.0}
 
-    async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``; loads a new model off the event loop."""
+    async def reconfigure(self, user_config: dict[str, Any], warm: Any = None) -> None:
+        """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``; loads a new model off the event loop, then
+        calls ``warm(path, embedder)`` in a thread (if given) before the switch."""
         _batch_settings(self._encode_batch, user_config)
         path = str(user_config.get("model") or "") or default_embedder_path()
         async with self._swap:
             if path not in self._models:
-                self._models[path] = await asyncio.to_thread(Embedder, path, self._device, self._batch_size)
+                # Its model passes run on the model thread, between the batches it serves (see trace_model).
+                embedder = await asyncio.to_thread(Embedder, path, self._device, self._batch_size,
+                                                   self._on_model_thread, self._traced_dir)
+                if warm is not None and self._current:
+                    await asyncio.to_thread(warm, path, embedder)
+                self._models[path] = embedder
             self._models.move_to_end(path)
             self._current = path
             while len(self._models) > self._keep:
@@ -208,6 +217,9 @@ class EmbedderModels:
                     for vectors in rows]
         finally:
             self._gate.release()
+
+    def _on_model_thread(self, fn: Any) -> Any:
+        return self._model_thread.submit(fn).result()
 
     def pinned(self) -> tuple[str, Embedder]:
         """The current model's path and :class:`Embedder`: what a batch of retrieves embeds everything with (the

@@ -43,7 +43,8 @@ class VersionedExperienceKB:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self._store = VectorStore.from_config(cfg)
         try:
-            embedder = Embedder(cfg.models.embedder, device=cfg.models.device, batch_size=cfg.models.batch_size)
+            embedder = Embedder(cfg.models.embedder, device=cfg.models.device, batch_size=cfg.models.batch_size,
+                                traced_dir=cfg.paths.traced_models)
             kb = ExperienceKB(self._store, embedder, collection_prefix=cfg.store.collection_prefix)
         except BaseException:
             self._store.close()
@@ -145,7 +146,8 @@ class VersionedExperienceKB:
         with self._lock:
             kb, source = self._kbs.get(version), self._kbs[self._current]
         if kb is None:
-            embedder = Embedder(embedder_path, device=cfg.models.device, batch_size=cfg.models.batch_size)
+            embedder = Embedder(embedder_path, device=cfg.models.device, batch_size=cfg.models.batch_size,
+                                traced_dir=cfg.paths.traced_models)
             kb = ExperienceKB(self._store, embedder, collection_prefix=cfg.store.collection_prefix)
             with self._lock:  # registered before the copy, so that concurrent adds reach it too
                 self._kbs[embedder.version] = kb

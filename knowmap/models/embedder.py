@@ -20,8 +20,9 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,13 +81,19 @@ class Embedder:
             MiniLM (:func:`default_embedder_path`).
         device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
         batch_size: texts per forward pass in :meth:`encode`.
+        compute: runs the model passes of loading (the trace and its checks); default: in the calling thread
+            (see :func:`trace_model`).
+        traced_dir: where traced graphs are kept across processes (``config.paths.traced_models``); None = trace
+            in every process.
 
     Raises:
         EmbedderError: the model cannot be found or loaded; the message names the path and what to do.
         ValueError: ``batch_size`` is below 1.
     """
 
-    def __init__(self, name_or_path: str = "", device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, name_or_path: str = "", device: str = "cpu", batch_size: int = 64,
+                 compute: Callable[[Callable[[], Any]], Any] | None = None,
+                 traced_dir: str | Path | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name_or_path = str(name_or_path) if name_or_path else default_embedder_path()
@@ -96,10 +103,11 @@ class Embedder:
         self.device = device
         self.batch_size = batch_size
         self._model = _load(self.name_or_path, device)
-        self._graph = trace_model(self._model)
+        self.version: str = f"{self.name}_{model_fingerprint(self.name_or_path)}"
+        cache = None if traced_dir is None else Path(traced_dir) / _traced_name(self.version, device)
+        self._graph = trace_model(self._model, compute or _inline, cache)
         dim = self._model.get_embedding_dimension()
         self.dim: int = int(dim) if dim else int(self._encode(["dimension probe"]).shape[1])
-        self.version: str = f"{self.name}_{model_fingerprint(self.name_or_path)}"
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Embed texts.
@@ -174,29 +182,82 @@ def length_chunks(lengths: list[int], limit: int, pass_cost: int = PASS_COST_CHA
     return chunks
 
 
-def trace_model(model: SentenceTransformer) -> object | None:
+def _inline(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def _traced_name(version: str, device: str) -> str:
+    import torch
+
+    return f"{version}-torch{torch.__version__}-{_slug(device)}.pt".replace("+", "_")
+
+
+def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]], Any] = _inline,
+                cache: Path | None = None) -> object | None:
     """The model's whole module stack (transformer, pooling, ...) traced into one frozen TorchScript graph, or None
     where it does not trace or its vectors differ from eager inference by more than ``TRACE_TOLERANCE`` on padded,
     unpadded and truncated probe batches (then inference stays eager, with a warning in the log).
 
     The trace uses a padded batch, so the attention mask is always applied: shape-dependent branches that the
-    tracer fixes (e.g. skipping the mask when nothing is padded) take the path that is right for every batch."""
+    tracer fixes (e.g. skipping the mask when nothing is padded) take the path that is right for every batch.
+
+    Args:
+        compute: runs each model pass of the trace and the checks (a serving replica passes its model thread, so
+            that a model loading beside it never runs passes at the same time as the model it serves with: two
+            concurrent passes oversubscribe the cores, and requests stalled 0.8 s during a swap).
+        cache: a file for the graph: loaded from if present (then one short probe checks it), else written
+            (atomically) once the traced graph passed every probe, so the next process that loads this model
+            version skips the trace and most checks."""
     import torch
 
     try:
         model.eval()
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")  # the tracer's notes on fixed branches, jit.trace's deprecation
-            graph = torch.jit.freeze(torch.jit.trace(model, (_features(model, _TRACE_PROBES[0]),), strict=False,
-                                                     check_trace=False))
-        for probe in _TRACE_PROBES:
-            difference = float(np.abs(_run_graph(graph, model, probe) - _eager_pass(model, probe)).max())
+        graph = _load_traced(cache, model.device)
+        traced = graph is None
+        if graph is None:
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")  # the tracer's notes on fixed branches, jit.trace's deprecation
+                graph = compute(lambda: torch.jit.freeze(torch.jit.trace(
+                    model, (_features(model, _TRACE_PROBES[0]),), strict=False, check_trace=False)))
+        # A graph from the cache passed every probe where it was traced: one short probe checks it is this model's.
+        for probe in _TRACE_PROBES if traced else _TRACE_PROBES[1:2]:
+            difference = float(compute(lambda probe=probe: np.abs(_run_graph(graph, model, probe)
+                                                                   - _eager_pass(model, probe)).max()))
             if difference > TRACE_TOLERANCE:
                 raise ValueError(f"traced vectors differ from eager ones by {difference:.2e}")
+        if traced:
+            _save_traced(graph, cache)
     except Exception as e:  # noqa: BLE001 - any failure to trace leaves the eager model, which always works
         logger.warning("the embedder runs eagerly: tracing it failed (%s: %s)", type(e).__name__, e)
         return None
     return graph
+
+
+def _load_traced(cache: Path | None, device: object) -> object | None:
+    import torch
+
+    if cache is None or not cache.is_file():
+        return None
+    try:
+        return torch.jit.load(str(cache), map_location=device)
+    except (RuntimeError, OSError, ValueError) as e:  # a partial or foreign file: trace again
+        logger.warning("ignoring the traced embedder at %s (%s); tracing again", cache, e)
+        return None
+
+
+def _save_traced(graph: object, cache: Path | None) -> None:
+    """Write the graph to ``cache`` through a temporary file and a rename: a reader never sees half a file."""
+    import torch
+
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+        torch.jit.save(graph, str(partial))
+        os.replace(partial, cache)
+    except (OSError, RuntimeError) as e:  # a read-only or full disk only costs the next process a trace
+        logger.warning("could not keep the traced embedder at %s: %s", cache, e)
 
 
 def _eager_pass(model: SentenceTransformer, texts: list[str]) -> np.ndarray:

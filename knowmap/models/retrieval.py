@@ -228,6 +228,18 @@ class Retriever:
             out[n] = self._rerank(request.query, items) if request.rerank else items
         return out
 
+    def cached_facts(self, limit: int = _FACT_CACHE) -> list[str]:
+        """The fact texts whose vectors are cached, the most recently used ``limit``."""
+        return list(self._vectors)[-limit:]
+
+    def cache_facts(self, texts: Sequence[str], chunk: int = 8) -> int:
+        """Embed the ``texts`` not cached yet, ``chunk`` per encoder call (a service warming a new model between the
+        batches it serves); returns how many were embedded."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        for start in range(0, len(missing), chunk):
+            self._fact_vectors(missing[start:start + chunk], [])
+        return len(missing)
+
     def _fact_vectors(self, texts: list[str], queries: list[str]) -> np.ndarray:
         """Cache the vectors of ``texts`` (facts, by text) and return the queries' ``(len(queries), dim)``, all
         embedded in one encoder call: every call is a hop to the model thread in the service."""

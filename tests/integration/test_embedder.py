@@ -121,3 +121,28 @@ def test_a_model_that_does_not_trace_runs_eagerly(monkeypatch: pytest.MonkeyPatc
     assert not eager.traced and "untraceable module" in caplog.text
     np.testing.assert_allclose(eager.encode(["boil water", "a frog"]), embedder.encode(["boil water", "a frog"]),
                                atol=TRACE_TOLERANCE)
+
+
+def test_a_traced_graph_is_kept_and_loaded_by_the_next_process_without_tracing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: Embedder) -> None:
+    import torch
+
+    passes: list[str] = []
+    first = Embedder(default_embedder_path(), traced_dir=tmp_path, compute=lambda fn: passes.append("pass") or fn())
+    kept = list(tmp_path.glob("*.pt"))
+    assert first.traced and len(kept) == 1 and first.version in kept[0].name
+    assert len(passes) == 4  # the trace and three probes, all through `compute` (a replica's model thread)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced again although a graph was kept")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    second = Embedder(default_embedder_path(), traced_dir=tmp_path)
+    assert second.traced
+    texts = ["boil water", "the metal pot is on the stove " * 3]
+    np.testing.assert_allclose(second.encode(texts), embedder.encode(texts), atol=TRACE_TOLERANCE)
+
+    kept[0].write_bytes(b"half a file")  # a corrupt graph is traced again (here: refused, so eager), never used
+    third = Embedder(default_embedder_path(), traced_dir=tmp_path)
+    assert not third.traced and "ignoring the traced embedder" in caplog.text
+    np.testing.assert_allclose(third.encode(texts), embedder.encode(texts), atol=TRACE_TOLERANCE)

@@ -177,3 +177,19 @@ def test_one_requests_bad_input_or_failing_stage_fails_only_that_request() -> No
     assert isinstance(found[2], ValueError) and isinstance(found[3], ConnectionError)
     assert [i.kind for i in found[0]] == ["env_fact", "env_fact", "subgoal", "subgoal"]
     assert [i.kind for i in found[4]] == ["env_fact", "subgoal"]
+
+
+def test_facts_cached_ahead_are_not_embedded_again() -> None:
+    encoder = HashingEncoder()
+    calls: list[list[str]] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        calls.append(list(texts))
+        return encoder.encode(texts)
+
+    retriever = Retriever(encode, env_facts=lambda env_id, step: FACTS.get(env_id, []))
+    texts = [f.text() for f in FACTS["env-a"]]
+    assert retriever.cache_facts(texts, chunk=2) == 3 and [len(c) for c in calls] == [2, 1]
+    assert retriever.cached_facts() == texts and retriever.cache_facts(texts) == 0
+    retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))
+    assert calls[-1] == ["where is the pot"]
