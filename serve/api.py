@@ -124,8 +124,8 @@ class Ingress:
         app.state.config, app.state.grants = self.config, [Grant.model_validate(g) for g in grants]
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Serve's in-place update: load the embedder ``user_config`` names, embed the env facts in use with it,
-        then switch to it."""
+        """Serve's in-place update: load the embedder ``user_config`` names (in the background once a model
+        serves), embed the env facts in use with it, then switch to it (:meth:`EmbedderModels.reconfigure`)."""
         await self.embedder.reconfigure(user_config, warm=self.retriever.warm)
 
     async def info(self) -> dict[str, Any]:

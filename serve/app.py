@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from knowmap.config import KnowMapConfig
-from knowmap.errors import KnowMapError
+from knowmap.errors import EmbedderError, KnowMapError
 from knowmap.models.registry import read_latest
 from knowmap.serve.auth import Grant
 
@@ -182,6 +182,9 @@ def swap_models(config: KnowMapConfig, *, embedder: str | None = None, reranker:
         infos = [embed_handle.info.remote().result() for _ in range(4 * replicas)]
         if all(i["version"] == index["version"] for i in infos):
             break
+        failed = [i["load_error"] for i in infos if (i.get("load_error") or {}).get("path") == new_embedder]
+        if failed:  # the replicas keep serving the model they had
+            raise EmbedderError(f"the embedder replicas could not load {new_embedder}: {failed[0]['error']}")
         if time.monotonic() > deadline:
             raise KnowMapError(f"the embedder replicas did not switch to {new_embedder} within {timeout_s} s")
         time.sleep(0.2)

@@ -176,24 +176,46 @@ class EmbedderModels:
         # hold every thread the model needs.
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embedder")
         self._stats = {"batches": 0, "requests": 0, "texts": 0, "model_seconds": 0.0}
+        self._loading: asyncio.Task[None] | None = None
+        self._load_error: dict[str, str] | None = None
 
     async def reconfigure(self, user_config: dict[str, Any], warm: Any = None) -> None:
-        """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``; loads a new model off the event loop, then
-        calls ``warm(path, embedder)`` in a thread (if given) before the switch."""
+        """Apply ``{"model", "max_batch_size", "batch_wait_timeout_s"}``.
+
+        The first model loads before this returns (the replica serves nothing without it). A later one loads in the
+        background and the replica switches to it once it is loaded and ``warm(path, embedder)`` (if given) has run
+        in a thread: Serve holds a replica's requests while its ``reconfigure`` runs (measured: every request
+        waited for the whole load), so this returns at once. :meth:`info` says which model serves and, if a load
+        failed, ``load_error``; :func:`knowmap.serve.app.swap_models` waits for the switch and raises that error.
+        """
         _batch_settings(self._encode_batch, user_config)
         path = str(user_config.get("model") or "") or default_embedder_path()
-        async with self._swap:
-            if path not in self._models:
-                # Its model passes run on the model thread, between the batches it serves (see trace_model).
-                embedder = await asyncio.to_thread(Embedder, path, self._device, self._batch_size,
-                                                   self._on_model_thread, self._traced_dir)
-                if warm is not None and self._current:
-                    await asyncio.to_thread(warm, path, embedder)
-                self._models[path] = embedder
-            self._models.move_to_end(path)
-            self._current = path
-            while len(self._models) > self._keep:
-                self._models.popitem(last=False)
+        if not self._current:
+            await self._switch(path, warm)
+            return
+        self._load_error = None
+        self._loading = asyncio.create_task(self._switch(path, warm))  # a reference keeps the task alive
+
+    async def _switch(self, path: str, warm: Any) -> None:
+        try:
+            async with self._swap:  # swaps apply in the order they came
+                if path not in self._models:
+                    # Its model passes run on the model thread, between the batches it serves (see trace_model).
+                    embedder = await asyncio.to_thread(Embedder, path, self._device, self._batch_size,
+                                                       self._on_model_thread, self._traced_dir)
+                    if warm is not None and self._current:
+                        await asyncio.to_thread(warm, path, embedder)
+                    self._models[path] = embedder
+                self._models.move_to_end(path)
+                self._current = path
+                while len(self._models) > self._keep:
+                    self._models.popitem(last=False)
+        except Exception as e:
+            if not self._current:
+                raise
+            self._load_error = {"path": path, "error": f"{type(e).__name__}: {e}"}
+            logger.error("the embedder keeps %s: loading %s failed: %s", self._current, path, e)
+            return
         logger.info("embedder now %s", self._models[path].version)
 
     async def encode(self, texts: list[str]) -> EncodedTexts:
@@ -239,7 +261,8 @@ class EmbedderModels:
         (``batches``, ``requests``, ``texts``, ``model_seconds``: time inside the model)."""
         embedder = self._models[self._current]
         return {"path": self._current, "version": embedder.version, "dim": embedder.dim,
-                "held": [m.version for m in self._models.values()], "stats": dict(self._stats)}
+                "held": [m.version for m in self._models.values()], "stats": dict(self._stats),
+                "load_error": self._load_error}
 
 
 # -- deployments -----------------------------------------------------------------------------------------------

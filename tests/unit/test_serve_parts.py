@@ -331,3 +331,40 @@ def test_length_chunks_keep_short_texts_out_of_long_passes() -> None:
     assert length_chunks([30, 200], limit=64) == [[0, 1]]  # one short beside a long: padding is cheaper than a pass
     assert length_chunks([10] * 5, limit=2) == [[0, 1], [2, 3], [4]]  # never more than limit per pass
     assert length_chunks([], limit=4) == []
+
+
+def test_a_new_embedder_loads_in_the_background_and_a_failed_load_keeps_the_old_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import knowmap.serve.deployments as deployments
+
+    release = threading.Event()
+
+    class FakeEmbedder:
+        def __init__(self, path: str, *args: object) -> None:
+            if path == "/models/broken":
+                raise ValueError("no weights in /models/broken")
+            if path == "/models/b":
+                release.wait(10)  # a slow load
+            self.version, self.dim = path.rsplit("/", 1)[-1], 3
+
+    monkeypatch.setattr(deployments, "Embedder", FakeEmbedder)
+    warmed: list[str] = []
+
+    async def scenario() -> None:
+        models = deployments.EmbedderModels(threads=1)
+        await models.reconfigure({"model": "/models/a"})  # the first model loads before the replica serves
+        assert (await models.info())["version"] == "a"
+        await asyncio.wait_for(models.reconfigure({"model": "/models/b"}, warm=lambda p, e: warmed.append(p)), 1)
+        assert (await models.info())["version"] == "a"  # returned at once; a still serves while b loads
+        release.set()
+        await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
+        assert (await models.info())["version"] == "b" and warmed == ["/models/b"]
+        await models.reconfigure({"model": "/models/broken"})
+        await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
+        info = await models.info()
+        assert info["version"] == "b" and info["load_error"]["path"] == "/models/broken"
+        assert "no weights" in info["load_error"]["error"]
+
+    asyncio.run(scenario())
