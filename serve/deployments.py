@@ -3,10 +3,10 @@ batching over a pure function.
 
 Models are not constructor arguments but ``user_config`` (``{"model": path, "max_batch_size": n,
 "batch_wait_timeout_s": t}``; the ingress's for the embedder): changing it is a lightweight Serve update that calls
-``reconfigure`` on the running replicas, which load the new model in a thread while they keep answering with the
-old one, then switch. The embedder keeps the previous model too (``keep_models``), so a request that began on the
-old version can finish on it (see :class:`knowmap.serve.retriever.RetrievalBackend`): no request fails during a
-swap."""
+``reconfigure`` on the running replicas, which load the new model in the background while they keep answering
+with the old one, then switch. A batch holds the model it started with until it ends (see
+:class:`knowmap.serve.retriever.RetrievalBackend`), so no request fails during a swap; the embedder keeps the
+previous model too (``keep_models``), so swapping back is quick."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
 # -- the models ------------------------------------------------------------------------------------------------
 class EmbedderModels:
     """Sentence embeddings, batched across the concurrent requests of the replica that holds it (the ingress: a
-    hop to a model deployment cost as much as the model's own work on a query, see the README's latency section).
+    hop to a model deployment cost as much as the model's own work on a query; README, "Retrieval service").
 
     Args:
         device: torch device for the models.

@@ -11,7 +11,7 @@ the shared experiential-KB actor, searched in the collection of the embedder ver
 
 Concurrent retrieves are batched (``@serve.batch``, admitted while no batch runs, like the embedder's): a batch
 reads each env KB once, calls the model twice in all and the experiential-KB actor once (one multi-vector search),
-which on a busy replica costs less per request than one retrieve alone (README, "Latency and throughput").
+which on a busy replica costs less per request than one retrieve alone (README, "Retrieval service": "Measured").
 
 Hot swap without failed requests: a batch embeds everything with the model that is current when it starts, and
 keeps that model alive until it ends even if a swap evicts it meanwhile; its experiential search goes to that
