@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -106,7 +108,8 @@ def test_bad_requests_say_what_is_allowed(kwargs, message) -> None:
         retriever.retrieve(query, **kwargs)
 
 
-def test_env_facts_and_query_are_embedded_in_one_call() -> None:
+def recording_encoder() -> tuple[Callable[[list[str]], np.ndarray], list[list[str]]]:
+    """A hashing encoder that records the texts of every call."""
     encoder = HashingEncoder()
     calls: list[list[str]] = []
 
@@ -114,6 +117,11 @@ def test_env_facts_and_query_are_embedded_in_one_call() -> None:
         calls.append(list(texts))
         return encoder.encode(texts)
 
+    return encode, calls
+
+
+def test_env_facts_and_query_are_embedded_in_one_call() -> None:
+    encode, calls = recording_encoder()
     retriever = Retriever(encode, env_facts=lambda env_id, step: FACTS.get(env_id, []))
     first = retriever.retrieve("where is the pot", env_id="env-a", k=2, kbs=("env",))
     assert len(calls) == 1 and calls[0][-1] == "where is the pot" and len(calls[0]) == len(FACTS["env-a"]) + 1
@@ -180,13 +188,7 @@ def test_one_requests_bad_input_or_failing_stage_fails_only_that_request() -> No
 
 
 def test_facts_cached_ahead_are_not_embedded_again() -> None:
-    encoder = HashingEncoder()
-    calls: list[list[str]] = []
-
-    def encode(texts: list[str]) -> np.ndarray:
-        calls.append(list(texts))
-        return encoder.encode(texts)
-
+    encode, calls = recording_encoder()
     retriever = Retriever(encode, env_facts=lambda env_id, step: FACTS.get(env_id, []))
     texts = [f.text() for f in FACTS["env-a"]]
     assert retriever.cache_facts(texts, chunk=2) == 3 and [len(c) for c in calls] == [2, 1]
