@@ -10,7 +10,8 @@ Against a service on 127.0.0.1 (a local Ray, data in a temporary directory), eac
 3. **Body limits**: over ``serve.max_body_bytes`` declared, declared with a trailing space, and chunked (no
    length). Goal: none accepted.
 4. **Timeouts**: a connection that sends nothing, half a request head, a body that stops, and an idle kept-alive
-   one; seconds each is held against its configured timeout. Goal: none held past it (+1 s).
+   one; seconds each is held against its configured timeout (a head's, behind HAProxy: HAProxy's client timeout,
+   ``knowmap.serve.proxy.client_timeout``). Goal: none held past it (+1 s).
 5. **Readers during a maximum-size contribution**: ``/v1/retrieve`` latency, one client, steady against while a
    ``serve.max_trajectory_steps`` trajectory whose score rises at every step (observations filling the body
    limit) is contributed. Goal: p99 during <= 3 x steady p50.
@@ -189,14 +190,19 @@ def body_limits(service: Service, limit: int) -> dict[str, Any]:
 
 
 def timeouts(service: Service, config: KnowMapConfig) -> dict[str, Any]:
+    from knowmap.serve.proxy import client_timeout
+
     s = config.serve
     auth = f"Authorization: Bearer {service.key}\r\n".encode()
     request = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     body = b'{"input": ["keep alive"]}'
+    # HAProxy holds a request head until its client timeout (knowmap.serve.proxy.client_timeout); Serve's proxy,
+    # until serve.header_timeout_s.
+    head = client_timeout(config) if s.frontend == "haproxy" else s.header_timeout_s
     out = {}
     for name, payload, limit in (
-            ("nothing", b"", s.header_timeout_s),
-            ("half_head", request, s.header_timeout_s),
+            ("nothing", b"", head),
+            ("half_head", request, head),
             ("stalled_body", request + auth + b"Content-Length: 100\r\n\r\n" + body[:10], s.body_timeout_s),
             ("idle_keep_alive", request + auth + f"Content-Length: {len(body)}\r\n\r\n".encode() + body,
              s.keep_alive_s)):
