@@ -7,7 +7,8 @@ with ``ray start --metrics-export-port``), where Prometheus scrapes them:
 * ``ray_knowmap_requests_total{route, method, status}``: every answered request, by route template (``/v1/envs/
   {env_id}/facts``, never an env id), method and status;
 * ``ray_knowmap_request_latency_s{route}``: a histogram of the time to answer, in seconds;
-* ``ray_knowmap_batch_size{model}``: requests per model call of the embedder and reranker batches;
+* ``ray_knowmap_batch_size{model}``: requests per batch of the embedder and reranker, and of retrieves
+  (``retrieve``);
 * ``ray_knowmap_kb_size{kb}``: experiential rows (current version) and env-KB actors alive, set at each ``/readyz``.
 
 Metrics are created on first use in each replica process (Ray's metrics are not picklable).
@@ -46,7 +47,7 @@ def record_request(route: str, method: str, status: int, seconds: float) -> None
 
 
 def record_batch(model: str, size: int) -> None:
-    """One model call of ``size`` batched requests (``model``: ``embedder`` or ``reranker``)."""
+    """One batch of ``size`` requests (``model``: ``embedder``, ``reranker`` or ``retrieve``)."""
     _metrics()["batch"].observe(size, tags={"model": model})
 
 

@@ -88,7 +88,6 @@ class RetrievalBackend:
     def __init__(self, embedder: EmbedderModels, reranker: Any, config: dict[str, Any]) -> None:
         self._config = KnowMapConfig.model_validate(config)
         self._embedder, self._reranker = embedder, reranker
-        self._loop: asyncio.AbstractEventLoop | None = None  # the ingress's, where the embedder batches
         self._pool = ThreadPoolExecutor(self._config.serve.max_ongoing_requests, thread_name_prefix="retrieval")
         self._experience = get_experience_kb(self._config)
         self._lock = threading.Lock()

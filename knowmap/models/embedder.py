@@ -214,7 +214,7 @@ def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]
         model.eval()
         graph = _load_traced(cache, model.device)
         traced = graph is None
-        if graph is None:
+        if traced:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the tracer's notes on fixed branches, jit.trace's deprecation
                 graph = compute(lambda: torch.jit.freeze(torch.jit.trace(
