@@ -15,6 +15,7 @@ import ray
 
 from knowmap.config import KnowMapConfig
 from knowmap.kb.experience_versions import VersionedExperienceKB
+from knowmap.models.embedder import low_priority
 from knowmap.schemas import stable_id
 
 
@@ -23,7 +24,8 @@ class ExperienceKBActor(VersionedExperienceKB):
 
     @ray.method(concurrency_group="reindex")
     def ensure_index(self, embedder_path: str, make_current: bool = False) -> dict[str, Any]:
-        return super().ensure_index(embedder_path, make_current)
+        """At the lowest CPU priority (:func:`low_priority`): a swap re-indexes while the service searches."""
+        return low_priority(super().ensure_index, embedder_path, make_current)
 
     @ray.method(concurrency_group="contribute")
     def add_trajectory(self, trajectory: dict[str, Any], subgoals: list[dict[str, Any]]) -> int:

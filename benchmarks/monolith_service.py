@@ -34,7 +34,7 @@ def pipeline(config: object) -> tuple[object, object]:
     from knowmap.schemas import Fact, KnowledgeItem
     from knowmap.serve.deployments import use_model_threads
 
-    use_model_threads(config.serve.model_threads)
+    use_model_threads(0)  # torch's own default, as a user's process gets it: every core (not the service's setting)
     embedder = Embedder("", device=config.models.device, batch_size=config.models.batch_size)
     experience = get_experience_kb(config)
     envs: dict[str, object] = {}  # env id -> its actor's handle

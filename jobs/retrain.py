@@ -298,7 +298,8 @@ class RetrainController:
         for name, side in models.items():
             rerank = serve.rerank and bool(side.reranker)
             first = name + ("+bm25" if serve.hybrid else "")
-            embedder = Embedder(side.embedder, device=device)
+            # Kept traced: a promoted candidate's swap then only loads the graph (no trace beside the service).
+            embedder = Embedder(side.embedder, device=device, traced_dir=self.config.paths.traced_models)
             results = evaluate_decision(steps, corpus, embedders={name: embedder},
                                         reranker=Reranker(side.reranker, device=device) if rerank else None,
                                         rerank_top=serve.rerank_candidates, rerank_modes=[first],

@@ -276,7 +276,9 @@ class ServeConfig(_Section):
     model_threads: int = Field(default=0, ge=0, le=1024, description="torch threads per embedder and reranker "
                                "replica; 0 = this node's CPU count (torch's default outside Ray: Ray itself would "
                                "give a replica of num_cpus < 2 one thread). Set it to a replica's share of the cores "
-                               "when several model replicas share a node")
+                               "when several model replicas share a node. The embedder uses them for calls of 4 "
+                               "texts or more (batches under load); smaller calls run on one thread, which waits for "
+                               "no second core")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="requests the embedder/reranker batch "
                                 "together (@serve.batch); 1 = no batching")
     batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10, description="how long a batch waits to fill "

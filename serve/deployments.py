@@ -24,11 +24,12 @@ from ray import serve
 
 from knowmap.api_schemas import EncodedTexts, ScoredDocuments
 from knowmap.errors import RerankerUnavailableError
-from knowmap.models.embedder import Embedder, default_embedder_path
+from knowmap.models.embedder import Embedder, default_embedder_path, low_priority
 from knowmap.models.reranker import Reranker
 from knowmap.serve.metrics import record_batch
 
 logger = logging.getLogger("ray.serve")
+PARALLEL_MIN_TEXTS = 4  # an embedder call of fewer texts runs on one torch thread (EmbedderModels._sized)
 
 
 # -- pure batch functions (tested without Ray) -----------------------------------------------------------------
@@ -166,6 +167,7 @@ class EmbedderModels:
     def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0, keep_models: int = 2,
                  traced_dir: str | None = None) -> None:
         use_model_threads(threads)
+        self._threads, self._threads_now = threads or os.cpu_count() or 1, 0  # most, and the model thread's now
         self._device, self._batch_size, self._keep = device, batch_size, max(2, keep_models)
         self._traced_dir = traced_dir
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
@@ -201,8 +203,9 @@ class EmbedderModels:
             async with self._swap:  # swaps apply in the order they came
                 if path not in self._models:
                     # Its model passes run on the model thread, between the batches it serves (see trace_model).
-                    embedder = await asyncio.to_thread(Embedder, path, self._device, self._batch_size,
-                                                       self._on_model_thread, self._traced_dir)
+                    # The load itself at the lowest CPU priority: the serving threads come first.
+                    embedder = await asyncio.to_thread(low_priority, Embedder, path, self._device,
+                                                       self._batch_size, self._on_model_thread, self._traced_dir)
                     if warm is not None and self._current:
                         await asyncio.to_thread(warm, path, embedder)
                     self._models[path] = embedder
@@ -228,7 +231,7 @@ class EmbedderModels:
             embedder = self._models[self._current]  # held here even if a swap evicts it meanwhile
             started = time.perf_counter()
             rows = await asyncio.get_running_loop().run_in_executor(
-                self._model_thread, encode_requests, embedder.encode, requests)
+                self._model_thread, encode_requests, lambda texts: self._sized(embedder.encode, texts), requests)
             self._stats["model_seconds"] += time.perf_counter() - started
             self._stats["batches"] += 1
             self._stats["requests"] += len(requests)
@@ -241,7 +244,22 @@ class EmbedderModels:
             self._gate.release()
 
     def _on_model_thread(self, fn: Any) -> Any:
-        return self._model_thread.submit(fn).result()
+        """A loading model's pass (a trace or a probe of a few texts), on the model thread, on one torch thread."""
+        return self._model_thread.submit(self._sized, lambda _: fn(), []).result()
+
+    def _sized(self, encode: Any, texts: list[str]) -> Any:
+        """``encode(texts)`` on the model thread with all its torch threads only for a call of at least
+        ``PARALLEL_MIN_TEXTS`` texts. A small call saves a few ms on two threads alone (one query 6.1 -> 3.4 ms; the
+        service's p50 at concurrency 1 did not move: 40.5-41.6 ms either way) but then waits for any busy core: on 2
+        cores beside a nice-19 CPU hog, retrieve p50 at 2 clients went 73 -> 395 ms on two threads, 75 -> 88 ms on
+        one. The large calls of a loaded service ran ~10% more retrieves a second on two threads."""
+        want = self._threads if len(texts) >= PARALLEL_MIN_TEXTS else 1
+        if want != self._threads_now:  # this thread's own OpenMP setting: other threads keep theirs
+            import torch
+
+            torch.set_num_threads(want)
+            self._threads_now = want
+        return encode(texts)
 
     def pinned(self) -> tuple[str, Embedder]:
         """The current model's path and :class:`Embedder`: what a batch of retrieves embeds everything with (the
@@ -252,7 +270,7 @@ class EmbedderModels:
         """Embed ``texts`` with ``embedder`` on the model thread, waiting from a worker thread (a retrieve batch's
         stages): one model call, counted in :meth:`info`'s ``model_seconds``."""
         started = time.perf_counter()
-        vectors = self._model_thread.submit(embedder.encode, texts).result()
+        vectors = self._model_thread.submit(self._sized, embedder.encode, texts).result()
         self._stats["model_seconds"] += time.perf_counter() - started
         return vectors
 

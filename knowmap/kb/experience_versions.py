@@ -24,7 +24,7 @@ from knowmap.config import KnowMapConfig
 from knowmap.errors import KnowMapError
 from knowmap.kb.experience_kb import ExperienceKB
 from knowmap.kb.vectorstore import VectorStore
-from knowmap.models.embedder import Embedder, embedder_version
+from knowmap.models.embedder import Embedder, embedder_version, trace_elsewhere
 from knowmap.schemas import Subgoal, Trajectory
 
 
@@ -146,6 +146,7 @@ class VersionedExperienceKB:
         with self._lock:
             kb, source = self._kbs.get(version), self._kbs[self._current]
         if kb is None:
+            trace_elsewhere(embedder_path, cfg.models.device, cfg.paths.traced_models)
             embedder = Embedder(embedder_path, device=cfg.models.device, batch_size=cfg.models.batch_size,
                                 traced_dir=cfg.paths.traced_models)
             kb = ExperienceKB(self._store, embedder, collection_prefix=cfg.store.collection_prefix)

@@ -15,14 +15,18 @@ retrained embedder never mixes its vectors with the old ones, and a re-index is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import subprocess
+import sys
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +36,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_EMBEDDER_NAME = "all_minilm_l6_v2"
 # Files that do not change what the model computes: model cards, git metadata, exported copies of the same
@@ -186,6 +191,31 @@ def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+def low_priority(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a new thread at the lowest CPU priority (nice 19; Linux sets it per thread), waiting for it.
+
+    A process that serves while it loads a model (a swap) gives the load only the CPU its serving threads leave:
+    on 2 cores a load at normal priority doubled the requests' latency while it ran. The thread is new each time
+    because an unprivileged thread cannot raise its priority back. Exceptions are re-raised here.
+    """
+    result: list[Any] = []
+
+    def run() -> None:
+        with contextlib.suppress(OSError, AttributeError):  # not Linux, or no per-thread ids: normal priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            result.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            result.append(e)
+
+    thread = threading.Thread(target=run, name="low-priority", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 def _traced_name(version: str, device: str) -> str:
     import torch
 
@@ -231,6 +261,34 @@ def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]
         logger.warning("the embedder runs eagerly: tracing it failed (%s: %s)", type(e).__name__, e)
         return None
     return graph
+
+
+def trace_elsewhere(name_or_path: str, device: str, traced_dir: str | Path, timeout_s: float = 120.0) -> bool:
+    """Trace the model into ``traced_dir`` in a child process at the lowest CPU priority, unless a graph is kept
+    there already; True if one is kept there afterwards.
+
+    A process that serves while it loads a new model (the experiential-KB actor during a swap) then only loads the
+    kept graph: tracing in-process held its GIL for ~180 ms at a time, and its searches waited. The child runs with
+    one torch thread at nice 19, so the cores go to serving first (it took ~6 s alone on 2 cores, ~9 s beside two
+    clients' retrieves, and could take minutes beside a saturated service: after ``timeout_s`` it is given up). A
+    failure is logged and returns False: the caller's :class:`Embedder` then traces in-process, as without a
+    cache.
+    """
+    path = str(name_or_path) if name_or_path else default_embedder_path()
+    cache = Path(traced_dir) / _traced_name(embedder_version(path), device)
+    if cache.is_file():
+        return True
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "knowmap.models.embedder", "--trace", path, "--device", device,
+               "--traced-dir", str(traced_dir)]
+    try:
+        subprocess.run(command, env=env, preexec_fn=lambda: os.nice(19), capture_output=True, text=True,
+                       timeout=timeout_s, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        logger.warning("tracing %s in a child process failed (%s%s); it is traced in-process", path, e,
+                       f": {detail.strip()[-500:]}" if detail else "")
+    return cache.is_file()
 
 
 def _load_traced(cache: Path | None, device: object) -> object | None:
@@ -366,3 +424,14 @@ def model_fingerprint(name_or_path: str) -> str:
                 f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
                 digest.update(f.read(_SAMPLE_BYTES))
     return digest.hexdigest()[:10]
+
+
+if __name__ == "__main__":  # the child process of trace_elsewhere
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Trace an embedder into a directory of kept graphs.")
+    parser.add_argument("--trace", required=True, help="the model directory")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--traced-dir", required=True)
+    cli = parser.parse_args()
+    Embedder(cli.trace, device=cli.device, traced_dir=cli.traced_dir)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from knowmap.errors import EmbedderError
-from knowmap.models.embedder import TRACE_TOLERANCE, Embedder, default_embedder_path, model_fingerprint
+from knowmap.models.embedder import TRACE_TOLERANCE, Embedder, default_embedder_path, model_fingerprint, trace_elsewhere
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +146,31 @@ def test_a_traced_graph_is_kept_and_loaded_by_the_next_process_without_tracing(
     third = Embedder(default_embedder_path(), traced_dir=tmp_path)
     assert not third.traced and "ignoring the traced embedder" in caplog.text
     np.testing.assert_allclose(third.encode(texts), embedder.encode(texts), atol=TRACE_TOLERANCE)
+
+
+def test_a_child_process_traces_the_graph_this_process_then_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, embedder: Embedder) -> None:
+    import subprocess
+
+    import torch
+
+    assert trace_elsewhere(default_embedder_path(), "cpu", tmp_path)
+    assert [p.name for p in tmp_path.glob("*.pt")] == [f"{embedder.version}-torch{torch.__version__}-cpu.pt"
+                                                      .replace("+", "_")]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("traced or spawned again although a graph was kept")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    monkeypatch.setattr(subprocess, "run", refuse)
+    assert trace_elsewhere(default_embedder_path(), "cpu", tmp_path)  # kept: no child
+    loaded = Embedder(default_embedder_path(), traced_dir=tmp_path)
+    assert loaded.traced
+    texts = ["boil water", "the metal pot is on the stove " * 3]
+    np.testing.assert_allclose(loaded.encode(texts), embedder.encode(texts), atol=TRACE_TOLERANCE)
+    monkeypatch.undo()
+
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    assert not trace_elsewhere(str(not_a_model), "cpu", tmp_path / "other")  # the caller then loads (and fails) itself
+    assert "in a child process failed" in caplog.text and "holds no model" in caplog.text

@@ -333,6 +333,35 @@ def test_length_chunks_keep_short_texts_out_of_long_passes() -> None:
     assert length_chunks([], limit=4) == []
 
 
+def test_small_embedder_calls_run_on_one_torch_thread_and_large_ones_on_all() -> None:
+    import torch
+
+    from knowmap.serve.deployments import PARALLEL_MIN_TEXTS, EmbedderModels
+
+    models = EmbedderModels(threads=2)
+    seen = [models._model_thread.submit(models._sized, lambda texts: torch.get_num_threads(), ["t"] * n).result()
+            for n in (1, PARALLEL_MIN_TEXTS - 1, PARALLEL_MIN_TEXTS, 32, 2)]
+    assert seen == [1, 1, 2, 2, 1]
+    assert models._on_model_thread(torch.get_num_threads) == 1  # a loading model's passes: one thread
+
+
+def test_low_priority_runs_at_nice_19_in_its_own_thread_and_hands_back_result_and_errors() -> None:
+    import os
+    import threading
+
+    from knowmap.models.embedder import low_priority
+
+    def where() -> tuple[int, int]:
+        return threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread, nice = low_priority(where)
+    assert thread != threading.get_native_id() and nice == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller keeps its priority
+    assert low_priority(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(ValueError, match="no weights"):
+        low_priority(lambda: (_ for _ in ()).throw(ValueError("no weights")))
+
+
 def test_a_new_embedder_loads_in_the_background_and_a_failed_load_keeps_the_old_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
