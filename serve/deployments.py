@@ -202,13 +202,8 @@ class EmbedderModels:
         try:
             async with self._swap:  # swaps apply in the order they came
                 if path not in self._models:
-                    # Its model passes run on the model thread, between the batches it serves (see trace_model).
-                    # The load itself at the lowest CPU priority: the serving threads come first.
-                    embedder = await asyncio.to_thread(low_priority, Embedder, path, self._device,
-                                                       self._batch_size, self._on_model_thread, self._traced_dir)
-                    if warm is not None and self._current:
-                        await asyncio.to_thread(warm, path, embedder)
-                    self._models[path] = embedder
+                    self._models[path] = await asyncio.to_thread(low_priority, self._load, path,
+                                                                 warm if self._current else None)
                 self._models.move_to_end(path)
                 self._current = path
                 while len(self._models) > self._keep:
@@ -243,9 +238,17 @@ class EmbedderModels:
         finally:
             self._gate.release()
 
-    def _on_model_thread(self, fn: Any) -> Any:
-        """A loading model's pass (a trace or a probe of a few texts), on the model thread, on one torch thread."""
-        return self._model_thread.submit(self._sized, lambda _: fn(), []).result()
+    def _load(self, path: str, warm: Any) -> Embedder:
+        """Load the model at ``path`` and run ``warm(path, embedder)``, in the calling thread (a nice-19 thread:
+        :func:`low_priority`) on one torch thread of its own: the model thread and its batches are left alone, and
+        a one-thread pass waits for no second core (see :meth:`_sized`)."""
+        import torch
+
+        torch.set_num_threads(1)  # this thread's own setting, as on the model thread
+        embedder = Embedder(path, self._device, self._batch_size, traced_dir=self._traced_dir)
+        if warm is not None:
+            warm(path, embedder)
+        return embedder
 
     def _sized(self, encode: Any, texts: list[str]) -> Any:
         """``encode(texts)`` on the model thread with all its torch threads only for a call of at least

@@ -142,11 +142,12 @@ class RetrievalBackend:
 
     def warm(self, path: str, embedder: Embedder) -> int:
         """Before a swap to ``embedder`` (at ``path``): embed with it the env facts cached for the current model, so
-        the first requests on the new model find their fact vectors ready. Returns how many facts it embedded."""
+        the first requests on the new model find their fact vectors ready. Embeds in the calling thread (the
+        replica's loading thread), not on the model thread. Returns how many facts it embedded."""
         with self._lock:
             current = next(reversed(self._retrievers.values()), None)
         texts = current.cached_facts(limit=4096) if current is not None else []
-        return self._retriever_for(path, embedder).cache_facts(texts) if texts else 0
+        return self._retriever_for(path, embedder).cache_facts(texts, encode=embedder.encode) if texts else 0
 
     def stats(self) -> dict[str, int]:
         """Retrieve batches and the requests they held, in this replica."""

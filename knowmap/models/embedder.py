@@ -86,8 +86,6 @@ class Embedder:
             MiniLM (:func:`default_embedder_path`).
         device: torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
         batch_size: texts per forward pass in :meth:`encode`.
-        compute: runs the model passes of loading (the trace and its checks); default: in the calling thread
-            (see :func:`trace_model`).
         traced_dir: where traced graphs are kept across processes (``config.paths.traced_models``); None = trace
             in every process.
 
@@ -97,7 +95,6 @@ class Embedder:
     """
 
     def __init__(self, name_or_path: str = "", device: str = "cpu", batch_size: int = 64,
-                 compute: Callable[[Callable[[], Any]], Any] | None = None,
                  traced_dir: str | Path | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,7 +107,7 @@ class Embedder:
         self._model = _load(self.name_or_path, device)
         self.version: str = f"{self.name}_{model_fingerprint(self.name_or_path)}"
         cache = None if traced_dir is None else Path(traced_dir) / _traced_name(self.version, device)
-        self._graph = trace_model(self._model, compute or _inline, cache)
+        self._graph = trace_model(self._model, cache)
         dim = self._model.get_embedding_dimension()
         self.dim: int = int(dim) if dim else int(self._encode(["dimension probe"]).shape[1])
 
@@ -187,10 +184,6 @@ def length_chunks(lengths: list[int], limit: int, pass_cost: int = PASS_COST_CHA
     return chunks
 
 
-def _inline(fn: Callable[[], Any]) -> Any:
-    return fn()
-
-
 def low_priority(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a new thread at the lowest CPU priority (nice 19; Linux sets it per thread), waiting for it.
 
@@ -222,8 +215,7 @@ def _traced_name(version: str, device: str) -> str:
     return f"{version}-torch{torch.__version__}-{_slug(device)}.pt".replace("+", "_")
 
 
-def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]], Any] = _inline,
-                cache: Path | None = None) -> object | None:
+def trace_model(model: SentenceTransformer, cache: Path | None = None) -> object | None:
     """The model's whole module stack (transformer, pooling, ...) traced into one frozen TorchScript graph, or None
     where it does not trace or its vectors differ from eager inference by more than ``TRACE_TOLERANCE`` on padded,
     unpadded and truncated probe batches (then inference stays eager, with a warning in the log).
@@ -232,9 +224,6 @@ def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]
     tracer fixes (e.g. skipping the mask when nothing is padded) take the path that is right for every batch.
 
     Args:
-        compute: runs each model pass of the trace and the checks (a serving replica passes its model thread, so
-            that a model loading beside it never runs passes at the same time as the model it serves with: two
-            concurrent passes oversubscribe the cores, and requests stalled 0.8 s during a swap).
         cache: a file for the graph: loaded from if present (then one short probe checks it), else written
             (atomically) once the traced graph passed every probe, so the next process that loads this model
             version skips the trace and most checks."""
@@ -247,12 +236,11 @@ def trace_model(model: SentenceTransformer, compute: Callable[[Callable[[], Any]
         if traced:
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")  # the tracer's notes on fixed branches, jit.trace's deprecation
-                graph = compute(lambda: torch.jit.freeze(torch.jit.trace(
-                    model, (_features(model, _TRACE_PROBES[0]),), strict=False, check_trace=False)))
+                graph = torch.jit.freeze(torch.jit.trace(model, (_features(model, _TRACE_PROBES[0]),), strict=False,
+                                                         check_trace=False))
         # A graph from the cache passed every probe where it was traced: one short probe checks it is this model's.
         for probe in _TRACE_PROBES if traced else _TRACE_PROBES[1:2]:
-            difference = float(compute(lambda probe=probe: np.abs(_run_graph(graph, model, probe)
-                                                                   - _eager_pass(model, probe)).max()))
+            difference = float(np.abs(_run_graph(graph, model, probe) - _eager_pass(model, probe)).max())
             if difference > TRACE_TOLERANCE:
                 raise ValueError(f"traced vectors differ from eager ones by {difference:.2e}")
         if traced:

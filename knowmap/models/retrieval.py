@@ -232,19 +232,20 @@ class Retriever:
         """The fact texts whose vectors are cached, the most recently used ``limit``."""
         return list(self._vectors)[-limit:]
 
-    def cache_facts(self, texts: Sequence[str], chunk: int = 8) -> int:
-        """Embed the ``texts`` not cached yet, ``chunk`` per encoder call (a service warming a new model between the
-        batches it serves); returns how many were embedded."""
+    def cache_facts(self, texts: Sequence[str], encode: Encode | None = None, chunk: int = 8) -> int:
+        """Embed the ``texts`` not cached yet (a service warming a new model before it serves with it), ``chunk``
+        per call of ``encode`` (default: this retriever's encoder); returns how many were embedded."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         for start in range(0, len(missing), chunk):
-            self._fact_vectors(missing[start:start + chunk], [])
+            self._fact_vectors(missing[start:start + chunk], [], encode)
         return len(missing)
 
-    def _fact_vectors(self, texts: list[str], queries: list[str]) -> np.ndarray:
+    def _fact_vectors(self, texts: list[str], queries: list[str], encode: Encode | None = None) -> np.ndarray:
         """Cache the vectors of ``texts`` (facts, by text) and return the queries' ``(len(queries), dim)``, all
         embedded in one encoder call: every call is a hop to the model thread in the service."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
-        encoded = np.asarray(self.encode([*missing, *queries]), dtype=np.float32)  # (len(missing) + len(queries), dim)
+        # (len(missing) + len(queries), dim)
+        encoded = np.asarray((encode or self.encode)([*missing, *queries]), dtype=np.float32)
         for text, vector in zip(missing, encoded[:len(missing)], strict=True):
             self._vectors[text] = vector
         for text in texts:

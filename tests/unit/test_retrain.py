@@ -149,7 +149,7 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
         "none": {"shortlist_recall@12": 0.3, "steps": 4},
         "serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5, "steps": 4},
         "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0, "steps": 4}})  # no experience step
-    monkeypatch.setattr(knowmap.models.embedder, "Embedder", lambda path, device=None: path)
+    monkeypatch.setattr(knowmap.models.embedder, "Embedder", lambda path, device=None, traced_dir=None: path)
     monkeypatch.setattr(knowmap.train.decision, "decision_steps", lambda *a, **k: [])
     monkeypatch.setattr(knowmap.train.decision, "experience_corpus", lambda *a, **k: [])
     monkeypatch.setattr(knowmap.train.decision, "evaluate_decision", lambda *a, **k: evaluation)

@@ -342,7 +342,6 @@ def test_small_embedder_calls_run_on_one_torch_thread_and_large_ones_on_all() ->
     seen = [models._model_thread.submit(models._sized, lambda texts: torch.get_num_threads(), ["t"] * n).result()
             for n in (1, PARALLEL_MIN_TEXTS - 1, PARALLEL_MIN_TEXTS, 32, 2)]
     assert seen == [1, 1, 2, 2, 1]
-    assert models._on_model_thread(torch.get_num_threads) == 1  # a loading model's passes: one thread
 
 
 def test_low_priority_runs_at_nice_19_in_its_own_thread_and_hands_back_result_and_errors() -> None:
@@ -364,14 +363,22 @@ def test_low_priority_runs_at_nice_19_in_its_own_thread_and_hands_back_result_an
 
 def test_a_new_embedder_loads_in_the_background_and_a_failed_load_keeps_the_old_one(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
     import threading
+
+    import torch
 
     import knowmap.serve.deployments as deployments
 
     release = threading.Event()
+    loads: list[tuple[str, int, int]] = []  # path, thread priority, torch threads
+
+    def here() -> tuple[int, int]:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), torch.get_num_threads()
 
     class FakeEmbedder:
-        def __init__(self, path: str, *args: object) -> None:
+        def __init__(self, path: str, *args: object, **kwargs: object) -> None:
+            loads.append((path, *here()))
             if path == "/models/broken":
                 raise ValueError("no weights in /models/broken")
             if path == "/models/b":
@@ -385,11 +392,13 @@ def test_a_new_embedder_loads_in_the_background_and_a_failed_load_keeps_the_old_
         models = deployments.EmbedderModels(threads=1)
         await models.reconfigure({"model": "/models/a"})  # the first model loads before the replica serves
         assert (await models.info())["version"] == "a"
-        await asyncio.wait_for(models.reconfigure({"model": "/models/b"}, warm=lambda p, e: warmed.append(p)), 1)
+        warm = lambda p, e: warmed.append((p, *here()))  # noqa: E731
+        await asyncio.wait_for(models.reconfigure({"model": "/models/b"}, warm=warm), 1)
         assert (await models.info())["version"] == "a"  # returned at once; a still serves while b loads
         release.set()
         await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
-        assert (await models.info())["version"] == "b" and warmed == ["/models/b"]
+        assert (await models.info())["version"] == "b" and warmed == [("/models/b", 19, 1)]
+        assert loads == [("/models/a", 19, 1), ("/models/b", 19, 1)]  # nice 19, one torch thread: serving first
         await models.reconfigure({"model": "/models/broken"})
         await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
         info = await models.info()
