@@ -11,8 +11,9 @@ Six measurements, each against a baseline taken in the same run (absolute times 
    reconfigure) against steady state, same load (2 concurrent clients). Goal: p99 during <= 2 x steady, 0 failures.
 4. Steady ``/v1/retrieve`` tails at 2 and 8 concurrent clients. Goal: p99 <= 2 x p50.
 5. Against what a user would write instead (``benchmarks/monolith_service.py``: the same pipeline in one
-   FastAPI/uvicorn process with torch on every core, its default, on the same KB actors): p50 at concurrency 1 (goal: Serve <= 1.25 x the monolith) and
-   retrieve throughput at concurrency 16 (goal: Serve >= 1.5 x the monolith).
+   FastAPI/uvicorn process with torch on every core, its default, on the same KB actors): p50 at concurrency 1
+   (goal: Serve <= 1.25 x the monolith) and retrieve throughput at concurrency 16 (goal: Serve >= 1.5 x the
+   monolith).
 6. The same two against Serve scaled out on the same cores: two ingress replicas of one model thread each (no goal
    of its own; what a replica count buys here).
 

@@ -201,9 +201,10 @@ class EmbedderModels:
     async def _switch(self, path: str, warm: Any) -> None:
         try:
             async with self._swap:  # swaps apply in the order they came
-                if path not in self._models:
-                    self._models[path] = await asyncio.to_thread(low_priority, self._load, path,
-                                                                 warm if self._current else None)
+                if path not in self._models and self._current:  # a swap: the serving threads come first
+                    self._models[path] = await asyncio.to_thread(low_priority, self._load, path, warm)
+                elif path not in self._models:  # the first model: nothing serves yet
+                    self._models[path] = await asyncio.to_thread(self._load, path, None)
                 self._models.move_to_end(path)
                 self._current = path
                 while len(self._models) > self._keep:
@@ -239,9 +240,9 @@ class EmbedderModels:
             self._gate.release()
 
     def _load(self, path: str, warm: Any) -> Embedder:
-        """Load the model at ``path`` and run ``warm(path, embedder)``, in the calling thread (a nice-19 thread:
-        :func:`low_priority`) on one torch thread of its own: the model thread and its batches are left alone, and
-        a one-thread pass waits for no second core (see :meth:`_sized`)."""
+        """Load the model at ``path`` and run ``warm(path, embedder)`` (if given) in the calling thread (in a swap a
+        nice-19 thread: :func:`low_priority`) on one torch thread of its own: the model thread and its batches are
+        left alone, and a one-thread pass waits for no second core (see :meth:`_sized`)."""
         import torch
 
         torch.set_num_threads(1)  # this thread's own setting, as on the model thread

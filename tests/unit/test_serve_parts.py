@@ -398,7 +398,8 @@ def test_a_new_embedder_loads_in_the_background_and_a_failed_load_keeps_the_old_
         release.set()
         await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
         assert (await models.info())["version"] == "b" and warmed == [("/models/b", 19, 1)]
-        assert loads == [("/models/a", 19, 1), ("/models/b", 19, 1)]  # nice 19, one torch thread: serving first
+        assert loads[1] == ("/models/b", 19, 1)  # a swap's load: nice 19, one torch thread; serving first
+        assert loads[0][0] == "/models/a" and loads[0][1] != 19  # the first load: nothing serves yet
         await models.reconfigure({"model": "/models/broken"})
         await asyncio.wait_for(models._loading, 10)  # type: ignore[arg-type]
         info = await models.info()
