@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -25,7 +27,16 @@ def cluster():
     """A head and two worker nodes of one CPU each; any local Ray of other tests is stopped first."""
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet misses a fixed 30 s
+        if "timed out during startup" not in str(e):
+            raise
+        # Seen once in a whole-suite run on 2 cores (the test alone passed at once; cause not found): clear what
+        # half started and try once more.
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], check=False,
+                       capture_output=True, timeout=120)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     ray.init(address=cluster.address)
     yield cluster
     ray.shutdown()
