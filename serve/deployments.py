@@ -134,13 +134,15 @@ class IdleGate:
         self._idle.set()
 
 
-def use_model_threads(threads: int) -> None:
+def use_model_threads(threads: int) -> int:
     """Torch's intra-op threads in this replica: ``threads``, or with 0 this node's CPU count (Ray sets
     ``OMP_NUM_THREADS`` from a replica's ``num_cpus``, one thread below 2, which leaves cores idle under a model
-    that is the service's main work)."""
+    that is the service's main work). Returns the count set."""
     from knowmap.train.loop import set_threads
 
-    set_threads(threads or os.cpu_count() or 1)
+    count = threads or os.cpu_count() or 1
+    set_threads(count)
+    return count
 
 
 def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
@@ -166,8 +168,7 @@ class EmbedderModels:
 
     def __init__(self, device: str = "cpu", batch_size: int = 64, threads: int = 0, keep_models: int = 2,
                  traced_dir: str | None = None) -> None:
-        use_model_threads(threads)
-        self._threads, self._threads_now = threads or os.cpu_count() or 1, 0  # most, and the model thread's now
+        self._threads, self._threads_now = use_model_threads(threads), 0  # most, and the model thread's now
         self._device, self._batch_size, self._keep = device, batch_size, max(2, keep_models)
         self._traced_dir = traced_dir
         self._models: OrderedDict[str, Embedder] = OrderedDict()  # model dir -> Embedder, current last
@@ -201,10 +202,11 @@ class EmbedderModels:
     async def _switch(self, path: str, warm: Any) -> None:
         try:
             async with self._swap:  # swaps apply in the order they came
-                if path not in self._models and self._current:  # a swap: the serving threads come first
-                    self._models[path] = await asyncio.to_thread(low_priority, self._load, path, warm)
-                elif path not in self._models:  # the first model: nothing serves yet
-                    self._models[path] = await asyncio.to_thread(self._load, path, None)
+                if path not in self._models:
+                    if self._current:  # a swap: the serving threads come first
+                        self._models[path] = await asyncio.to_thread(low_priority, self._load, path, warm)
+                    else:  # the first model: nothing serves yet
+                        self._models[path] = await asyncio.to_thread(self._load, path, None)
                 self._models.move_to_end(path)
                 self._current = path
                 while len(self._models) > self._keep:
