@@ -211,7 +211,7 @@ def _plots(report: RunReport, folder: Path) -> dict[str, str]:
         plot_loss(history, folder / "loss.png")
         plots["training"] = "loss.png"
     if report.retrieval:
-        from knowmap.train.evaluate import plot_metrics
+        from knowmap.evaluation.retrieval import plot_metrics
 
         plot_metrics(report.retrieval, folder / "retrieval.png")
         plots["retrieval"] = "retrieval.png"

@@ -8,7 +8,7 @@ A cycle (:meth:`RetrainController.retrain`):
 3. **Gate.** Candidate and serving embedder are judged on the same held-out dev episodes (the first
    ``retrain.gate_variations`` dev variations of each gate task) by decision support, as in
    ``knowmap eval-retrieval``: relevance comes from the gold next actions, never from an embedder
-   (:mod:`knowmap.train.decision`). The candidate is promoted only if its mean over the gate's metrics (shortlist
+   (:mod:`knowmap.evaluation.decision`). The candidate is promoted only if its mean over the gate's metrics (shortlist
    recall@k, experience support@k, env support@k) beats the serving model's by more than ``retrain.min_gain``;
    otherwise the serving model stays and the decision records why.
 4. **Promote.** The experiential KB re-embeds every row into the candidate's own collection and returns only when
@@ -239,8 +239,8 @@ class RetrainController:
         """The held-out dev episodes the gate judges on (annotated gold replays, cached under the data dir); with
         ``split="train"``, the gate tasks' train-split replays whose sub-goals are the experiential KB it
         retrieves from."""
+        from knowmap.environment.episodes import collect_episodes
         from knowmap.jobs.training import episode_cache
-        from knowmap.train.data import collect_episodes
 
         sw, rt = self.config.scienceworld, self.config.retrain
         variations = rt.gate_variations if split == "dev" else sw.variations
@@ -253,7 +253,7 @@ class RetrainController:
 
     def training_episodes(self, held_out: set[tuple[str, str, int]]) -> list[Any]:
         """Every stored trajectory of the train and dev splits, except the gate's (task, split, variation)s."""
-        from knowmap.train.data import load_episodes
+        from knowmap.environment.episodes import load_episodes
 
         if not self.config.paths.trajectories.is_dir():
             raise KnowMapError(f"no trajectories under {self.config.paths.trajectories}; run `knowmap build-kb` first")
@@ -281,14 +281,14 @@ class RetrainController:
                              train_tasks=report.train_tasks)
 
     def _evaluate(self, gate: Sequence[Any], models: dict[str, ServingModels]) -> dict[str, dict[str, float]]:
-        """Each side's served pipeline judged on the gate: its embedder, BM25 fused in when ``serve.hybrid``, and
-        its own reranker fused in when ``serve.rerank``, so the gate covers the reranker whenever the service
+        """Each side's served pipeline judged on the gate: its embedder, BM25 fused in when ``retrieval.hybrid``, and
+        its own reranker fused in when ``retrieval.rerank``, so the gate covers the reranker whenever the service
         would use it."""
+        from knowmap.evaluation.decision import decision_steps, evaluate_decision, experience_corpus
         from knowmap.models.embedder import Embedder
         from knowmap.models.reranker import Reranker
-        from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
 
-        device, agent, serve = self.config.models.device, self.config.agent, self.config.serve
+        device, agent, retrieval = self.config.models.device, self.config.agent, self.config.retrieval
         steps = decision_steps(gate, recent_window=agent.history_window)
         corpus = experience_corpus(self.gate_episodes("train"))
         wanted = (f"shortlist_recall@{agent.shortlist}", f"support@{agent.k_experience}_experience",
@@ -296,15 +296,14 @@ class RetrainController:
         out: dict[str, dict[str, float]] = {}
         probe = [doc.text for doc in corpus][:_COSINE_PROBE]
         for name, side in models.items():
-            rerank = serve.rerank and bool(side.reranker)
-            first = name + ("+bm25" if serve.hybrid else "")
+            rerank = retrieval.rerank and bool(side.reranker)
+            first = name + ("+bm25" if retrieval.hybrid else "")
             # Kept traced: a promoted candidate's swap then only loads the graph (no trace beside the service).
             embedder = Embedder(side.embedder, device=device, traced_dir=self.config.paths.traced_models)
             results = evaluate_decision(steps, corpus, embedders={name: embedder},
                                         reranker=Reranker(side.reranker, device=device) if rerank else None,
-                                        rerank_top=serve.rerank_candidates, rerank_modes=[first],
-                                        hybrid_modes=[name] if serve.hybrid else [],
-                                        hybrid_candidates=serve.hybrid_candidates, k_env=agent.k_env,
+                                        rerank_modes=[first], hybrid_modes=[name] if retrieval.hybrid else [],
+                                        settings=retrieval, k_env=agent.k_env,
                                         k_experience=agent.k_experience, shortlist_size=agent.shortlist)
             mode = results.modes[first + ("+rerank" if rerank else "")]
             out[name] = {m: float(mode[m]) for m in wanted if m in mode}

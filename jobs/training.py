@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from knowmap.config import KnowMapConfig
+from knowmap.environment.episodes import Episode, collect_episodes, load_episodes
 from knowmap.errors import KnowMapError
 from knowmap.models import registry
 from knowmap.models.embedder import Embedder, default_embedder_path
 from knowmap.results import DecisionEvaluation, RetrievalEvaluation, TrainedModel, TrainingReport
-from knowmap.train.data import Episode, collect_episodes, load_episodes
 
 
 def episode_cache(config: KnowMapConfig) -> Path:
@@ -149,8 +149,8 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
     Raises:
         KnowMapError: ``split`` is train (evaluation is on held-out data).
     """
+    from knowmap.evaluation.retrieval import evaluate_retrieval, plot_metrics
     from knowmap.models.reranker import Reranker
-    from knowmap.train.evaluate import evaluate_retrieval, plot_metrics
 
     if split == "train":
         raise KnowMapError("evaluate on held-out data: --split dev (model selection) or test (reporting), not train")
@@ -165,13 +165,13 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
         systems["finetuned"] = Embedder(embedder, device=config.models.device)
     results = evaluate_retrieval(episodes, embedders=systems, reranker=Reranker(reranker) if reranker else None,
                                  kinds=kinds, train_tasks=latest.train_tasks,
-                                 theta=config.training.theta)
+                                 theta=config.training.theta, settings=config.retrieval)
     results.protocol.record_models(embedder=embedder or None, reranker=reranker or None, variations=variations)
     if decision:
         modes = {"kb-base": config.models.embedder, **({"kb-finetuned": embedder} if embedder else {})}
         results.decision = decision_support(config, split=split, tasks=tasks, variations=variations,
                                             train_tasks=latest.train_tasks or sw.tasks, embedders=modes,
-                                            reranker=reranker, rerank_top=10, rerank_modes=decision_rerank,
+                                            reranker=reranker, rerank_modes=decision_rerank,
                                             hybrid_modes=["kb-finetuned"] if embedder else [], progress=progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results.model_dump(mode="json"), indent=2))
@@ -181,11 +181,11 @@ def evaluate_split(config: KnowMapConfig, *, split: str, tasks: Sequence[str], v
 
 def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str], variations: int,
                      train_tasks: Sequence[str], train_variations: int | None = None,
-                     embedders: dict[str, str], reranker: str = "", rerank_top: int = 20,
+                     embedders: dict[str, str], reranker: str = "",
                      rerank_modes: Sequence[str] | None = None, hybrid_modes: Sequence[str] = (),
                      protocol: dict[str, Any] | None = None,
                      progress: Callable[[str], None] | None = None) -> DecisionEvaluation:
-    """The decision-support evaluation (:mod:`knowmap.train.decision`) of ``split`` (dev or test).
+    """The decision-support evaluation (:mod:`knowmap.evaluation.decision`) of ``split`` (dev or test).
 
     Held-out: the first ``variations`` of the split for each of ``tasks``; the experiential KB: the train-split
     sub-goals of ``train_tasks`` (``train_variations``, default ``scienceworld.variations``). Both are annotated
@@ -194,15 +194,15 @@ def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str],
     Args:
         embedders: mode name -> embedder dir (empty: the packaged MiniLM), e.g. ``{"kb-base": "", ...}``.
         reranker: a reranker dir; retrieving modes (those of ``rerank_modes``, default all) are then also run
-            ``+rerank`` (re-ordering their first ``rerank_top``).
-        hybrid_modes: names of ``embedders`` also run hybrid (``NAME+bm25``), with ``serve.hybrid_candidates``.
+            ``+rerank``. Every mode ranks through the served pipeline with ``config.retrieval``.
+        hybrid_modes: names of ``embedders`` also run hybrid (``NAME+bm25``).
 
     Raises:
         KnowMapError: ``split`` is train, or no train task to build the experiential KB from.
     """
     from knowmap.environment.sciworld import task_topics
+    from knowmap.evaluation.decision import decision_steps, evaluate_decision, experience_corpus
     from knowmap.models.reranker import Reranker
-    from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
 
     if split == "train":
         raise KnowMapError("decision support is judged on held-out data: --split dev or test, not train")
@@ -229,8 +229,8 @@ def decision_support(config: KnowMapConfig, *, split: str, tasks: Sequence[str],
               for name, path in embedders.items()}
     return evaluate_decision(
         decision_steps(held, recent_window=config.agent.history_window), experience_corpus(train),
-        embedders=models, reranker=Reranker(reranker) if reranker else None, rerank_top=rerank_top,
-        rerank_modes=rerank_modes, hybrid_modes=hybrid_modes, hybrid_candidates=config.serve.hybrid_candidates,
+        embedders=models, reranker=Reranker(reranker) if reranker else None,
+        rerank_modes=rerank_modes, hybrid_modes=hybrid_modes, settings=config.retrieval,
         k_env=config.agent.k_env, k_experience=config.agent.k_experience, shortlist_size=config.agent.shortlist,
         train_tasks=train_tasks, protocol=record, progress=progress)
 

@@ -1,11 +1,13 @@
 """KnowMap on Ray: adapt a frozen LLM agent to an environment through knowledge, not fine-tuning.
 
 ``knowmap/`` is the Ray-free core, grouped by concern, each subpackage readable on its own:
-:mod:`knowmap.environment` (ScienceWorld), :mod:`knowmap.kb` (both knowledge bases and the vector store),
-:mod:`knowmap.models` (embedder, reranker, the one retrieval pipeline, the model registry) and
-:mod:`knowmap.agent` (policies, the LLM scaffold, the episode worker). Beside them: ``config`` (one typed config,
-with ``config.paths`` for every file under ``data_dir``), ``errors`` (every exception), ``schemas`` (domain types)
-and ``api_schemas`` (the HTTP contract). The Ray layer wraps the core: :mod:`knowmap.actors` (KB actors and the
+:mod:`knowmap.environment` (ScienceWorld, typed actions, episodes), :mod:`knowmap.kb` (both knowledge bases and
+the vector store), :mod:`knowmap.models` (embedder, reranker, the one ranking pipeline, the model registry),
+:mod:`knowmap.agent` (policies, the LLM scaffold, the episode worker) and :mod:`knowmap.evaluation` (every judge and
+metric). Beside them: ``config`` (one typed config,
+with ``config.paths`` for every file under ``data_dir``, laid out by ``layout``), ``errors`` (every exception),
+``schemas`` (domain types), ``api_schemas`` (the HTTP contract), ``results`` (the typed results of evaluations and
+jobs) and ``tenancy`` (tenant names and roles). The Ray layer wraps the core: :mod:`knowmap.actors` (KB actors and the
 rollout pool), :mod:`knowmap.serve` (the retrieval service), :mod:`knowmap.train` (Ray Train) and
 :mod:`knowmap.jobs` (what the CLI runs).
 

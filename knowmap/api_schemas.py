@@ -148,10 +148,10 @@ class RetrieveRequest(_Request):
     k: int = Field(default=5, ge=1, le=10_000, description="items per KB (at most serve.max_k)")
     kbs: list[KBKind] = Field(default_factory=lambda: ["env", "experience"], min_length=1, max_length=2)
     rerank: bool | None = Field(default=None, description="fuse the cross-encoder's order of each KB's candidates "
-                                "with the first stage's; None = the service's default (serve.rerank, when a "
+                                "with the first stage's; None = the service's default (retrieval.rerank, when a "
                                 "reranker is deployed)")
     hybrid: bool | None = Field(default=None, description="fuse BM25 with the embedder by reciprocal rank; None = "
-                                "the service's default (serve.hybrid)")
+                                "the service's default (retrieval.hybrid)")
     as_of_step: int | None = Field(default=None, ge=0, le=MAX_STEP, description="env facts as of this step; None = now")
     owner: Owner = Field(default="any", description="whose experience: 'any' = the shared (expert and the "
                          "deployment's own) and your tenant's contributions; 'mine' = only your tenant's; 'shared' = "

@@ -217,12 +217,44 @@ class KeyConfig(_Section):
         return self
 
 
+class RetrievalConfig(_Section):
+    """How knowledge is ranked, everywhere: the service, the in-process agent, ``knowmap eval-retrieval``, the
+    decision-support benchmark and the retrain gate all rank through :class:`knowmap.models.retrieval.Retriever`
+    with these settings, so what is measured is what is served (docs/training-and-evaluation.md)."""
+
+    hybrid: bool = Field(default=True, description="fuse BM25 with the embedder by reciprocal rank when a retrieve "
+                         "does not say: BM25 re-orders each KB's dense top hybrid_candidates; on: the best measured "
+                         "pipeline (benchmarks/results/decision_support.json)")
+    hybrid_candidates: int = Field(default=100, ge=1, le=10_000, description="the embedder's hits per KB that BM25 "
+                                   "re-scores for the hybrid fusion")
+    rerank: bool = Field(default=False, description="fuse the cross-encoder's order with the first stage's when a "
+                         "retrieve does not say (and a reranker is deployed); off: it does not help "
+                         "(benchmarks/results/decision_support.json)")
+    rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="first-stage hits per KB the reranker "
+                                   "re-orders")
+    joint_facts: int = Field(default=5, ge=0, le=50, description="top env facts appended to the experiential query "
+                             "(the joint query, as the joint training pairs are built)")
+
+
+_MOVED_TO_RETRIEVAL = {"hybrid", "hybrid_candidates", "rerank", "rerank_candidates"}  # serve.* until 0.2
+
+
 class ServeConfig(_Section):
     """The retrieval service on Ray Serve: where it listens, who may call it, request limits, replicas.
 
     Authentication is on by default: with no ``api_keys`` configured, ``knowmap serve`` generates one key and keeps
     it in ``<data_dir>/serve/api_key`` (mode 0600), so the service is never left open by accident.
     """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_retrieval(cls, data: Any) -> Any:
+        moved = sorted(set(data) & _MOVED_TO_RETRIEVAL) if isinstance(data, dict) else []
+        if moved:
+            raise ValueError(f"{', '.join('serve.' + m for m in moved)} moved to the retrieval section: set "
+                             + ", ".join(f"retrieval.{m} (KNOWMAP_RETRIEVAL__{m.upper()})" for m in moved)
+                             + "; the service, the agent, evaluation and the retrain gate all rank with them")
+        return data
 
     host: str = Field(default="127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes the API to the network")
     port: int = Field(default=8000, ge=1, le=65_535)
@@ -255,16 +287,6 @@ class ServeConfig(_Section):
                                 "is snapshotted and ended, and revived from disk on its next request")
     env_idle_s: float = Field(default=600.0, gt=0, description="an env-KB actor unused this long is ended the "
                               "same way")
-    rerank_candidates: int = Field(default=20, ge=1, le=1_000, description="first-stage hits per KB the "
-                                   "reranker re-orders")
-    rerank: bool = Field(default=False, description="retrieves that do not say fuse the reranker's order with the "
-                         "first stage's (when a reranker is deployed); off: it does not help (README, decision "
-                         "support)")
-    hybrid: bool = Field(default=True, description="retrieves that do not say (and the in-process agent) fuse "
-                         "BM25 with the embedder by reciprocal rank; on: the best measured pipeline (README, decision "
-                         "support)")
-    hybrid_candidates: int = Field(default=100, ge=1, le=10_000, description="the embedder's sub-goal hits BM25 "
-                                   "re-scores for the hybrid fusion")
     ingress_replicas: int = Field(default=1, ge=1, description="replicas of the HTTP ingress, each with its own "
                                   "embedder (a hop to a separate embedder deployment cost as much as embedding a "
                                   "query here) and its own env-KB actor handles")
@@ -327,6 +349,7 @@ class KnowMapConfig(BaseSettings):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @field_validator("data_dir")
     @classmethod

@@ -52,7 +52,7 @@ class EpisodeResult(BaseModel):
     plan: list[str] = []
 
 
-# -- retrieval evaluation (knowmap.train.evaluate.evaluate_retrieval) ------------------------------------------------
+# -- retrieval evaluation (knowmap.evaluation.retrieval.evaluate_retrieval) --------------------------------------------
 MetricValues = dict[str, float | int]  # "recall@1", "mrr", "ndcg@10", ... -> mean; "queries" -> how many (an int)
 SUBSETS = ("all", "seen", "unseen")
 
@@ -124,7 +124,7 @@ class KindEvaluation(BaseModel):
 
 
 class DecisionEvaluation(BaseModel):
-    """What :func:`knowmap.train.decision.evaluate_decision` measured, judged by gold next actions: per knowledge
+    """What :func:`knowmap.evaluation.decision.evaluate_decision` measured, judged by gold next actions: per knowledge
     mode (``none``, ``bm25``, ``kb-base``, ``kb-finetuned``, each retrieving mode also ``+rerank``) the metrics over
     every judged step (``modes``), over the steps of topic families seen in training (``seen``) and of families
     never trained on (``unseen``; None: no such step), and the protocol they were measured under."""
@@ -153,7 +153,7 @@ class DecisionEvaluation(BaseModel):
 
 
 class RetrievalEvaluation(BaseModel):
-    """What :func:`knowmap.train.evaluate.evaluate_retrieval` measured: the protocol and, per KB kind, every
+    """What :func:`knowmap.evaluation.retrieval.evaluate_retrieval` measured: the protocol and, per KB kind, every
     system's metrics, and, where it was run, the decision-support evaluation. Its ``model_dump(mode="json")`` is
     the JSON ``knowmap eval-retrieval`` writes."""
 

@@ -246,7 +246,7 @@ class Ingress:
         if body.k > self.config.serve.max_k:
             raise APIError(422, "invalid_request", f"k must be <= serve.max_k ({self.config.serve.max_k})",
                            param="k")
-        defaults = self.config.serve
+        defaults = self.config.retrieval
         rerank = defaults.rerank if body.rerank is None else body.rerank
         if rerank and not await self.reranker.info.remote():
             if body.rerank:  # asked for; a default only applies where a reranker is deployed

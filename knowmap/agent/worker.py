@@ -149,7 +149,7 @@ class AgentWorker:
             self._retrievers[mode] = Retriever(
                 embedder.encode, env_facts=lambda env_id, step: self.env_kb.facts(step),
                 experience=lambda vector, k, task, where: experience.search(vector, k, task, version),
-                hybrid=self.config.serve.hybrid, hybrid_candidates=self.config.serve.hybrid_candidates)
+                settings=self.config.retrieval)
         return self._retrievers[mode]
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ also how the reranker's order is combined with the first stage's.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
     """Reciprocal-rank fusion: ``{id: sum over rankings of 1 / (k + rank)}`` (ranks start at 1).
 
     An id missing from a ranking gets nothing from it. Sort the result by descending score for the fused order;
-    :func:`fused_order` does, ties broken by the first ranking.
+    :func:`fuse` does, ties broken by the first ranking.
 
     Raises:
         ValueError: ``k`` below 1.
@@ -35,25 +35,14 @@ def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
     return scores
 
 
-def fused_order(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> list[int]:
-    """The ids of ``rankings`` by descending :func:`rrf` score; ties keep the first ranking's order."""
-    return fuse(rankings, k)[0]
-
-
 def fuse(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> tuple[list[int], dict[int, float]]:
-    """:func:`fused_order` and the :func:`rrf` scores it sorted by, computed once."""
+    """The ids of ``rankings`` by descending :func:`rrf` score (ties keep the first ranking's order), and the
+    scores."""
     scores = rrf(rankings, k)
     first: dict[int, int] = {}
     for doc in (d for ranking in rankings for d in ranking):
         first.setdefault(doc, len(first))
     return sorted(scores, key=lambda doc: (-scores[doc], first[doc])), scores
-
-
-def rerank_head(ranking: Sequence[int], score: Callable[[int], float], top: int) -> list[int]:
-    """A second stage that re-orders without replacing the first: ``ranking``'s first ``top`` ids fused by
-    reciprocal rank with their order by descending ``score`` (ties keep ``ranking``'s order), the rest after."""
-    head = list(ranking[:top])
-    return fused_order([head, sorted(head, key=lambda i: -score(i))]) + list(ranking[top:])
 
 
 def tokenize(text: str) -> list[str]:

@@ -1,23 +1,31 @@
-"""The retrieval pipeline, Ray-free: env facts and experiential sub-goals for a query, as the agent's prompt needs them.
+"""The one ranking pipeline, Ray-free: everything that ranks knowledge ranks it here, with the same settings.
 
-:class:`Retriever` composes three plain functions, so the same logic runs in-process (an agent with its own
-embedder), behind Ray actor handles, and inside the Serve deployments (which pass their batched handles):
+The service (:mod:`knowmap.serve.retriever`), the in-process agent (:mod:`knowmap.agent.worker`), ``knowmap
+eval-retrieval`` and decision support (:mod:`knowmap.evaluation`), and the retrain gate all rank through
+:class:`Retriever`, configured by one :class:`~knowmap.config.RetrievalConfig` (the ``retrieval:`` section), so what
+is measured is what is served. It composes plain functions, so it runs in-process, behind Ray actor handles and
+inside the Serve deployments alike:
 
-* ``encode(texts) -> (n, dim)`` unit vectors: the embedder;
+* ``encode(texts) -> (n, dim)`` unit vectors: the embedder; None = the lexical baseline (BM25 alone);
 * ``env_facts(env_id, step) -> list[Fact]``: the env KB of one environment instance, now or as of a step;
 * ``experience(vector, k, task, where) -> list[KnowledgeItem]``: a vector search of the experiential KB, in the
   collection embedded by the **same** model as ``encode`` (the caller keeps the two versions in step), among the rows
   matching ``where`` (a vector-store filter, e.g. a tenant's visibility; None = the searcher's own);
 * optionally ``rerank(query, texts) -> scores``: a cross-encoder.
 
-Two optional stages after the embedder, both fused by reciprocal rank (:mod:`knowmap.models.lexical`), so neither
-replaces the embedder's order: ``hybrid`` fuses BM25 with it (over all of an env's facts; over the embedder's top
-``hybrid_candidates`` sub-goals, since the vector store has no full-text index here), and ``rerank`` fuses the
-cross-encoder's order of the top ``rerank_candidates`` with the order they came in. Which of them is on by default
-is decided by measurement (``benchmarks/decision_support.py``; the README quotes it).
+The stages, the same for both KBs (:meth:`Retriever.rank` runs them over given candidates, as evaluation does):
 
-As in the paper, the experiential query is enriched with the env facts retrieved first: the model was trained
-(joint pairs) to associate a situation's facts with the sub-goals that used them.
+1. **first stage**: the embedder's cosine: over all of an env KB's facts; over the vector store's top hits for
+   sub-goals (an in-memory corpus given to :meth:`Retriever.rank` is scored whole, as an exact search would).
+   Without an encoder, BM25 over all candidates.
+2. **hybrid** (``retrieval.hybrid``): BM25 orders the first stage's top ``hybrid_candidates``, fused with the first
+   stage's order by reciprocal rank (:mod:`knowmap.models.lexical`); the rest keeps its place after them.
+3. **rerank** (``retrieval.rerank``): the cross-encoder orders the top ``rerank_candidates``, fused with the order
+   they came in; the rest after. Neither second stage replaces the embedder's order.
+
+As in the paper, the experiential query is the **joint query**: the query with the top ``joint_facts`` env facts
+retrieved first appended (:func:`enrich_query`; the joint training pairs use the same form). Which stages are on by
+default is decided by measurement on dev (``benchmarks/decision_support.py``; docs/training-and-evaluation.md).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from knowmap.config import RetrievalConfig
 from knowmap.errors import KnowMapError
 from knowmap.models.lexical import BM25Retriever, fuse
 from knowmap.schemas import KB_KINDS, Fact, KBKind, KnowledgeItem
@@ -40,8 +49,7 @@ Rerank = Callable[[str, list[str]], list[float]]
 ExperienceSearches = Callable[[list[tuple[np.ndarray, int, "str | None", "dict[str, Any] | None"]]],
                               list[list[KnowledgeItem]]]
 
-ENRICH_FACTS = 5  # env facts appended to the experiential query
-_FACT_CACHE = 50_000  # fact texts whose vectors are kept (facts repeat from step to step and across queries)
+_FACT_CACHE = 50_000  # texts whose vectors are kept (facts repeat from step to step and across queries)
 
 
 class RetrieveArgs(NamedTuple):
@@ -58,39 +66,52 @@ class RetrieveArgs(NamedTuple):
     where: dict[str, Any] | None = None
 
 
-def enrich_query(query: str, facts: Sequence[str], limit: int = ENRICH_FACTS) -> str:
-    """The experiential query with the top env facts appended (the joint training pairs use the same form)."""
+class Ranked(NamedTuple):
+    """One candidate list through the pipeline: positions into it, best first (all of them), and each stage's
+    scores of the positions it ranked."""
+
+    order: list[int]
+    scores: dict[int, float]  # what the final order sorted by: the first stage's, or the last fusion's
+    first: dict[int, float]  # the first stage's: the cosine (BM25's score in the lexical baseline)
+    reranker: dict[int, float]  # the cross-encoder's, where it ran
+    ranker: str  # the stages: embedder | bm25, then +bm25 (hybrid), then +reranker
+
+
+def enrich_query(query: str, facts: Sequence[str], limit: int) -> str:
+    """The joint query: the experiential query with the top ``limit`` env facts appended (the joint training
+    pairs use the same form)."""
     facts = [f for f in facts if f][:limit]
     return query if not facts else f"{query}\nKnown facts: " + "; ".join(facts)
 
 
 class Retriever:
-    """Ranks env facts and experiential sub-goals for a query.
+    """Ranks env facts and experiential sub-goals for a query: the project's one ranking pipeline.
 
     Args:
-        encode: the embedder (unit-length vectors).
+        encode: the embedder (unit-length vectors); None = the lexical baseline, BM25 alone (env facts and given
+            candidates only: the vector store needs vectors).
         env_facts: env KB lookup by env id; None = this retriever serves no env KB.
         experience: experiential KB vector search; None = none.
         experience_many: several experiential searches ``(vector, k, task, where)`` in one call (a service's
             batch: one round trip); None = ``experience`` once per search.
         rerank: a cross-encoder's scores for (query, text) pairs; None = reranking is unavailable.
-        rerank_candidates: how many first-stage hits per KB the reranker re-orders (at least ``k``).
-        hybrid: fuse BM25 with the embedder by default (a retrieve may say otherwise).
-        hybrid_candidates: the embedder's sub-goal hits that BM25 re-scores for the fusion.
+        settings: the ``retrieval`` config section (hybrid and rerank defaults, candidate counts, joint facts).
+
+    Raises:
+        KnowMapError: an experiential search without an encoder.
     """
 
-    def __init__(self, encode: Encode, *, env_facts: EnvFacts | None = None,
+    def __init__(self, encode: Encode | None, *, env_facts: EnvFacts | None = None,
                  experience: ExperienceSearch | None = None, experience_many: ExperienceSearches | None = None,
-                 rerank: Rerank | None = None, rerank_candidates: int = 20, hybrid: bool = False,
-                 hybrid_candidates: int = 100) -> None:
-        if rerank_candidates < 1 or hybrid_candidates < 1:
-            raise ValueError(f"rerank_candidates and hybrid_candidates must be >= 1, got {rerank_candidates} and "
-                             f"{hybrid_candidates}")
+                 rerank: Rerank | None = None, settings: RetrievalConfig | None = None) -> None:
+        if encode is None and (experience is not None or experience_many is not None):
+            raise KnowMapError("an experiential vector search needs an encoder; a retriever without one (BM25 "
+                               "alone) ranks env facts and given candidates")
         self.encode, self.env_facts, self.experience = encode, env_facts, experience
         self.experience_many: ExperienceSearches | None = experience_many or (
             None if experience is None else lambda searches: [experience(*search) for search in searches])
-        self.rerank, self.rerank_candidates = rerank, rerank_candidates
-        self.hybrid, self.hybrid_candidates = hybrid, hybrid_candidates
+        self.rerank = rerank
+        self.settings = settings if settings is not None else RetrievalConfig()
         self._vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def retrieve(self, query: str, *, env_id: str | None = None, task: str | None = None, k: int = 5,
@@ -106,7 +127,7 @@ class Retriever:
             kbs: which KBs: ``"env"``, ``"experience"``.
             rerank: fuse the cross-encoder's order of each KB's top ``rerank_candidates`` with the first stage's.
             step: env facts as of this step (None = now).
-            hybrid: fuse BM25 with the embedder; None = this retriever's default.
+            hybrid: fuse BM25 with the embedder; None = ``settings.hybrid``.
             where: a filter on the experiential rows, passed to ``experience`` (e.g. what a tenant may see).
 
         Returns:
@@ -123,7 +144,7 @@ class Retriever:
 
     def retrieve_many(self, requests: Sequence[RetrieveArgs]) -> list[list[KnowledgeItem] | Exception]:
         """:meth:`retrieve` for several requests at once, as a service batches concurrent ones: each env KB is read
-        once per batch, the embedder is called twice in all (facts and queries, then the enriched queries) and
+        once per batch, the embedder is called twice in all (facts and queries, then the joint queries) and
         ``experience_many`` once. Returns each request's items, or the exception that request alone raised (its
         own bad input, or a failure of a stage only it used); a stage failing for the whole batch is retried
         request by request, so one request never fails another."""
@@ -140,6 +161,51 @@ class Retriever:
                 out.append(e)
         return out
 
+    def rank(self, requests: Sequence[tuple[str, Sequence[str]]], *, hybrid: bool | None = None,
+             rerank: bool | None = None) -> list[list[int]]:
+        """The pipeline over given candidates, as evaluation runs it: each ``(query, texts)`` ranked whole.
+
+        Every text and query not cached yet is embedded in one encoder call; the first stage scores every text
+        (an exact search of an in-memory corpus), then the second stages run as :meth:`retrieve` runs them.
+
+        Args:
+            hybrid, rerank: the second stages; None = ``settings.hybrid`` / ``settings.rerank``.
+
+        Returns:
+            per request, positions into its texts, best first (all of them; empty for no texts).
+
+        Raises:
+            KnowMapError: rerank asked of a retriever without a reranker.
+        """
+        hybrid = self.settings.hybrid if hybrid is None else hybrid
+        rerank = self.settings.rerank if rerank is None else rerank
+        if rerank and self.rerank is None:
+            raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
+        asking = [n for n, (_, texts) in enumerate(requests) if texts]
+        corpora = {id(requests[n][1]): list(requests[n][1]) for n in asking}  # requests often share one corpus
+        queries: Any = []
+        if self.encode is not None and asking:
+            queries = self._vectors_of([t for texts in corpora.values() for t in texts],
+                                       [requests[n][0] for n in asking])
+        matrices: dict[int, np.ndarray] = {}  # (len(texts), dim) per corpus
+        lexical: dict[int, BM25Retriever] = {}
+        out: list[list[int]] = [[] for _ in requests]
+        for row, n in enumerate(asking):
+            query, key = requests[n][0], id(requests[n][1])
+            cosine = None
+            if self.encode is not None:
+                if key not in matrices:
+                    matrices[key] = np.stack([self._vectors[t] for t in corpora[key]])
+                cosine = matrices[key] @ queries[row]
+            elif key not in lexical:
+                lexical[key] = BM25Retriever(corpora[key])
+            out[n] = self._pipeline(query, corpora[key], cosine, hybrid, rerank, bm25=lexical.get(key)).order
+        return out
+
+    def joint_query(self, query: str, facts: Sequence[str]) -> str:
+        """The experiential query with the top ``settings.joint_facts`` of ``facts`` (env facts, best first)."""
+        return enrich_query(query, facts, self.settings.joint_facts)
+
     def _batch(self, requests: Sequence[RetrieveArgs]) -> list[list[KnowledgeItem] | Exception]:
         results: list[list[KnowledgeItem] | Exception] = [[] for _ in requests]
         valid = []
@@ -155,26 +221,24 @@ class Retriever:
             if isinstance(items, Exception):
                 results[wants_env[i]] = items
             else:
-                env_items[wants_env[i]] = items[:requests[wants_env[i]].k]
+                env_items[wants_env[i]] = items
         wants_exp = [i for i in valid if "experience" in requests[i].kbs and self.experience_many is not None
                      and not isinstance(results[i], Exception)]
-        enriched = {i: enrich_query(requests[i].query, [item.text for item in env_items.get(i, [])]) for i in wants_exp}
-        vectors = np.asarray(self.encode([enriched[i] for i in wants_exp]), dtype=np.float32) if wants_exp else []
-        searches = [(vectors[n], self._depth(requests[i], candidates=True), requests[i].task, requests[i].where)
+        joint = {i: self.joint_query(requests[i].query, [item.text for item in env_items.get(i, [])])
+                 for i in wants_exp}
+        vectors = np.asarray(self.encode([joint[i] for i in wants_exp]), dtype=np.float32) \
+            if wants_exp else []  # type: ignore[misc]
+        searches = [(vectors[n], self._search_depth(requests[i]), requests[i].task, requests[i].where)
                     for n, i in enumerate(wants_exp)]
         found = self.experience_many(searches) if searches else []  # type: ignore[misc]
         for i, hits in zip(wants_exp, found, strict=True):
             request = requests[i]
-            exp_items = [h.model_copy(update={"provenance": {**h.provenance, "ranker": "embedder"}}) for h in hits]
-            if self._hybrid(request):
-                exp_items = _fuse(exp_items, BM25Retriever([h.text for h in exp_items]).rank(enriched[i])
-                                  if exp_items else [], "embedder+bm25")[:self._depth(request)]
-            if request.rerank:
-                exp_items = self._rerank(enriched[i], exp_items)
-            results[i] = env_items.get(i, []) + exp_items[:request.k]
+            ranked = self._pipeline(joint[i], [h.text for h in hits], np.asarray([h.score for h in hits]),
+                                    self._hybrid(request), request.rerank, ordered=True)
+            results[i] = env_items.get(i, [])[:request.k] + _items(ranked, request.k, hits.__getitem__)
         for i, items in env_items.items():
-            if i not in enriched:
-                results[i] = items
+            if i not in joint:
+                results[i] = items[:requests[i].k]
         return results
 
     def _check(self, request: RetrieveArgs) -> None:
@@ -189,17 +253,17 @@ class Retriever:
             raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
 
     def _hybrid(self, request: RetrieveArgs) -> bool:
-        return self.hybrid if request.hybrid is None else request.hybrid
+        return self.settings.hybrid if request.hybrid is None else request.hybrid
 
-    def _depth(self, request: RetrieveArgs, candidates: bool = False) -> int:
-        """Items a first stage keeps: ``k``, or the reranker's candidates; with ``candidates``, also the sub-goal
-        hits BM25 re-scores in a hybrid fusion."""
-        depth = max(request.k, self.rerank_candidates) if request.rerank else request.k
-        return max(depth, self.hybrid_candidates) if candidates and self._hybrid(request) else depth
+    def _search_depth(self, request: RetrieveArgs) -> int:
+        """The sub-goal hits a request's vector search returns: ``k``, and every candidate its second stages read."""
+        return max(request.k, self.settings.rerank_candidates if request.rerank else 0,
+                   self.settings.hybrid_candidates if self._hybrid(request) else 0)
 
     def _env_search(self, requests: list[RetrieveArgs]) -> dict[int, list[KnowledgeItem] | Exception]:
-        """Each request's env facts, ranked (and reranked if asked); keys are positions in ``requests``. Each env
-        KB is read once (per step asked), every fact not yet embedded and every query in one encoder call."""
+        """Each request's env facts, ranked, at least ``joint_facts`` of them (the joint query takes its top);
+        keys are positions in ``requests``. Each env KB is read once (per step asked), every fact not yet embedded
+        and every query in one encoder call."""
         facts: dict[tuple[str, int | None], list[Fact] | Exception] = {}
         for request in requests:
             key = (request.env_id, request.step)
@@ -210,23 +274,52 @@ class Retriever:
                     facts[key] = e
         texts = {key: [f.text() for f in found] for key, found in facts.items() if not isinstance(found, Exception)}
         asking = {n: row for row, n in enumerate(n for n, r in enumerate(requests) if texts.get((r.env_id, r.step)))}
-        query_vectors = self._fact_vectors([t for ts in texts.values() for t in ts],
-                                           [requests[n].query for n in asking]) if asking else []
+        query_vectors: Any = []
+        if asking and self.encode is not None:
+            query_vectors = self._vectors_of([t for ts in texts.values() for t in ts],
+                                             [requests[n].query for n in asking])
         out: dict[int, list[KnowledgeItem] | Exception] = {}
-        lexical: dict[tuple[str, int | None], BM25Retriever] = {}
         for n, request in enumerate(requests):
             key = (request.env_id, request.step)
             found = facts[key]
             if isinstance(found, Exception) or not found:
                 out[n] = found if isinstance(found, Exception) else []
                 continue
-            matrix = np.stack([self._vectors[t] for t in texts[key]])  # (n_facts, dim)
-            bm25 = lexical.get(key) or lexical.setdefault(key, BM25Retriever(texts[key])) if self._hybrid(request) \
-                else None
-            items = _rank_facts(request, found, texts[key], matrix @ query_vectors[asking[n]],
-                                bm25, self._depth(request))
-            out[n] = self._rerank(request.query, items) if request.rerank else items
+            cosine = None if self.encode is None else \
+                np.stack([self._vectors[t] for t in texts[key]]) @ query_vectors[asking[n]]  # (n_facts,)
+            depth = max(request.k, self.settings.joint_facts)
+            ranked = self._pipeline(request.query, texts[key], cosine, self._hybrid(request), request.rerank)
+            out[n] = _items(ranked, depth, lambda i, f=found, t=texts[key], e=request.env_id: _fact_item(e, f[i], t[i]))
         return out
+
+    def _pipeline(self, query: str, texts: list[str], cosine: np.ndarray | None, hybrid: bool, rerank: bool,
+                  ordered: bool = False, bm25: BM25Retriever | None = None) -> Ranked:
+        """The stages over one candidate list (see the module's docstring); ``ordered``: the candidates come in
+        the first stage's order already (the vector store's hits); ``bm25``: the lexical first stage's index of
+        ``texts``, if built already."""
+        if not texts:
+            return Ranked([], {}, {}, {}, "embedder")
+        if cosine is None:
+            bm25 = bm25 or BM25Retriever(texts)
+            order, first, ranker = bm25.rank(query), dict(enumerate(bm25.scores(query).tolist())), "bm25"
+            hybrid = False  # BM25 is the first stage already
+        else:
+            order = list(range(len(texts))) if ordered else [int(i) for i in np.argsort(-cosine, kind="stable")]
+            first, ranker = dict(enumerate(cosine.tolist())), "embedder"
+        scores, reranker = dict(first), {}
+        # Each second stage orders the head only and is fused with the whole order: a head item's two shares
+        # (>= 2 / (60 + head)) outweigh any item's below the head (<= 1 / (61 + head)), so the rest keeps its place.
+        if hybrid:
+            head = order[:self.settings.hybrid_candidates]
+            order, scores = fuse([order, [head[i] for i in BM25Retriever([texts[i] for i in head]).rank(query)]])
+            ranker += "+bm25"
+        if rerank:
+            head = order[:self.settings.rerank_candidates]
+            got = self.rerank(query, [texts[i] for i in head])  # type: ignore[misc]
+            reranker = {i: float(s) for i, s in zip(head, got, strict=True)}
+            order, scores = fuse([order, sorted(head, key=lambda i: -reranker[i])])
+            ranker += "+reranker"
+        return Ranked(order, scores, first, reranker, ranker)
 
     def cached_facts(self, limit: int = _FACT_CACHE) -> list[str]:
         """The fact texts whose vectors are cached, the most recently used ``limit``."""
@@ -237,15 +330,15 @@ class Retriever:
         per call of ``encode`` (default: this retriever's encoder); returns how many were embedded."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         for start in range(0, len(missing), chunk):
-            self._fact_vectors(missing[start:start + chunk], [], encode)
+            self._vectors_of(missing[start:start + chunk], [], encode)
         return len(missing)
 
-    def _fact_vectors(self, texts: list[str], queries: list[str], encode: Encode | None = None) -> np.ndarray:
-        """Cache the vectors of ``texts`` (facts, by text) and return the queries' ``(len(queries), dim)``, all
-        embedded in one encoder call: every call is a hop to the model thread in the service."""
+    def _vectors_of(self, texts: list[str], queries: list[str], encode: Encode | None = None) -> np.ndarray:
+        """Cache the vectors of ``texts`` (candidates, by text) and return the queries' ``(len(queries), dim)``,
+        all embedded in one encoder call: every call is a hop to the model thread in the service."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
         # (len(missing) + len(queries), dim)
-        encoded = np.asarray((encode or self.encode)([*missing, *queries]), dtype=np.float32)
+        encoded = np.asarray((encode or self.encode)([*missing, *queries]), dtype=np.float32)  # type: ignore[misc]
         for text, vector in zip(missing, encoded[:len(missing)], strict=True):
             self._vectors[text] = vector
         for text in texts:
@@ -254,49 +347,27 @@ class Retriever:
             self._vectors.popitem(last=False)
         return encoded[len(missing):]
 
-    def _rerank(self, query: str, items: list[KnowledgeItem]) -> list[KnowledgeItem]:
-        """The cross-encoder's order of ``items`` fused with the order they came in (never replacing it)."""
-        if not items:
-            return items
-        scores = self.rerank(query, [i.text for i in items])  # type: ignore[misc]
-        items = [i.model_copy(update={"provenance": {**i.provenance, "reranker_score": float(s)}})
-                 for i, s in zip(items, scores, strict=True)]
-        by_reranker = sorted(range(len(items)), key=lambda i: (-scores[i], i))
-        return _fuse(items, by_reranker, items[0].provenance.get("ranker", "embedder") + "+reranker")
+
+def _fact_item(env_id: str | None, fact: Fact, text: str) -> KnowledgeItem:
+    return KnowledgeItem(
+        id=f"{env_id}:{fact.subject}|{fact.relation.value}|{fact.object}|{fact.valid_from}", kind="env_fact",
+        text=text, score=0.0,
+        provenance={"env_id": env_id, "subject": fact.subject, "relation": fact.relation.value,
+                    "object": fact.object, "valid_from": fact.valid_from, "valid_to": fact.valid_to})
 
 
-def _rank_facts(request: RetrieveArgs, facts: list[Fact], texts: list[str], scores: np.ndarray,
-                bm25: BM25Retriever | None, depth: int) -> list[KnowledgeItem]:
-    """One env KB's facts as items, best ``depth`` first: by cosine ``scores``, fused with ``bm25``'s order of the
-    request's query when given."""
-    order = [int(i) for i in np.argsort(-scores, kind="stable")]
-    fused: dict[int, float] = {}
-    if bm25 is not None:
-        order, fused = fuse([order, bm25.rank(request.query)])
-    order = order[:depth]
-    items = [
-        KnowledgeItem(
-            id=f"{request.env_id}:{facts[i].subject}|{facts[i].relation.value}|{facts[i].object}|"
-               f"{facts[i].valid_from}",
-            kind="env_fact", text=texts[i], score=float(scores[i]),
-            provenance={"env_id": request.env_id, "subject": facts[i].subject, "relation": facts[i].relation.value,
-                        "object": facts[i].object, "valid_from": facts[i].valid_from,
-                        "valid_to": facts[i].valid_to, "ranker": "embedder"},
-        )
-        for i in order
-    ]
-    if bm25 is None:
-        return items
-    return [i.model_copy(update={"score": fused[o], "provenance": {**i.provenance, "ranker": "embedder+bm25",
-                                                                   "embedder_score": i.score}})
-            for i, o in zip(items, order, strict=True)]
-
-
-def _fuse(items: list[KnowledgeItem], other: list[int], ranker: str) -> list[KnowledgeItem]:
-    """``items`` (in their first-stage order) fused by reciprocal rank with ``other`` (positions into ``items``,
-    best first); each item's score becomes the fused score, its cosine kept as ``provenance["embedder_score"]``."""
-    order, fused = fuse([list(range(len(items))), other])
-    return [items[i].model_copy(update={"score": fused[i], "provenance": {
-        **items[i].provenance, "ranker": ranker,
-        "embedder_score": items[i].provenance.get("embedder_score", items[i].score)}})
-        for i in order]
+def _items(ranked: Ranked, depth: int, candidate: Callable[[int], KnowledgeItem]) -> list[KnowledgeItem]:
+    """The top ``depth`` candidates in ``ranked`` order (``candidate(i)``: the item at position ``i``), each scored
+    by the final stage (the first stage's score where no fusion ran), with the stages' own scores and the ranker in
+    its provenance."""
+    fused = ranked.ranker not in ("embedder", "bm25")
+    out = []
+    for i in ranked.order[:depth]:
+        item = candidate(i)
+        provenance = {**item.provenance, "ranker": ranked.ranker}
+        if fused:
+            provenance[f"{ranked.ranker.split('+')[0]}_score"] = ranked.first[i]
+        if i in ranked.reranker:
+            provenance["reranker_score"] = ranked.reranker[i]
+        out.append(item.model_copy(update={"score": float(ranked.scores[i]), "provenance": provenance}))
+    return out

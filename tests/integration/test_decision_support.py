@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from knowmap.train.data import collect_episodes
-from knowmap.train.decision import decision_steps, evaluate_decision, experience_corpus
+from knowmap.environment.episodes import collect_episodes
+from knowmap.evaluation.decision import decision_steps, evaluate_decision, experience_corpus
 
 pytestmark = pytest.mark.integration
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
+from knowmap.evaluation.fidelity import WorldState
+from knowmap.evaluation.fidelity_tally import Counts, FidelityTally, total
 from knowmap.kb.environment_kb import EnvironmentKB
-from knowmap.kb.fidelity import WorldState
-from knowmap.kb.fidelity_tally import Counts, FidelityTally, total
 from knowmap.schemas import StepRecord, Trajectory
 
 pytestmark = pytest.mark.integration

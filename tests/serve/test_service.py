@@ -181,7 +181,7 @@ def test_trajectory_contribution_then_retrieve_with_provenance_and_rerank(client
     assert kinds.index("subgoal") > kinds.index("env_fact")  # env facts first
     goal = next(i for i in result.items if i.kind == "subgoal")
     assert goal.provenance["episode_id"] == "external-boil-1" and goal.provenance["source"] == "agent"
-    assert goal.provenance["ranker"] == "embedder+bm25" and "embedder_score" in goal.provenance  # serve.hybrid
+    assert goal.provenance["ranker"] == "embedder+bm25" and "embedder_score" in goal.provenance  # retrieval.hybrid
     fact = result.items[0]
     assert fact.provenance["env_id"] == "boil-agent-1" and fact.id.startswith("boil-agent-1:")
     reranked = client.retrieve("heat the water", env_id="boil-agent-1", k=2, rerank=True)

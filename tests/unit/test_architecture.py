@@ -165,3 +165,22 @@ def test_exceptions_live_in_errors() -> None:
                     any(b.endswith(("Error", "Exception")) for b in bases):
                 elsewhere.append(f"{name}.{node.name}")
     assert not elsewhere, f"exception classes outside knowmap/errors.py: {elsewhere}"
+
+
+def test_one_ranking_pipeline() -> None:
+    """Dense ranking, BM25, fusion, reranking and the joint query are built in knowmap.models.retrieval alone: what
+    evaluation, the benchmarks and the retrain gate measure is what the service serves."""
+    owner, lexical = "knowmap.models.retrieval", "knowmap.models.lexical"
+    called = defaultdict(set)
+    for name, path in {**MODULES, **{f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").rglob("*.py")}}.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+                if func in {"BM25Retriever", "fuse", "rrf", "enrich_query"}:
+                    called[func].add(name)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "\nKnown facts: " in node.value:
+                called["the joint query's text"].add(name)
+    elsewhere = {what: sorted(m for m in mods if m not in {owner, lexical}) for what, mods in called.items()}
+    # The training moments build the joint query through enrich_query, the served form.
+    elsewhere["enrich_query"] = [m for m in elsewhere.get("enrich_query", []) if m != "knowmap.evaluation.moments"]
+    assert not any(elsewhere.values()), f"a second ranking pipeline: {elsewhere}"

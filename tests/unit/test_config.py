@@ -49,6 +49,22 @@ def test_invalid_values_name_the_field_and_what_is_allowed(monkeypatch) -> None:
         load_config(scienceworld={"stepLimit": 3})
 
 
+def test_ranking_settings_live_in_the_retrieval_section(monkeypatch, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("retrieval:\n  hybrid: false\n  rerank_candidates: 7\n  joint_facts: 2\n")
+    retrieval = load_config(path).retrieval
+    assert (retrieval.hybrid, retrieval.rerank_candidates, retrieval.joint_facts) == (False, 7, 2)
+    assert load_config().retrieval.hybrid  # the measured default
+    # The keys that moved out of serve say where they went, from a file and from the environment alike.
+    path.write_text("serve:\n  hybrid: false\n  rerank_candidates: 7\n")
+    with pytest.raises(ConfigError, match=r"serve\.hybrid, serve\.rerank_candidates moved to the retrieval section: "
+                                          r"set retrieval\.hybrid \(.*\), retrieval\.rerank_candidates"):
+        load_config(path)
+    monkeypatch.setenv("KNOWMAP_SERVE__HYBRID_CANDIDATES", "10")
+    with pytest.raises(ConfigError, match=r"retrieval\.hybrid_candidates \(KNOWMAP_RETRIEVAL__HYBRID_CANDIDATES\)"):
+        load_config()
+
+
 def test_bad_files_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 
 from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist
+from knowmap.config import RetrievalConfig
 from knowmap.environment.action_types import type_action, type_classes
-from knowmap.schemas import ActionType, Trajectory
-from knowmap.train.data import Episode
-from knowmap.train.decision import (
+from knowmap.environment.episodes import Episode
+from knowmap.evaluation.decision import (
     DecisionStep,
     ExperienceDoc,
     decision_steps,
     evaluate_decision,
     experience_corpus,
 )
+from knowmap.schemas import ActionType, Trajectory
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "trajectories" / "find-living-thing-0.json"
 TEMPLATES = {0: "open OBJ", 2: "go OBJ", 3: "look around", 4: "look at OBJ", 9: "move OBJ to OBJ", 11: "focus on OBJ",
@@ -187,7 +188,8 @@ def test_hybrid_and_rerank_modes_fuse_with_the_first_stage_and_score_each_pair_o
                   ("activate OBJ", "devices.Stove")})),
               ExperienceDoc(text="Water the plant\nActions: move water to flower pot", keys=frozenset())]
     reranker = LengthReranker()
-    result = evaluate_decision([_step()], corpus, embedders={"kb-base": Words()}, reranker=reranker, rerank_top=2,
+    result = evaluate_decision([_step()], corpus, embedders={"kb-base": Words()}, reranker=reranker,
+                               settings=RetrievalConfig(rerank_candidates=2),
                                rerank_modes=["kb-base", "kb-base+bm25"], hybrid_modes=["kb-base"], k_env=1,
                                k_experience=1, shortlist_size=2, train_tasks=["boil"])
     assert set(result.modes) == {"none", "bm25", "kb-base", "kb-base+bm25", "kb-base+rerank", "kb-base+bm25+rerank"}

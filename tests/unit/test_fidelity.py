@@ -1,4 +1,4 @@
-"""The KB-fidelity judge (knowmap.kb.fidelity) on small hand-made trees and on real captured ones (no JVM)."""
+"""The KB-fidelity judge (knowmap.evaluation.fidelity) on small hand-made trees and on real captured ones (no JVM)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from knowmap.evaluation.fidelity import WorldState, canonical, judge, normalise, revealed
+from knowmap.evaluation.fidelity_tally import FidelityTally, total
 from knowmap.kb.environment_kb import EnvironmentKB
-from knowmap.kb.fidelity import WorldState, canonical, judge, normalise, revealed
-from knowmap.kb.fidelity_tally import FidelityTally, total
 from knowmap.schemas import Fact, Relation, StepRecord
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "object_trees.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from knowmap.models.lexical import BM25Retriever, fused_order, rrf
+from knowmap.models.lexical import BM25Retriever, fuse, rrf
 
 
 def test_rrf_sums_reciprocal_ranks_and_missing_ids_get_nothing() -> None:
@@ -15,11 +15,11 @@ def test_rrf_sums_reciprocal_ranks_and_missing_ids_get_nothing() -> None:
         rrf([[1]], k=0)
 
 
-def test_fused_order_ties_keep_the_first_rankings_order() -> None:
-    assert fused_order([[0, 1, 2], [1, 0, 2]]) == [0, 1, 2]  # 0 and 1 tie: the first ranking decides
-    assert fused_order([[0, 1, 2], [2, 1, 0]]) == [0, 2, 1]  # 0 and 2 tie above 1 (1/61 + 1/63 > 2/62)
-    assert fused_order([[0, 1, 2, 3], [3, 2, 1, 0], [3, 1]]) == [3, 1, 0, 2]
-    assert fused_order([]) == []
+def test_fuse_ties_keep_the_first_rankings_order() -> None:
+    assert fuse([[0, 1, 2], [1, 0, 2]])[0] == [0, 1, 2]  # 0 and 1 tie: the first ranking decides
+    assert fuse([[0, 1, 2], [2, 1, 0]])[0] == [0, 2, 1]  # 0 and 2 tie above 1 (1/61 + 1/63 > 2/62)
+    assert fuse([[0, 1, 2, 3], [3, 2, 1, 0], [3, 1]])[0] == [3, 1, 0, 2]
+    assert fuse([])[0] == []
 
 
 def test_bm25_ranks_lexical_matches_first() -> None:

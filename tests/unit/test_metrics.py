@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
+from knowmap.environment.episodes import load_episodes
+from knowmap.evaluation.metrics import evaluate_rankings, ndcg_at_k, recall_at_k, reciprocal_rank
+from knowmap.evaluation.retrieval import evaluate_retrieval, plot_metrics
 from knowmap.models.lexical import BM25Retriever
-from knowmap.train.data import load_episodes
-from knowmap.train.evaluate import evaluate_retrieval, plot_metrics
-from knowmap.train.metrics import evaluate_rankings, ndcg_at_k, recall_at_k, reciprocal_rank
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"
 RANKING = ["a", "b", "c", "d", "e"]

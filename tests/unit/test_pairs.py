@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
-import knowmap.train.data as data
+import knowmap.environment.episodes as data
+from knowmap.environment.episodes import Episode, collect_episodes, load_episodes
 from knowmap.environment.sciworld import check_split, check_tasks, episode_id
 from knowmap.errors import KnowMapError, SplitError, UnknownTaskError
+from knowmap.evaluation.moments import KINDS, eval_queries, subgoal_query
 from knowmap.schemas import Subgoal
-from knowmap.train.data import Episode, collect_episodes, load_episodes
-from knowmap.train.pairs import KINDS, PairSet, build_pairs, eval_queries, subgoal_query
+from knowmap.train.pairs import PairSet, build_pairs
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "trajectories"
 THETA = 0.5  # the stand-in encoder's scale: gives experience positives between the two fixture tasks

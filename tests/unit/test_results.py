@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from doubles import HashingEncoder  # tests/unit is on sys.path (pytest prepends it)
 
+from knowmap.environment.episodes import load_episodes
+from knowmap.evaluation.retrieval import evaluate_retrieval
 from knowmap.jobs.build import BuildSummary, EpisodeSummary
 from knowmap.jobs.report import RunReport
 from knowmap.results import AgentEvaluation, RetrievalEvaluation, RetrievalProtocol, TrainingReport
 from knowmap.schemas import RetrainDecision
-from knowmap.train.data import load_episodes
-from knowmap.train.evaluate import evaluate_retrieval
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"

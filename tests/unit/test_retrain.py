@@ -121,9 +121,9 @@ def test_a_corrupt_state_file_is_an_error_not_a_fresh_start(setup) -> None:
 
 def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monkeypatch) -> None:
     """``_train`` and ``_evaluate`` on the typed results, with training and evaluation replaced by fixed values."""
+    import knowmap.evaluation.decision
     import knowmap.jobs.training
     import knowmap.models.embedder
-    import knowmap.train.decision
     from knowmap.results import DecisionEvaluation, TrainingReport
 
     config, *_ = setup
@@ -131,8 +131,8 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
                             embedder={"model_dir": "/models/embedder-new"})  # retrain.reranker off: none trained
     calls: list[dict] = []
     monkeypatch.setattr(knowmap.jobs.training, "train_retriever", lambda *a, **k: calls.append(k) or report)
-    # The dense pipeline (serve.hybrid off): the fixed evaluation below names each side's mode by its name alone.
-    config = config.model_copy(update={"serve": config.serve.model_copy(update={"hybrid": False})})
+    # The dense pipeline (retrieval.hybrid off): the fixed evaluation below names each side's mode by its name alone.
+    config = config.model_copy(update={"retrieval": config.retrieval.model_copy(update={"hybrid": False})})
     controller = RetrainController(config, count_trajectories=lambda: 0)
     controller.state.serving.reranker = "/models/reranker-serving"
     candidate = controller._train(["episode"])
@@ -150,14 +150,17 @@ def test_the_controller_reads_training_and_gate_results_by_attribute(setup, monk
         "serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5, "steps": 4},
         "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0, "steps": 4}})  # no experience step
     monkeypatch.setattr(knowmap.models.embedder, "Embedder", lambda path, device=None, traced_dir=None: path)
-    monkeypatch.setattr(knowmap.train.decision, "decision_steps", lambda *a, **k: [])
-    monkeypatch.setattr(knowmap.train.decision, "experience_corpus", lambda *a, **k: [])
-    monkeypatch.setattr(knowmap.train.decision, "evaluate_decision", lambda *a, **k: evaluation)
+    monkeypatch.setattr(knowmap.evaluation.decision, "decision_steps", lambda *a, **k: [])
+    monkeypatch.setattr(knowmap.evaluation.decision, "experience_corpus", lambda *a, **k: [])
+    judged: list[dict] = []
+    monkeypatch.setattr(knowmap.evaluation.decision, "evaluate_decision",
+                        lambda *a, **k: judged.append(k) or evaluation)
     monkeypatch.setattr(RetrainController, "gate_episodes", lambda self, split="dev": [])
     scores = controller._evaluate([], {"serving": ServingModels(embedder=""),
                                        "candidate": ServingModels(embedder="/models/embedder-new")})
     assert scores == {"serving": {"shortlist_recall@12": 0.5, "support@3_experience": 0.25, "support@5_env": 0.5},
                       "candidate": {"shortlist_recall@12": 0.75, "support@5_env": 1.0}}
+    assert [k["settings"] for k in judged] == [config.retrieval] * 2  # the gate ranks as the service does
     with pytest.raises(KnowMapError, match="same metrics"):  # a metric one model lacks is never compared
         decide(scores["candidate"], scores["serving"])
 

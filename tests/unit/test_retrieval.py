@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from knowmap.config import RetrievalConfig
 from knowmap.errors import KnowMapError
 from knowmap.models.retrieval import RetrieveArgs, Retriever, enrich_query
 from knowmap.schemas import Fact, KnowledgeItem, Relation
@@ -37,7 +38,8 @@ def make(rerank=None) -> tuple[Retriever, RecordingExperience]:
     encoder = HashingEncoder()
     experience = RecordingExperience(encoder)
     retriever = Retriever(encoder.encode, env_facts=lambda env_id, step: FACTS.get(env_id, []),
-                          experience=experience, rerank=rerank, rerank_candidates=3)
+                          experience=experience, rerank=rerank,
+                          settings=RetrievalConfig(hybrid=False, rerank_candidates=3))
     return retriever, experience
 
 
@@ -56,8 +58,10 @@ def test_experience_query_is_enriched_with_the_env_facts() -> None:
     kinds = [i.kind for i in items]
     assert kinds == ["env_fact", "env_fact", "subgoal", "subgoal"]
     vector, k, task = experience.queries[-1]
-    env_texts = [i.text for i in items if i.kind == "env_fact"]
-    expected = HashingEncoder().encode([enrich_query("boil water", env_texts)])[0]
+    # The joint query holds the top retrieval.joint_facts env facts, however few the request keeps (k).
+    env_texts = [i.text for i in retriever.retrieve("boil water", env_id="env-a", k=5, kbs=["env"])]
+    assert len(env_texts) == 3 and [i.text for i in items if i.kind == "env_fact"] == env_texts[:2]
+    expected = HashingEncoder().encode([enrich_query("boil water", env_texts, 5)])[0]
     assert np.allclose(vector, expected) and k == 2 and task == "boil"
 
 
@@ -79,8 +83,10 @@ def test_hybrid_fuses_bm25_with_the_embedder_by_default_or_when_asked() -> None:
     encoder = HashingEncoder()
     experience = RecordingExperience(encoder)
     facts = lambda env_id, step: FACTS.get(env_id, [])  # noqa: E731
-    plain = Retriever(encoder.encode, env_facts=facts, experience=experience, hybrid_candidates=7)
-    hybrid = Retriever(encoder.encode, env_facts=facts, experience=experience, hybrid=True, hybrid_candidates=7)
+    plain = Retriever(encoder.encode, env_facts=facts, experience=experience,
+                      settings=RetrievalConfig(hybrid=False, hybrid_candidates=7))
+    hybrid = Retriever(encoder.encode, env_facts=facts, experience=experience,
+                       settings=RetrievalConfig(hybrid=True, hybrid_candidates=7))
     query = "thermometer reading"
     dense = plain.retrieve(query, k=3, kbs=["experience"])
     assert experience.queries[-1][1] == 3 and [i.provenance["ranker"] for i in dense] == ["embedder"] * 3
@@ -149,7 +155,8 @@ def test_a_batch_answers_as_its_requests_alone_would_with_one_read_per_env_and_t
         calls["experience"].append(len(searches))
         return [experience(*search) for search in searches]
 
-    batched = Retriever(encode, env_facts=env_facts, experience_many=experience_many, hybrid=True)
+    batched = Retriever(encode, env_facts=env_facts, experience_many=experience_many,
+                        settings=RetrievalConfig(hybrid=True))
     requests = [RetrieveArgs("boil water", "env-a", "boil", 2), RetrieveArgs("where is the pot", "env-a", k=1),
                 RetrieveArgs("plant a seed", "env-b", "grow", 3), RetrieveArgs("heat it", None, None, 2),
                 RetrieveArgs("only facts", "env-a", k=2, kbs=("env",))]
@@ -157,7 +164,7 @@ def test_a_batch_answers_as_its_requests_alone_would_with_one_read_per_env_and_t
     assert calls["env"] == [("env-a", None), ("env-b", None)]  # each env KB read once
     assert len(calls["encode"]) == 2 and calls["experience"] == [4]  # facts + queries, then the enriched queries
     alone, _ = make()
-    alone.hybrid = True
+    alone.settings.hybrid = True
     for request, items in zip(requests, found, strict=True):
         expected = alone.retrieve(request.query, env_id=request.env_id, task=request.task, k=request.k,
                                   kbs=request.kbs)

@@ -2,8 +2,8 @@
 
 The judge is the simulator, never a model: :class:`WorldState` reads ``env.getObjectTree()`` (every object with
 its container, open/closed, activation, material and life records) and ScienceWorld's referent table (the names
-an object is shown and addressed by), and the doors the JVM reports. :class:`~knowmap.kb.fidelity_tally.FidelityTally`
-compares the KB's current facts with it after every step.
+an object is shown and addressed by), and the doors the JVM reports.
+:class:`~knowmap.evaluation.fidelity_tally.FidelityTally` compares the KB's current facts with it after every step.
 
 Names. A tree object answers to the KB's normalisation (:func:`normalise`) of its tree name, of its referents
 (generic ones such as ``substance`` left out) and of those with its colour in front, as the display shows them. KB

@@ -11,7 +11,9 @@ every step and each action typed by ScienceWorld's tables, :mod:`knowmap.environ
   object (``look around``, ``wait``) judge nothing.
 
 Per knowledge mode (``none``; ``bm25``, ``kb-base``, ``kb-finetuned``; the hybrid ``+bm25`` of a dense mode, and
-``+rerank`` of any, both fused by reciprocal rank as the served pipeline fuses them) it measures support@k
+``+rerank`` of any), every ranking is made by the served pipeline itself, :class:`~knowmap.models.retrieval.Retriever`
+with the deployment's ``retrieval`` settings (candidate counts, joint facts), the mode saying which stages run.
+It measures support@k
 (the share of steps whose top k holds a relevant item, over steps where the KB holds one), and what the agent
 gets: the actuator's shortlist, built by :func:`knowmap.agent.scaffold.shortlist` from the step's real valid
 actions with that mode's retrieved facts and experience, holds the gold next action or not (shortlist
@@ -29,12 +31,13 @@ from typing import Any
 import numpy as np
 
 from knowmap.agent.scaffold import actuator_query, rank_actions, shortlist, written_actions
+from knowmap.config import RetrievalConfig
+from knowmap.environment.episodes import Episode, is_annotated
 from knowmap.environment.sciworld import task_topics
+from knowmap.evaluation.moments import Encoder, doc_text, entities_between, facts_at, moment_query
 from knowmap.kb.segmentation import action_objects
-from knowmap.models.lexical import BM25Retriever, fused_order, rerank_head
+from knowmap.models.retrieval import Rerank, Retriever
 from knowmap.results import DecisionEvaluation, MetricValues
-from knowmap.train.data import Episode, is_annotated
-from knowmap.train.pairs import Encoder, _doc, _entities_between, _facts_at, _VectorCache, moment_query
 
 Key = tuple[str, ...]
 
@@ -85,7 +88,7 @@ def experience_corpus(episodes: Sequence[Episode]) -> list[ExperienceDoc]:
         for sg in episode.subgoals:
             keys = {steps[i].action_type.key() for i in range(sg.start_step, sg.end_step + 1)
                     if i in steps and steps[i].action_type is not None}
-            docs.setdefault(_doc(sg.text()), set()).update(k for k in keys if k is not None)
+            docs.setdefault(doc_text(sg.text()), set()).update(k for k in keys if k is not None)
     return [ExperienceDoc(text=text, keys=frozenset(keys)) for text, keys in docs.items()]
 
 
@@ -107,11 +110,11 @@ def decision_steps(episodes: Sequence[Episode], *, recent_window: int = 6) -> li
             end = sg.end_step if sg is not None else nxt.step
             answer = [s for s in steps if nxt.step <= s.step <= end]
             keys = {s.action_type.key() for s in answer if s.action_type is not None}
-            known = _entities_between(episode, steps[t].step, end)
+            known = entities_between(episode, steps[t].step, end)
             names = {n for s in answer for n in action_objects(s.action, known)}
-            held = _facts_at(episode, steps[t].step)
-            facts = list(dict.fromkeys(_doc(f.text()) for f in held))
-            relevant_texts = {_doc(f.text()) for f in held if f.subject in names or f.object in names}
+            held = facts_at(episode, steps[t].step)
+            facts = list(dict.fromkeys(doc_text(f.text()) for f in held))
+            relevant_texts = {doc_text(f.text()) for f in held if f.subject in names or f.object in names}
             out.append(DecisionStep(
                 episode_id=episode.episode_id, task=episode.task, task_description=episode.trajectory.task_description,
                 step=steps[t].step, query=moment_query(episode.trajectory, steps[t].step, [s.action for s in answer]),
@@ -130,14 +133,12 @@ def evaluate_decision(
     *,
     embedders: Mapping[str, Encoder],
     reranker: Any | None = None,
-    rerank_top: int = 20,
     rerank_modes: Sequence[str] | None = None,
     hybrid_modes: Sequence[str] = (),
-    hybrid_candidates: int = 100,
+    settings: RetrievalConfig | None = None,
     k_env: int = 5,
     k_experience: int = 3,
     shortlist_size: int = 12,
-    joint_facts: int = 5,
     train_tasks: Sequence[str] = (),
     protocol: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -149,13 +150,11 @@ def evaluate_decision(
         corpus: :func:`experience_corpus` of the train-split episodes (the experiential KB).
         embedders: mode name -> embedder, e.g. ``{"kb-base": ..., "kb-finetuned": ...}``.
         reranker: anything with ``predict(list[(query, doc)])``; retrieving modes are also run ``+rerank``.
-        rerank_top: the first-stage results the reranker re-orders.
         rerank_modes: which retrieving modes (``bm25``, the names of ``embedders`` and the hybrid ``NAME+bm25``)
             are also run ``+rerank``; None: all of them. The cross-encoder reads ~50 pairs/s on 2 cores: each
-            costs ~3 x rerank_top pairs a step.
-        hybrid_modes: names of ``embedders`` also run as ``NAME+bm25``: BM25 over the dense top
-            ``hybrid_candidates`` fused with them by reciprocal rank (as :class:`~knowmap.models.retrieval.Retriever`
-            with ``hybrid``).
+            costs ~3 x ``rerank_candidates`` pairs a step.
+        hybrid_modes: names of ``embedders`` also run as ``NAME+bm25`` (the pipeline's hybrid stage).
+        settings: the pipeline's ``retrieval`` settings (candidate counts, joint facts); None = the defaults.
         k_env, k_experience: the facts and sub-goals the agent puts in front of its actuator (``agent.k_env``,
             ``agent.k_experience``); the support@k metrics use the same k.
         train_tasks: the tasks the models were trained on; their topic families are "seen".
@@ -163,37 +162,43 @@ def evaluate_decision(
         progress: called with a line after each mode.
 
     Raises:
-        ValueError: a k or ``rerank_top`` below 1, or no step to judge.
+        ValueError: a k below 1, no step to judge, or a hybrid mode that names no embedder.
     """
-    if min(k_env, k_experience, shortlist_size, rerank_top) < 1:
-        raise ValueError("k_env, k_experience, shortlist_size and rerank_top must be >= 1")
+    if min(k_env, k_experience, shortlist_size) < 1:
+        raise ValueError("k_env, k_experience and shortlist_size must be >= 1")
     if not steps:
         raise ValueError("no step to judge: pass annotated held-out episodes with at least two steps")
+    settings = settings if settings is not None else RetrievalConfig()
     topics = task_topics()
     seen_families = sorted({topics.get(t, t) for t in train_tasks})
     unknown = sorted(set(hybrid_modes) - set(embedders))
     if unknown:
         raise ValueError(f"hybrid modes {unknown} name no embedder; allowed: {sorted(embedders)}")
-    first: dict[str, _Ranker] = {"bm25": _BM25(), **{name: _Dense(e) for name, e in embedders.items()}}
-    first.update({f"{name}+bm25": _Hybrid(first[name], first["bm25"], hybrid_candidates) for name in hybrid_modes})
-    rankers: dict[str, _Ranker | None] = {"none": None, **first}
+    rerank = None if reranker is None else memoized_pair_scores(reranker)
+    # One retriever per first stage, so a text is embedded once for all of its modes.
+    retrievers = {name: Retriever(encoder, rerank=rerank, settings=settings)
+                  for name, encoder in {"bm25": None, **{n: e.encode for n, e in embedders.items()}}.items()}
+    first = {name: (name, False) for name in retrievers}
+    first.update({f"{name}+bm25": (name, True) for name in hybrid_modes})
+    modes: dict[str, tuple[str, bool, bool] | None] = {"none": None}
+    modes.update({mode: (name, hybrid, False) for mode, (name, hybrid) in first.items()})
     if reranker is not None:
-        scores: dict[tuple[str, str], float] = {}  # one reranker: a pair two modes put in their top is scored once
-        rankers.update({f"{name}+rerank": _Reranked(r, reranker, rerank_top, scores) for name, r in first.items()
-                        if rerank_modes is None or name in rerank_modes})
+        modes.update({f"{mode}+rerank": (name, hybrid, True) for mode, (name, hybrid) in first.items()
+                      if rerank_modes is None or mode in rerank_modes})
     texts = [d.text for d in corpus]
     per_mode: dict[str, list[dict[str, float | None]]] = {}
-    for mode, ranker in rankers.items():
-        env_ranks: list[list[int]] = [[] for _ in steps]
-        joint: list[str] = [s.query for s in steps]
-        if ranker is not None:
-            ranker.warm([(s.query, s.facts) for s in steps] + [(s.query, texts) for s in steps])
-            env_ranks = [ranker(s.query, s.facts) if s.facts else [] for s in steps]
-            joint = [s.query + ("\nKnown facts: " + "; ".join(s.facts[i] for i in r[:joint_facts]) if r else "")
-                     for s, r in zip(steps, env_ranks, strict=True)]
-            ranker.warm([(q, texts) for q in joint])
-        per_mode[mode] = [_judge(s, r, q, corpus, texts, ranker, k_env, k_experience, shortlist_size)
-                          for s, r, q in zip(steps, env_ranks, joint, strict=True)]
+    for mode, how in modes.items():
+        env: list[list[int]] = [[] for _ in steps]
+        experience: list[list[int]] = [[] for _ in steps]
+        joint: list[list[int]] = [[] for _ in steps]
+        if how is not None:
+            retriever, stages = retrievers[how[0]], {"hybrid": how[1], "rerank": how[2]}
+            env = retriever.rank([(s.query, s.facts) for s in steps], **stages)
+            queries = [retriever.joint_query(s.query, [s.facts[i] for i in r]) for s, r in zip(steps, env, strict=True)]
+            experience = retriever.rank([(s.query, texts) for s in steps], **stages)
+            joint = retriever.rank([(q, texts) for q in queries], **stages)
+        per_mode[mode] = [_judge(s, e, x, j, corpus, texts, how is not None, k_env, k_experience, shortlist_size)
+                          for s, e, x, j in zip(steps, env, experience, joint, strict=True)]
         if progress is not None:
             progress(f"decision support: {mode} judged on {len(steps)} steps")
 
@@ -208,10 +213,12 @@ def evaluate_decision(
     unseen = sorted({f for f in family if f not in seen_families})
     return DecisionEvaluation(
         protocol={**(protocol or {}), "steps": len(steps), "experience_docs": len(corpus), "k_env": k_env,
-                  "k_experience": k_experience, "shortlist": shortlist_size, "joint_facts": joint_facts,
-                  "rerank_top": rerank_top if reranker is not None else None, "train_tasks": sorted(train_tasks),
-                  "fusion": "reciprocal rank (k=60) of the first stage and BM25 (+bm25, over the dense top "
-                            f"{hybrid_candidates}) or the reranker (+rerank, over the first stage's top {rerank_top})",
+                  "k_experience": k_experience, "shortlist": shortlist_size, "joint_facts": settings.joint_facts,
+                  "rerank_top": settings.rerank_candidates if reranker is not None else None,
+                  "train_tasks": sorted(train_tasks),
+                  "fusion": "the served pipeline (knowmap.models.retrieval.Retriever): reciprocal rank (k=60) of the "
+                            f"first stage and BM25 (+bm25, over its top {settings.hybrid_candidates}) or the reranker "
+                            f"(+rerank, over its top {settings.rerank_candidates})",
                   "seen_families": seen_families, "relevance": "gold next action and the rest of its sub-goal",
                   "query": "task, last action, observation", "plan": "none offline (empty in every mode)"},
         modes=summary(every) or {}, seen=summary([i for i in every if family[i] in seen_families]),
@@ -219,23 +226,45 @@ def evaluate_decision(
     )
 
 
-def _judge(step: DecisionStep, env_rank: list[int], joint: str, corpus: Sequence[ExperienceDoc], texts: list[str],
-           ranker: _Ranker | None, k_env: int, k_exp: int, size: int) -> dict[str, float | None]:
+def memoized_pair_scores(reranker: Any) -> Rerank:
+    """The pipeline's ``rerank`` callable over ``reranker.predict`` (a cross-encoder), each (query, text) pair scored
+    once however many modes put it in their head.
+
+    Raises:
+        ValueError: (when called) the reranker returned another number of scores than pairs.
+    """
+    scores: dict[tuple[str, str], float] = {}
+
+    def rerank(query: str, texts: list[str]) -> list[float]:
+        wanted = list(dict.fromkeys((query, t) for t in texts if (query, t) not in scores))
+        if wanted:
+            got = np.asarray(reranker.predict(wanted), dtype=np.float64).reshape(-1)
+            if len(got) != len(wanted):
+                raise ValueError(f"the reranker returned {len(got)} scores for {len(wanted)} pairs; it must "
+                                 "return one score per (query, document) pair")
+            scores.update(zip(wanted, got.tolist(), strict=True))
+        return [scores[(query, t)] for t in texts]
+
+    return rerank
+
+
+def _judge(step: DecisionStep, env_rank: list[int], exp_rank: list[int], joint_rank: list[int],
+           corpus: Sequence[ExperienceDoc], texts: list[str], retrieving: bool, k_env: int, k_exp: int,
+           size: int) -> dict[str, float | None]:
     """One step under one mode: hits of each kind (None: nothing relevant in that KB) and the gold action's fate."""
     relevant_exp = {j for j, d in enumerate(corpus) if d.keys & step.answer_keys}
     row: dict[str, float | None] = {"env": None, "experience": None, "joint": None, "shortlist": None, "rank": None}
     facts: list[str] = []
     experience: list[str] = []
-    if ranker is not None:
+    if retrieving:
         facts = [step.facts[i] for i in env_rank[:k_env]]
         if step.relevant_facts:
             row["env"] = float(any(i in step.relevant_facts for i in env_rank[:k_env]))
         if texts:
-            exp_rank = ranker(step.query, texts)
             experience = [texts[j] for j in exp_rank[:k_exp]]
             if relevant_exp:
                 row["experience"] = float(any(j in relevant_exp for j in exp_rank[:k_exp]))
-                row["joint"] = float(any(j in relevant_exp for j in ranker(joint, texts)[:k_exp]))
+                row["joint"] = float(any(j in relevant_exp for j in joint_rank[:k_exp]))
     if step.gold is not None and step.gold in step.valid:
         valid = set(step.valid)
         preferred = [a for a in written_actions(experience) if a in valid]
@@ -261,88 +290,3 @@ def _aggregate(rows: list[dict[str, float | None]], k_env: int, k_exp: int, size
                            f"support@{k_env}_env": env, f"support@{k_exp}_experience": experience,
                            f"support@{k_exp}_joint": joint, "steps_env": env_steps, "steps_experience": exp_steps}
     return {k: v for k, v in out.items() if v is not None}
-
-
-# -- rankers: (query, corpus) -> positions, best first ------------------------------------------------------------
-class _Ranker:
-    def prefetch(self, texts: Sequence[str]) -> None:
-        """Embed ``texts`` in one batch ahead of the calls that need them (dense rankers)."""
-
-    def warm(self, requests: Sequence[tuple[str, Sequence[str]]]) -> None:
-        """Do in batches what the (query, corpus) ``requests`` will need (embeddings, reranker scores)."""
-        self.prefetch([t for query, corpus in requests for t in (query, *corpus)])
-
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        raise NotImplementedError
-
-
-class _BM25(_Ranker):
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, ...], BM25Retriever] = {}
-
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        key = tuple(corpus)
-        if key not in self._cache:
-            if len(self._cache) > 512:
-                self._cache.clear()
-            self._cache[key] = BM25Retriever(corpus)
-        return self._cache[key].rank(query)
-
-
-class _Dense(_Ranker):
-    def __init__(self, embedder: Encoder) -> None:
-        self._vectors = _VectorCache(embedder)  # each distinct text embedded once
-
-    def prefetch(self, texts: Sequence[str]) -> None:
-        self._vectors.matrix(list(dict.fromkeys(texts)))
-
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        vectors = self._vectors.matrix([query, *corpus])  # (1 + len(corpus), dim): query first
-        scores = vectors[1:] @ vectors[0]
-        return [int(i) for i in np.argsort(-scores, kind="stable")]
-
-
-class _Hybrid(_Ranker):
-    """BM25 over the dense ranker's top ``top``, fused with the dense order by reciprocal rank; the rest after."""
-
-    def __init__(self, dense: _Ranker, bm25: _BM25, top: int) -> None:
-        self.dense, self.bm25, self.top = dense, bm25, top
-
-    def prefetch(self, texts: Sequence[str]) -> None:
-        self.dense.prefetch(texts)
-
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        ranking = self.dense(query, corpus)
-        head = ranking[: self.top]
-        lexical = [head[i] for i in self.bm25(query, [corpus[i] for i in head])]
-        return fused_order([head, lexical]) + ranking[self.top:]
-
-
-class _Reranked(_Ranker):
-    """The first stage's top ``top`` re-ordered by fusing, by reciprocal rank, the reranker's order with the first
-    stage's (as the served pipeline does; the reranker never replaces the first stage); the rest after."""
-
-    def __init__(self, first: _Ranker, reranker: Any, top: int, scores: dict[tuple[str, str], float]) -> None:
-        self.first, self.reranker, self.top = first, reranker, top
-        self._scores = scores
-
-    def prefetch(self, texts: Sequence[str]) -> None:
-        self.first.prefetch(texts)
-
-    def warm(self, requests: Sequence[tuple[str, Sequence[str]]]) -> None:
-        self.first.warm(requests)
-        self._score([(q, corpus[i]) for q, corpus in requests if corpus for i in self.first(q, corpus)[: self.top]])
-
-    def _score(self, pairs: Sequence[tuple[str, str]]) -> None:
-        wanted = list(dict.fromkeys(p for p in pairs if p not in self._scores))
-        if wanted:
-            got = np.asarray(self.reranker.predict(wanted), dtype=np.float64).reshape(-1)
-            if len(got) != len(wanted):
-                raise ValueError(f"the reranker returned {len(got)} scores for {len(wanted)} pairs; it must "
-                                 "return one score per (query, document) pair")
-            self._scores.update(zip(wanted, got.tolist(), strict=True))
-
-    def __call__(self, query: str, corpus: Sequence[str]) -> list[int]:
-        ranking = self.first(query, corpus)
-        self._score([(query, corpus[i]) for i in ranking[: self.top]])
-        return rerank_head(ranking, lambda i: self._scores[(query, corpus[i])], self.top)

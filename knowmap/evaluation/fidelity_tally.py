@@ -1,5 +1,5 @@
-"""Counting KB fidelity over episodes: :class:`FidelityTally` applies the judge of :mod:`knowmap.kb.fidelity` to the
-KB's current facts after every step and keeps precision, recall and staleness counts per relation."""
+"""Counting KB fidelity over episodes: :class:`FidelityTally` applies the judge of :mod:`knowmap.evaluation.fidelity`
+to the KB's current facts after every step and keeps precision, recall and staleness counts per relation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from knowmap.kb.fidelity import CHECKED, DOOR_KINDS, WorldState, canonical, holds, judge, revealed
+from knowmap.evaluation.fidelity import CHECKED, DOOR_KINDS, WorldState, canonical, holds, judge, revealed
 from knowmap.schemas import Fact
 
 
