@@ -8,7 +8,7 @@ The jobs' results: :class:`RetrievalEvaluation` (``evaluate_retrieval``, ``knowm
 (the agent stage of ``knowmap run``). Callers read them through attributes and accessors
 (``evaluation.ndcg("env", "finetuned")``), never through nested string keys. Their ``model_dump(mode="json")`` is
 exactly the JSON these jobs wrote as plain dicts before they were typed (same keys, same order, ints stay ints),
-because committed result files and the README quote it; tests/unit/test_results.py holds them to that.
+because committed result files and the docs quote it; tests/unit/test_results.py holds them to that.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def _batch_settings(handler: Any, user_config: dict[str, Any]) -> None:
 # -- the models ------------------------------------------------------------------------------------------------
 class EmbedderModels:
     """Sentence embeddings, batched across the concurrent requests of the replica that holds it (the ingress: a
-    hop to a model deployment cost as much as the model's own work on a query; README, "Retrieval service").
+    hop to a model deployment cost as much as the model's own work on a query; docs/service-and-api.md).
 
     Args:
         device: torch device for the models.

@@ -5,8 +5,9 @@ Two frontends (``serve.frontend``):
 * ``haproxy`` (default): Ray Serve's high-throughput mode (``RAY_SERVE_ENABLE_HA_PROXY``,
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED``): HAProxy, written in C, takes connections on ``serve.host:serve.port`` on
   every node and forwards each request over HTTP to an ingress replica, which serves it with its own uvicorn (no
-  Python proxy actor, no actor call per request). Measured on 2 cores the proxy's 4.9 core-ms a request became
-  HAProxy's 0.1-0.2, and the replica's request path got cheaper too (README, "Retrieval service": "Measured").
+  Python proxy actor, no actor call per request). Measured on 2 cores, HAProxy costs 0.1-0.2 core-ms a
+  request (benchmarks/results/serve_latency.json), and the replica's request path got cheaper too
+  (docs/service-and-api.md, "Measured").
   HAProxy cuts a client that sends nothing for longer than
   :func:`client_timeout` (head or body; 31 s by default). HAProxy also serves its statistics on port
   ``RAY_SERVE_HAPROXY_STATS_PORT`` (8404) and Prometheus metrics on ``RAY_SERVE_HAPROXY_METRICS_PORT`` (9101) of
