@@ -78,6 +78,11 @@ class ForbiddenError(KnowMapError):
     """The caller's key may not do this (its role is too low, or the data is another key's)."""
 
 
+class VersionNotIndexedError(KnowMapError):
+    """The experiential KB holds no collection for an embedder version (its actor restarted and holds only its
+    configured version again, or the version was released): call ``ensure_index(<model path>)`` first."""
+
+
 class VectorStoreError(KnowMapError):
     """The vector store (Milvus) refused an operation; the message says how to fix it."""
 
@@ -98,6 +103,12 @@ class LLMError(KnowMapError):
     """The LLM endpoint refused a request or answered something unusable."""
 
     retryable = True
+
+
+class ConstraintIgnoredError(LLMError):
+    """The endpoint answered outside the constrained choices (it ignored the ``llm.constraint_style`` constraint);
+    set ``llm.constraint_style`` to one the server supports, or 'none'. The actuator falls back to its
+    best-ranked candidate."""
 
 
 class LLMUnavailableError(LLMError):

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from knowmap.config import LLMConfig
-from knowmap.errors import LLMError, LLMUnavailableError
+from knowmap.errors import ConstraintIgnoredError, LLMError, LLMUnavailableError
 
 Message = dict[str, str]
 _WORD = re.compile(r"[a-z0-9]+")
@@ -144,7 +144,8 @@ class LLMClient:
 
         Raises:
             LLMUnavailableError: the endpoint did not answer after the retries.
-            LLMError: the endpoint refused the request, or a constrained answer was not one of the choices.
+            ConstraintIgnoredError: a constrained answer was not one of the choices.
+            LLMError: the endpoint refused the request, or a constrained JSON answer could not be read.
         """
         kwargs: dict[str, Any] = {"model": self.config.model, "messages": messages,
                                   "temperature": self.config.temperature,
@@ -172,8 +173,8 @@ class LLMClient:
                                f" try llm.constraint_style 'grammar' or 'none' for this server") from e
         text = text.strip()
         if text not in choices:
-            raise LLMError(f"the endpoint ignored the {style} constraint (answered {text[:120]!r}); "
-                           "set llm.constraint_style to one the server supports, or 'none'")
+            raise ConstraintIgnoredError(f"the endpoint ignored the {style} constraint (answered {text[:120]!r}); "
+                                         "set llm.constraint_style to one the server supports, or 'none'")
         return text
 
     def _complete(self, kwargs: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from knowmap.agent import prompts
 from knowmap.agent.llm import ChatModel, nearest_choice
 from knowmap.agent.memory import HistoryEntry
-from knowmap.errors import LLMError
+from knowmap.errors import ConstraintIgnoredError
 from knowmap.schemas import KnowledgeItem
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -212,9 +212,7 @@ class Actuator:
                                            candidates, constrained)
         try:
             answer = self.llm.chat(messages, choices=candidates)
-        except LLMError as e:
-            if "ignored the" not in str(e):
-                raise
+        except ConstraintIgnoredError:
             answer = ""  # a server that ignored the constraint: fall back to the best candidate, counted
         if constrained:
             valid = answer in candidates

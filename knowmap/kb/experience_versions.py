@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from knowmap.config import KnowMapConfig
-from knowmap.errors import KnowMapError
+from knowmap.errors import KnowMapError, VersionNotIndexedError
 from knowmap.kb.experience_kb import ExperienceKB
 from knowmap.kb.vectorstore import VectorStore
 from knowmap.models.embedder import Embedder, embedder_version, trace_elsewhere
@@ -93,7 +93,7 @@ class VersionedExperienceKB:
         embedded it (None = the current one), among those matching ``where`` (e.g. a tenant's visibility).
 
         Raises:
-            KnowMapError: ``version`` is not indexed here (the message lists the held versions).
+            VersionNotIndexedError: ``version`` is not indexed here (the message lists the held versions).
         """
         return self.search_vectors([(vector, k, task, where)], version, kind=kind, source=source)[0]
 
@@ -105,14 +105,14 @@ class VersionedExperienceKB:
         one multi-vector query. Returns each search's rows, in order.
 
         Raises:
-            KnowMapError: ``version`` is not indexed here (the message lists the held versions).
+            VersionNotIndexedError: ``version`` is not indexed here (the message lists the held versions).
         """
         with self._lock:
             kb = self._kbs.get(version or self._current)
             held = sorted(self._kbs)
         if kb is None:
-            raise KnowMapError(f"no experiential collection for embedder version {version!r}; indexed: {held}. "
-                               "Call ensure_index(<model path>) first")
+            raise VersionNotIndexedError(f"no experiential collection for embedder version {version!r}; "
+                                         f"indexed: {held}. Call ensure_index(<model path>) first")
         groups: dict[str, list[int]] = {}
         for i, (_, k, task, where) in enumerate(searches):
             groups.setdefault(json.dumps([k, task, where], sort_keys=True, default=str), []).append(i)
@@ -169,10 +169,15 @@ class VersionedExperienceKB:
         return {"version": kb.embedder.version, "collection": kb.collection, "rows": kb.count(), "copied": copied}
 
     def set_current(self, version: str) -> None:
-        """Make a held version the one that :meth:`search`, :meth:`count` and :meth:`info` use."""
+        """Make a held version the one that :meth:`search`, :meth:`count` and :meth:`info` use.
+
+        Raises:
+            VersionNotIndexedError: ``version`` is not held here.
+        """
         with self._lock:
             if version not in self._kbs:
-                raise KnowMapError(f"embedder version {version!r} is not indexed; indexed: {sorted(self._kbs)}")
+                raise VersionNotIndexedError(f"embedder version {version!r} is not indexed; indexed: "
+                                             f"{sorted(self._kbs)}. Call ensure_index(<model path>) first")
             self._current = version
 
     def release_index(self, version: str) -> bool:

@@ -16,7 +16,7 @@ from knowmap.agent.reflection import reflect, score_reflection
 from knowmap.agent.rollout import make_policy
 from knowmap.agent.scaffold import Evaluator, knowledge_actions, parse_plan, shortlist
 from knowmap.config import AgentConfig, LLMConfig
-from knowmap.errors import KnowMapError, LLMError, LLMUnavailableError
+from knowmap.errors import ConstraintIgnoredError, KnowMapError, LLMError, LLMUnavailableError
 from knowmap.schemas import KnowledgeItem, StepRecord, Subgoal, Trajectory
 
 VALID = ["look around", "open door to kitchen", "go to hallway", "focus on water", "focus on table",
@@ -253,6 +253,16 @@ def test_transient_errors_are_retried_then_reported_clearly() -> None:
         llm.chat([])
     with pytest.raises(LLMError, match="base_url is empty"):
         LLMClient(LLMConfig())
+
+
+def test_an_answer_outside_the_choices_is_a_constraint_ignored_error() -> None:
+    llm, _ = client("grammar", ["fly to the moon"])
+    with pytest.raises(ConstraintIgnoredError, match="llm.constraint_style"):
+        llm.chat([], choices=["go to hallway"])
+    llm, _ = client("json_schema", ["not json"])
+    with pytest.raises(LLMError, match="not the constrained JSON") as caught:
+        llm.chat([], choices=["go to hallway"])
+    assert not isinstance(caught.value, ConstraintIgnoredError)  # unreadable JSON is another failure
 
 
 def test_unreachable_endpoint_with_the_real_client() -> None:
