@@ -9,7 +9,8 @@ new ``user_config``: Serve reconfigures the running replicas in place, and no re
 
 Serve gives every ``serve.run`` a random code version unless one is set, and a new code version restarts every
 replica; only a change that keeps it (a ``user_config`` change) is the documented lightweight in-place update.
-So each deployment gets a version derived from its code and its constructor arguments: redeploying the same
+So each deployment gets a version derived from its code (every module of ``knowmap``, ``knowmap.actors`` and
+``knowmap.serve``, subpackages included: :func:`source_digest`) and its constructor arguments: redeploying the same
 code and config with other models reconfigures, while changed code or config still restarts replicas.
 """
 
@@ -206,15 +207,41 @@ def _handle(deployment: str) -> DeploymentHandle:
                            "`knowmap serve`") from e
 
 
+# The packages whose code runs in the deployments' replicas, with every subpackage: ``knowmap`` (models, kb, agent,
+# evaluation, ...), the actors the replicas call, and the service itself.
+CODE_PACKAGES = ("knowmap", "knowmap.actors", "knowmap.serve")
+
+
 def _code_version(name: str, *parts: Any) -> str:
     """A deployment version from the service's source files and the deployment's arguments (see module doc)."""
-    import knowmap
-    import knowmap.actors
-    import knowmap.serve
+    import importlib
 
+    roots = {package: Path(importlib.import_module(package).__file__).parent for package in CODE_PACKAGES}
     digest = hashlib.sha256(name.encode())
-    for package in (knowmap, knowmap.actors, knowmap.serve):
-        for path in sorted(Path(package.__file__).parent.glob("*.py")):
-            digest.update(path.read_bytes())
+    digest.update(source_digest(roots).encode())
     digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def source_digest(roots: dict[str, Path]) -> str:
+    """A sha256 of every ``*.py`` file under each root folder, recursively: each file's name (the root's key and
+    the path below it) and bytes, in sorted order, so that a change to any module of any subpackage, a new module
+    or a renamed one changes it.
+
+    Args:
+        roots: a name per folder (a package and its folder). A file under two roots (an installed ``knowmap/``
+            also holds ``actors/`` and ``serve/``) counts once, under the first name in sorted order.
+
+    Returns:
+        the hex digest.
+    """
+    files: dict[Path, str] = {}
+    for name, root in sorted(roots.items()):
+        for path in root.rglob("*.py"):
+            files.setdefault(path.resolve(), f"{name}/{path.relative_to(root).as_posix()}")
+    digest = hashlib.sha256()
+    for path, key in sorted(files.items(), key=lambda item: item[1]):
+        data = path.read_bytes()
+        digest.update(f"{key}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
