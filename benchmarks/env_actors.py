@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 import ray
-from bench_service import FIXTURES, local_service, pct
+from lib.results import Check, write_result
+from lib.service import FIXTURES, local_service, pct
 
 from knowmap.serve.client import KnowMapClient
 
@@ -112,12 +113,13 @@ def main() -> None:
     fresh, evicting = latencies[: args.cap], latencies[args.cap:]
     eviction_s = pct(evicting, 50) - pct(fresh, 50)
     checks = [
-        {"metric": "peak_env_actor_mb", "baseline": uncapped_mb, "result": peak_mb, "value": peak_mb / uncapped_mb,
-         "goal": f"<= cap x MB per actor ({args.cap} x {per_actor:.0f} = {args.cap * per_actor:.0f} MB, +10%)",
-         "met": peak_mb <= 1.1 * args.cap * per_actor and peak_alive <= args.cap},
-        {"metric": "lost_facts_after_eviction", "baseline": sum(acknowledged[e] for e in sample),
-         "result": sum(x["acknowledged"] - x["held"] for x in lost), "value": len(lost), "goal": "0 env ids",
-         "met": not lost},
+        Check("peak_env_actor_mb", value=peak_mb / uncapped_mb, goal=1.1 * args.cap / args.envs, direction="<=",
+              baseline=uncapped_mb, result=peak_mb,
+              note=f"cap x MB per actor: {args.cap} x {per_actor:.0f} = {args.cap * per_actor:.0f} MB, +10%",
+              conditions={f"at most {args.cap} actors alive": peak_alive <= args.cap}),
+        Check("lost_facts_after_eviction", value=len(lost), goal=0, direction="<=",
+              baseline=sum(acknowledged[e] for e in sample), result=sum(x["acknowledged"] - x["held"] for x in lost),
+              note="env ids with a fact missing"),
     ]
     print(f"\n{'measurement':<52}{'baseline':>12}{'result':>12}{'ratio':>9}  goal")
     print(f"{'env-actor memory MB (uncapped, projected -> peak)':<52}{uncapped_mb:>12.0f}{peak_mb:>12.0f}"
@@ -130,7 +132,7 @@ def main() -> None:
           f"p50 {pct(revive, 50):.2f} s, p95 {pct(revive, 95):.2f} s")
     print(f"evicted env ids checked: {len(sample)}, with a fact missing: {len(lost)}; "
           f"{args.envs} env ids in {created_s:.0f} s; MB per actor (PSS) {per_actor:.1f}")
-    result = {"metric": "peak_env_actor_mb_vs_uncapped", "value": peak_mb / uncapped_mb, "goal": checks[0]["goal"],
+    result = {"metric": "peak_env_actor_mb_vs_uncapped", "value": peak_mb / uncapped_mb, "goal": checks[0].goal_text,
               "details": {"checks": checks, "envs": args.envs, "cap": args.cap, "mb_per_actor": per_actor,
                           "peak_alive": peak_alive, "peak_mb": peak_mb, "uncapped_mb_projected": uncapped_mb,
                           "request_s": {"new_actor_p50": pct(fresh, 50), "new_actor_p95": pct(fresh, 95),
@@ -139,8 +141,7 @@ def main() -> None:
                           "eviction_s": eviction_s, "revive_s": {"p50": pct(revive, 50), "p95": pct(revive, 95)},
                           "verified": len(sample), "lost": lost, "seconds": created_s, "samples": samples,
                           "load_average": os.getloadavg(), "cpus": os.cpu_count()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -18,12 +18,13 @@ root:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from lib.results import write_result
 
 from knowmap.environment.sciworld import ScienceWorld, info
 from knowmap.kb.extraction import RuleBasedExtractor, extract_line, listing_container, object_lines
@@ -154,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
     return 0 if value >= GOAL else 1
 

@@ -25,8 +25,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from bench_service import FIXTURES, free_port, pct  # noqa: E402
-from train_throughput import fixture_pairs  # noqa: E402
+from lib.fixture_pairs import fixture_pairs  # noqa: E402
+from lib.results import write_result  # noqa: E402
+from lib.service import FIXTURES, free_port, pct  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_check.json"
@@ -116,8 +117,7 @@ def main() -> int:
               "details": {"sides": sides, "ratios": ratios, "cpus": os.cpu_count(),
                           "gpu": torch.cuda.get_device_name(0) if has_gpu else None,
                           "seconds": time.perf_counter() - started}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

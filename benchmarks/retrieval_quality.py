@@ -11,10 +11,11 @@ BM25, for both KB kinds. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from lib.results import Check, write_result
 
 from knowmap.config import KnowMapConfig
 from knowmap.jobs.training import evaluate_split, retrieval_table, train_retriever
@@ -51,7 +52,7 @@ def main() -> None:
                              out=data_dir / "eval_dev.json")
     print(retrieval_table(results))
 
-    rows, met = {}, True
+    rows, checks = {}, []
     for kind, block in results.kinds.items():
         base, tuned, bm25 = (results.ndcg(kind, s) for s in ("base", "finetuned", "bm25"))
         unseen_tuned = results.ndcg(kind, "finetuned", subset="unseen")
@@ -59,7 +60,9 @@ def main() -> None:
         rows[kind] = {"bm25": bm25, "base": base, "finetuned": tuned, "ratio_vs_base": tuned / base if base else None,
                       "beats_bm25": tuned > bm25, "unseen_base": unseen_base, "unseen_finetuned": unseen_tuned,
                       "reranked": {s: results.ndcg(kind, s) for s in block.systems if s.endswith("+rerank")}}
-        met = met and bool(base) and tuned / base >= GOAL and tuned > bm25
+        checks.append(Check(f"ndcg@10_{kind}_finetuned_over_base", value=rows[kind]["ratio_vs_base"], goal=GOAL,
+                            baseline=base, result=tuned, conditions={"above BM25": tuned > bm25}))
+    met = all(check.met for check in checks)
     print()
     print(f"{'kind':<11} {'BM25':>7} {'base':>7} {'tuned':>7} {'ratio':>6}  {'unseen base':>11} {'unseen tuned':>12}")
     for kind, row in rows.items():
@@ -70,13 +73,12 @@ def main() -> None:
     print(f"goal: fine-tuned nDCG@10 >= {GOAL} x base and above BM25 for both kinds: {'met' if met else 'NOT met'}")
     worst = min(row["ratio_vs_base"] or 0.0 for row in rows.values())
     result = {"metric": "ndcg@10_finetuned_over_base_min_over_kinds", "value": worst, "goal": GOAL,
-              "details": {"per_kind": rows, "goal_met": met, "train_seconds": trained,
+              "details": {"per_kind": rows, "goal_met": met, "checks": checks, "train_seconds": trained,
                           "pairs": report.pairs,
                           "protocol": {**results.protocol.model_dump(mode="json"), "epochs": args.epochs,
                                        "train_variations": args.train_variations, "train_split": "train",
                                        "eval_split": "dev"}}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

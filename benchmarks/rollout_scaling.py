@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from lib.results import write_result
 
 from knowmap.actors.pool import RolloutPool
 from knowmap.agent.knowledge import LocalEnvKBSlot
@@ -285,7 +286,7 @@ def main() -> None:
         result = json.loads(args.out.read_text())
         with tempfile.TemporaryDirectory(prefix="knowmap-bench-") as data_dir:
             result["details"]["embedding_batching"] = embedding_batches(KnowMapConfig(data_dir=data_dir))
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
         return
     sizes = [int(s) for s in args.sizes.split(",")]
     cores = os.cpu_count() or 1
@@ -345,12 +346,10 @@ def main() -> None:
                          "policy": "expert (gold replay)", "look_every_step": True, "warm_up": "one untimed pass"},
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-
     def save(agent_so_far: dict[str, Any] | None = None) -> None:
         if agent_so_far is not None:
             result["details"]["agent_like"] = agent_so_far
-        args.out.write_text(json.dumps(result, indent=2))
+        write_result(args.out, result)
 
     save()
     agent = None

@@ -46,7 +46,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import ray  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
-from bench_service import FIXTURES, free_port, local_service, pct  # noqa: E402
+from lib.results import Check, write_result  # noqa: E402
+from lib.service import FIXTURES, free_port, local_service, pct  # noqa: E402
 from monolith_service import pipeline  # noqa: E402
 from ray import serve  # noqa: E402
 
@@ -341,26 +342,19 @@ def main() -> None:
         client.close()
 
     checks = [
-        {"metric": "retrieve_p50_ratio", "baseline": retrieve["in_process_p50_ms"], "result": retrieve["http_p50_ms"],
-         "value": retrieve["ratio"], "goal": f"<= {GOALS['retrieve_p50_ratio']}",
-         "met": retrieve["ratio"] <= GOALS["retrieve_p50_ratio"]},
-        {"metric": "batching_throughput_ratio", "baseline": unbatched["requests_per_s"],
-         "result": batched["requests_per_s"], "value": batching["ratio"],
-         "goal": f">= {GOALS['batching_throughput_ratio']}",
-         "met": batching["ratio"] >= GOALS["batching_throughput_ratio"]},
-        {"metric": "swap_p99_ratio", "baseline": swap_stats["steady_p99_ms"], "result": swap_stats["swap_p99_ms"],
-         "value": swap_stats["ratio"], "goal": f"<= {GOALS['swap_p99_ratio']} and 0 failures",
-         "met": swap_stats["ratio"] <= GOALS["swap_p99_ratio"] and swap_stats["failed_requests"] == 0},
-        {"metric": "monolith_p50_ratio", "baseline": versus["monolith_p50_ms"], "result": versus["serve_p50_ms"],
-         "value": versus["p50_ratio"], "goal": f"<= {GOALS['monolith_p50_ratio']}",
-         "met": versus["p50_ratio"] <= GOALS["monolith_p50_ratio"]},
-        {"metric": "monolith_throughput_ratio", "baseline": versus["monolith_requests_per_s_16"],
-         "result": versus["serve_requests_per_s_16"], "value": versus["throughput_ratio"],
-         "goal": f">= {GOALS['monolith_throughput_ratio']}",
-         "met": versus["throughput_ratio"] >= GOALS["monolith_throughput_ratio"]},
-        *({"metric": f"tail_ratio_c{c}", "baseline": t["p50_ms"], "result": t["p99_ms"], "value": t["ratio"],
-           "goal": f"<= {GOALS['tail_ratio']}", "met": t["ratio"] <= GOALS["tail_ratio"] and not t["failed"]}
-          for c, t in tails.items()),
+        Check("retrieve_p50_ratio", value=retrieve["ratio"], goal=GOALS["retrieve_p50_ratio"], direction="<=",
+              baseline=retrieve["in_process_p50_ms"], result=retrieve["http_p50_ms"]),
+        Check("batching_throughput_ratio", value=batching["ratio"], goal=GOALS["batching_throughput_ratio"],
+              baseline=unbatched["requests_per_s"], result=batched["requests_per_s"]),
+        Check("swap_p99_ratio", value=swap_stats["ratio"], goal=GOALS["swap_p99_ratio"], direction="<=",
+              baseline=swap_stats["steady_p99_ms"], result=swap_stats["swap_p99_ms"],
+              conditions={"0 failures": swap_stats["failed_requests"] == 0}),
+        Check("monolith_p50_ratio", value=versus["p50_ratio"], goal=GOALS["monolith_p50_ratio"], direction="<=",
+              baseline=versus["monolith_p50_ms"], result=versus["serve_p50_ms"]),
+        Check("monolith_throughput_ratio", value=versus["throughput_ratio"], goal=GOALS["monolith_throughput_ratio"],
+              baseline=versus["monolith_requests_per_s_16"], result=versus["serve_requests_per_s_16"]),
+        *(Check(f"tail_ratio_c{c}", value=t["ratio"], goal=GOALS["tail_ratio"], direction="<=", baseline=t["p50_ms"],
+                result=t["p99_ms"], conditions={"0 failures": not t["failed"]}) for c, t in tails.items()),
     ]
     print(f"\n{'measurement':<44}{'baseline':>12}{'result':>12}{'ratio':>9}  goal")
     print(f"{'retrieve p50 ms (in-process -> HTTP)':<44}{retrieve['in_process_p50_ms']:>12.1f}"
@@ -402,8 +396,7 @@ def main() -> None:
                           "monolith": versus, "scaled_out": scaled, "tails": tails,
                           "load_average": os.getloadavg(), "cpus": os.cpu_count(), "frontend": config.serve.frontend,
                           "note": f"p99 of {args.requests} samples sits between the 2nd and 3rd slowest"}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -36,7 +36,8 @@ from typing import Any
 
 import ray
 import requests
-from bench_service import FIXTURES, local_service, pct
+from lib.results import Check, write_result
+from lib.service import FIXTURES, local_service, pct
 
 from knowmap.config import KnowMapConfig
 from knowmap.serve.client import KnowMapClient
@@ -303,20 +304,18 @@ def main() -> None:
 
     ratio = readers["during_p99_ms"] / readers["steady_p50_ms"]
     checks = [
-        {"metric": "normal_requests_failed_by_mixed_batches", "baseline": mixed["baseline_failed"],
-         "result": mixed["mixed_failed"], "goal": "0", "met": mixed["mixed_failed"] == 0
-         and all(s == 422 for s in mixed["bad_statuses"])},
-        {"metric": "normal_requests_failed_during_fuzz", "baseline": 0, "result": fuzz["normal"]["failed"],
-         "goal": "0 (and 0 fuzz 5xx)", "met": fuzz["normal"]["failed"] == 0 and fuzz["fuzz"]["5xx"] == 0},
-        {"metric": "over_limit_bodies_accepted", "baseline": len(limits),
-         "result": sum(v["accepted"] for v in limits.values()), "goal": "0",
-         "met": not any(v["accepted"] for v in limits.values())},
-        {"metric": "connections_held_past_timeout", "baseline": len(held),
-         "result": sum(not v["within"] for v in held.values()), "goal": "0",
-         "met": all(v["within"] for v in held.values())},
-        {"metric": "retrieve_p99_during_contribution_vs_steady_p50", "baseline": readers["steady_p50_ms"],
-         "result": readers["during_p99_ms"], "value": ratio, "goal": "<= 3.0",
-         "met": ratio <= 3.0 and readers["contribution"].get("status") == 200},
+        Check("normal_requests_failed_by_mixed_batches", value=mixed["mixed_failed"], goal=0, direction="<=",
+              baseline=mixed["baseline_failed"], result=mixed["mixed_failed"],
+              conditions={"every bad request answered 422": all(s == 422 for s in mixed["bad_statuses"])}),
+        Check("normal_requests_failed_during_fuzz", value=fuzz["normal"]["failed"], goal=0, direction="<=",
+              baseline=0, result=fuzz["normal"]["failed"], conditions={"0 fuzz 5xx": fuzz["fuzz"]["5xx"] == 0}),
+        Check("over_limit_bodies_accepted", value=sum(v["accepted"] for v in limits.values()), goal=0,
+              direction="<=", baseline=len(limits), result=sum(v["accepted"] for v in limits.values())),
+        Check("connections_held_past_timeout", value=sum(not v["within"] for v in held.values()), goal=0,
+              direction="<=", baseline=len(held), result=sum(not v["within"] for v in held.values())),
+        Check("retrieve_p99_during_contribution_vs_steady_p50", value=ratio, goal=3.0, direction="<=",
+              baseline=readers["steady_p50_ms"], result=readers["during_p99_ms"],
+              conditions={"the contribution answered 200": readers["contribution"].get("status") == 200}),
     ]
     print(f"\n{'measurement':<56}{'baseline':>10}{'result':>10}{'ratio':>8}  goal")
     print(f"{'normal requests failed (alone -> with bad ones)':<56}{mixed['baseline_failed']:>10}"
@@ -324,8 +323,8 @@ def main() -> None:
     print(f"{'normal requests failed during fuzzing':<56}{0:>10}{fuzz['normal']['failed']:>10}{'':>8}  0 of "
           f"{fuzz['normal']['sent']}; fuzz cases {fuzz['fuzz']['sent']}, 5xx {fuzz['fuzz']['5xx']}")
     print(f"{'over-limit bodies accepted (attempts -> accepted)':<56}{len(limits):>10}"
-          f"{checks[2]['result']:>10}{'':>8}  0; " + ", ".join(f"{k} {v['status']}" for k, v in limits.items()))
-    print(f"{'connections held past their timeout':<56}{len(held):>10}{checks[3]['result']:>10}{'':>8}  0; "
+          f"{checks[2].result:>10}{'':>8}  0; " + ", ".join(f"{k} {v['status']}" for k, v in limits.items()))
+    print(f"{'connections held past their timeout':<56}{len(held):>10}{checks[3].result:>10}{'':>8}  0; "
           + ", ".join(f"{k} {v['held_s']:.1f}/{v['timeout_s']} s" for k, v in held.items()))
     print(f"{'retrieve ms (steady p50 -> p99 during contribution)':<56}{readers['steady_p50_ms']:>10.1f}"
           f"{readers['during_p99_ms']:>10.1f}{ratio:>8.2f}  <= 3.0")
@@ -343,8 +342,7 @@ def main() -> None:
                           "timeouts": held, "readers": readers, "logs": logs,
                           "seconds": time.perf_counter() - started, "load_average": os.getloadavg(),
                           "cpus": os.cpu_count()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -35,7 +35,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import random
 import socket
 import tempfile
 import time
@@ -47,12 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from lib.fixture_pairs import fixture_pairs  # noqa: E402
+from lib.results import write_result  # noqa: E402
 
 from knowmap.config import TrainingConfig  # noqa: E402
-from knowmap.kb.environment_kb import build_env_kb  # noqa: E402
-from knowmap.kb.segmentation import action_objects  # noqa: E402
 from knowmap.models.embedder import default_embedder_path  # noqa: E402
-from knowmap.schemas import TrainingPair, Trajectory  # noqa: E402
+from knowmap.schemas import TrainingPair  # noqa: E402
 from knowmap.train.embedder_trainer import EmbedderTask, train_embedder  # noqa: E402
 from knowmap.train.loop import make_loader, make_optimizer, run_epoch, seed_everything  # noqa: E402
 from knowmap.train.ray_run import DDP_OPTIONS  # noqa: E402
@@ -61,27 +60,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "train_throughput.json"
 DEFAULT_TRAJECTORIES = ROOT / "tests" / "fixtures" / "trajectories"
 GOAL = 0.85
-
-
-def fixture_pairs(directory: Path, seed: int = 0, negatives: int = 3) -> list[TrainingPair]:
-    """Env-KB style pairs from saved trajectories (no ScienceWorld needed)."""
-    rng = random.Random(seed)
-    pairs = []
-    for path in sorted(directory.glob("*.json")):
-        trajectory = Trajectory.model_validate_json(path.read_text())
-        kb = build_env_kb(trajectory)
-        for i, step in enumerate(trajectory.steps[1:], start=1):
-            objects = set(action_objects(step.action))
-            known = kb.as_of(i - 1)
-            about = [f for f in known if f.subject in objects]
-            others = [f.text() for f in known if f.subject not in objects]
-            recent = "; ".join(s.action for s in trajectory.steps[max(1, i - 3):i]) or "none"
-            query = f"{trajectory.task_description} Recent actions: {recent}."
-            for fact in about[:2]:
-                pairs.append(TrainingPair(kind="env", query=query, positive=fact.text(),
-                                          negatives=rng.sample(others, min(negatives, len(others))),
-                                          task=trajectory.task, episode_id=trajectory.episode_id))
-    return pairs
 
 
 def load_pairs(args: argparse.Namespace) -> tuple[list[TrainingPair], str]:
@@ -219,8 +197,7 @@ def main() -> None:
             "load_average_1m": [load_before[0], os.getloadavg()[0]],
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report)
     print(f"wrote {args.out}")
 
 

@@ -1,7 +1,5 @@
 """What the service benchmarks share: a retrieval service on a free 127.0.0.1 port in a local Ray of their own,
-with its data in a temporary directory, torn down afterwards; and percentiles.
-
-Imported by the benchmarks beside it (run by path, so this folder is on ``sys.path``).
+with its data in a temporary directory, torn down afterwards; and percentiles. Imported as ``lib.service``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import numpy as np  # noqa: E402
 
 from knowmap.config import KnowMapConfig  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
 
 def free_port() -> int:
