@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from knowmap.config import RetrievalConfig
 from knowmap.kb.environment_kb import build_env_kb
 from knowmap.models.retrieval import Retriever
 from knowmap.schemas import Trajectory
@@ -16,7 +17,7 @@ FIXTURE = Path(__file__).parents[1] / "fixtures" / "trajectories" / "boil-0.json
 
 def test_search_finds_the_relevant_fact_now_and_in_the_past(embedder) -> None:
     kb = build_env_kb(Trajectory.model_validate_json(FIXTURE.read_text()))
-    retriever = Retriever(embedder.encode,
+    retriever = Retriever(embedder.encode, settings=RetrievalConfig(hybrid=False),  # the embedder's own ranking
                           env_facts=lambda env_id, step: kb.current() if step is None else kb.as_of(step))
 
     def search(query: str, step: int | None = None) -> list:
