@@ -11,7 +11,7 @@ measured in the same run on the same steps: no knowledge (``none``), BM25 and th
 The second stage is measured in the same run: the hybrid (``kb-finetuned+bm25``: BM25 fused with the dense ranking
 by reciprocal rank) and the listwise-trained cross-encoder fused with the dense ranking (``+rerank``; the
 cross-encoder reads ~40 pairs/s here at 256 tokens, so the hybrid is not also re-ranked: each re-ranked mode costs
-~17 minutes). The default pipeline (``serve.hybrid``, ``serve.rerank``) must be the best of them in shortlist
+~17 minutes). The default pipeline (``retrieval.hybrid``, ``retrieval.rerank``) must be the best of them in shortlist
 recall.
 
 Goals, on test steps of unseen families: kb-finetuned shortlist recall@12 >= 1.25x none, >= 1.1x kb-base and above
@@ -32,11 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from lib.results import Check, write_result
+
 from knowmap.config import KnowMapConfig
+from knowmap.environment.episodes import collect_episodes
 from knowmap.environment.sciworld import task_topics
 from knowmap.jobs.training import decision_support, decision_table, train_retriever
 from knowmap.results import DecisionEvaluation
-from knowmap.train.data import collect_episodes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "decision_support.json"
@@ -44,7 +46,7 @@ TRAIN_FAMILIES = ("Matter", "Classification", "Electricity")
 UNSEEN_FAMILIES = ("Measurement", "Chemistry")
 WEIGHTS = (0.5, 0.7, 1.0)
 # The cross-encoder reads ~50 (query, doc) pairs/s here: the served pipeline (kb-finetuned) alone is re-ranked,
-# its top 10 (the agent reads 5 facts and 3 sub-goals); `knowmap eval-retrieval` re-ranks every mode.
+# its top 10 (retrieval.rerank_candidates in this run; the agent reads 5 facts and 3 sub-goals).
 RERANK_TOP = 10
 STARTED = time.perf_counter()
 
@@ -54,12 +56,14 @@ def say(line: str) -> None:
 
 
 def default_mode(config: KnowMapConfig) -> str:
-    """The knowledge mode the served pipeline runs when a request does not say (``serve.hybrid``, ``serve.rerank``)."""
-    return "kb-finetuned" + ("+bm25" if config.serve.hybrid else "") + ("+rerank" if config.serve.rerank else "")
+    """The knowledge mode the served pipeline runs when a request does not say (``retrieval.hybrid``,
+    ``retrieval.rerank``)."""
+    retrieval = config.retrieval
+    return "kb-finetuned" + ("+bm25" if retrieval.hybrid else "") + ("+rerank" if retrieval.rerank else "")
 
 
 def goals(test: DecisionEvaluation, size: int, k_env: int, k_exp: int,
-          default: str) -> dict[str, dict[str, object]]:
+          default: str) -> dict[str, Check]:
     """The goals: issue 17's on the unseen families' test steps, issue 19's on all test steps; each with its value,
     its bar and whether it is met."""
     def m(mode: str, name: str, subset: str = "unseen") -> float | None:
@@ -80,19 +84,18 @@ def goals(test: DecisionEvaluation, size: int, k_env: int, k_exp: int,
         "joint_over_experience_only_default": (ratio(m(default, f"support@{k_exp}_joint", "all"),
                                                      m(default, f"support@{k_exp}_experience", "all")), 1.1),
     }
-    out = {name: {"value": value, "goal": round(goal, 6), "met": value is not None and value >= goal}
-           for name, (value, goal) in rows.items()}
+    out = {name: Check(name, value=value, goal=goal) for name, (value, goal) in rows.items()}
     # The second stage: the default pipeline against dense alone, or the second stage off by default; and the
     # default must be the best measured pipeline of the fine-tuned embedder.
     staged = {mode: m(mode, recall, "all") for mode in test.modes if mode.startswith("kb-finetuned")}
     value = ratio(staged.get(default), staged.get("kb-finetuned"))
-    out["second_stage_default_over_dense"] = {"value": value, "goal": 1.05, "default": default,
-                                              "met": default == "kb-finetuned" or (value or 0) >= 1.05,
-                                              "by_mode": {k: ratio(v, staged.get("kb-finetuned"))
-                                                          for k, v in staged.items()}}
+    out["second_stage_default_over_dense"] = Check(
+        "second_stage_default_over_dense", value=value, goal=1.0 if default == "kb-finetuned" else 1.05,
+        note="1 where the second stage is off by default",
+        details={"default": default, "by_mode": {k: ratio(v, staged.get("kb-finetuned")) for k, v in staged.items()}})
     best = max(staged, key=lambda mode: staged[mode] or 0.0)
-    out["default_is_best_measured"] = {"value": staged.get(default), "goal": staged[best], "best": best,
-                                       "met": (staged.get(default) or 0.0) >= (staged[best] or 0.0)}
+    out["default_is_best_measured"] = Check("default_is_best_measured", value=staged.get(default) or 0.0,
+                                            goal=staged[best] or 0.0, details={"best": best})
     return out
 
 
@@ -122,14 +125,15 @@ def main() -> int:
     config = KnowMapConfig(data_dir=data_dir, scienceworld={"variations": args.train_variations},
                            training={"epochs": args.epochs, "reranker_epochs": args.reranker_epochs,
                                      "select_weights": list(WEIGHTS),
-                                     "select_variations": args.dev_variations})
+                                     "select_variations": args.dev_variations},
+                           retrieval={"rerank_candidates": RERANK_TOP})
     size, k_env, k_exp = config.agent.shortlist, config.agent.k_env, config.agent.k_experience
     protocol = {"train_families": families[0], "unseen_families": families[1],
                 "train_tasks": train_tasks, "unseen_tasks": unseen_tasks, "train_variations": args.train_variations,
                 "dev_variations": args.dev_variations, "test_variations": args.test_variations,
                 "epochs": args.epochs, "reranker_epochs": args.reranker_epochs,
                 "rerank": "none (--no-reranker)" if args.no_reranker else f"kb-finetuned, top {RERANK_TOP}",
-                "hybrid": f"kb-finetuned+bm25 over the dense top {config.serve.hybrid_candidates}",
+                "hybrid": f"kb-finetuned+bm25 over the dense top {config.retrieval.hybrid_candidates}",
                 "default_pipeline": default_mode(config),
                 "selection": "WiSE-FT weight among " + ", ".join(f"{w:g}" for w in WEIGHTS)
                 + " on dev decision support of the training tasks", "report": "test split"}
@@ -156,7 +160,7 @@ def main() -> int:
     test = decision_support(config, split="test", tasks=train_tasks + unseen_tasks, variations=args.test_variations,
                             train_tasks=train_tasks, train_variations=args.train_variations,
                             embedders={"kb-base": "", "kb-finetuned": chosen}, reranker=report.reranker_dir,
-                            rerank_top=RERANK_TOP, rerank_modes=["kb-finetuned"],
+                            rerank_modes=["kb-finetuned"],
                             hybrid_modes=["kb-finetuned"], protocol=protocol, progress=say)
     seconds["test"] = time.perf_counter() - mark
     for subset in ("all", "seen", "unseen"):
@@ -164,22 +168,21 @@ def main() -> int:
         print()
 
     met = goals(test, size, k_env, k_exp, default_mode(config))
-    for name, row in met.items():
-        value = "-" if row["value"] is None else f"{row['value']:.3f}"
-        print(f"{name:<42} {value:>7}  goal >= {row['goal']:g}  {'met' if row['met'] else 'NOT met'}")
+    for name, check in met.items():
+        value = "-" if check.value is None else f"{check.value:.3f}"
+        print(f"{name:<42} {value:>7}  goal {check.goal_text}  {'met' if check.met else 'NOT met'}")
     headline = met["shortlist_finetuned_over_none"]
     recall = f"shortlist_recall@{size}"
     print(f"baseline (none, unseen) shortlist recall@{size}: {test.metric('none', recall, 'unseen')}")
     print(f"result (kb-finetuned, unseen): {test.metric('kb-finetuned', recall, 'unseen')}")
-    print(f"ratio: {headline['value']}")
+    print(f"ratio: {headline.value}")
     seconds["total"] = time.perf_counter() - STARTED
-    result = {"metric": f"shortlist_recall@{size}_unseen_finetuned_over_none", "value": headline["value"],
-              "goal": headline["goal"],
-              "details": {"goals": met, "goals_met": all(bool(r["met"]) for r in met.values()),
+    result = {"metric": f"shortlist_recall@{size}_unseen_finetuned_over_none", "value": headline.value,
+              "goal": headline.goal,
+              "details": {"goals": met, "goals_met": all(check.met for check in met.values()),
                           "test": test.model_dump(mode="json"), "selection": selection, "pairs": report.pairs,
                           "seconds": seconds, "protocol": protocol}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     say(f"wrote {args.out}")
     return 0 if result["details"]["goals_met"] else 1
 

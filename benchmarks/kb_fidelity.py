@@ -6,7 +6,8 @@ are covered too. Episodes run through :class:`knowmap.agent.rollout.EpisodeRunne
 inventory after every step, and every step's ``record.as_observation()`` goes into a fresh
 :class:`knowmap.kb.environment_kb.EnvironmentKB`, exactly as the agents feed theirs.
 
-After each step :class:`knowmap.kb.fidelity.FidelityTally` compares ``kb.current()`` with ``env.getObjectTree()``
+After each step :class:`knowmap.evaluation.fidelity_tally.FidelityTally` compares ``kb.current()`` with
+``env.getObjectTree()``
 and ScienceWorld's referent table (the module docstring there defines names, scope, precision, recall and
 staleness). Reported per relation and per task, with the extraction + KB-update time per observation against
 the env step time (goal <= 5%), and the residue of the extractor's per-line parse.
@@ -21,7 +22,6 @@ root (one JVM):
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lib.results import write_result
+
 from knowmap.agent.rollout import EpisodeRunner, EpisodeSpec
 from knowmap.environment.sciworld import check_tasks, info
+from knowmap.evaluation.fidelity import CHECKED, TEMPERATURE_TOLERANCE_C, WorldState
+from knowmap.evaluation.fidelity_tally import Counts, FidelityTally, total
 from knowmap.kb.environment_kb import EnvironmentKB
 from knowmap.kb.extraction import Extraction, extract_line, listing_container, object_lines
-from knowmap.kb.fidelity import CHECKED, TEMPERATURE_TOLERANCE_C, WorldState
-from knowmap.kb.fidelity_tally import Counts, FidelityTally, total
 from knowmap.schemas import Observation, Relation, StepRecord, Trajectory, Triple
 
 GOAL = 0.97  # min(precision, recall); the goals in full are GOALS
@@ -233,7 +235,8 @@ def report(bench: Bench, args: argparse.Namespace, protocol: dict[str, Any], var
                 "recall": "true facts of objects in view that the text reveals: containment (their parent), the "
                           "agent's room, the doors of the room the text names (state and connection), and "
                           "open/closed, on/off, state of matter, dead only where the display "
-                          "template states them next to the object's name (regexes in knowmap.kb.fidelity.revealed)",
+                          "template states them next to the object's name (regexes in "
+                          "knowmap.evaluation.fidelity.revealed)",
                 "staleness": "checked KB facts that were true at an earlier check of the same episode and are "
                              "false now (a change the KB did not see), over all checked facts",
                 "relations": {"checked": list(CHECKED),
@@ -315,23 +318,18 @@ def main(argv: list[str] | None = None) -> int:
                 for policy in ("expert",) if args.no_random else ("expert", "random"):
                     bench.play(runner, EpisodeSpec(task=task, variation=variation, split=SPLIT, policy=policy))
             partial = report(bench, args, info(runner.env), variations, time.perf_counter() - started, False)
-            _write(args.out, partial)
+            write_result(args.out, partial)
             print(f"{task}: precision {_f(partial['details']['per_task'][task]['precision'])} recall "
                   f"{_f(partial['details']['per_task'][task]['recall'])} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
         result = report(bench, args, info(runner.env), variations, time.perf_counter() - started, True)
     finally:
         runner.close()
-    _write(args.out, result)
+    write_result(args.out, result)
     _print(result)
     print(f"wrote {args.out}")
     print(f"goals {GOALS}: met {result['details']['goals_met']}")
     return 0 if all(result["details"]["goals_met"].values()) else 1
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

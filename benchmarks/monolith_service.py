@@ -48,8 +48,7 @@ def pipeline(config: object) -> tuple[object, object]:
         rows = ray.get(experience.search_vector.remote(vector, k, task, embedder.version, where=where))
         return [KnowledgeItem.model_validate(r) for r in rows]
 
-    retriever = Retriever(embedder.encode, env_facts=env_facts, experience=search, hybrid=config.serve.hybrid,
-                          hybrid_candidates=config.serve.hybrid_candidates)
+    retriever = Retriever(embedder.encode, env_facts=env_facts, experience=search, settings=config.retrieval)
     return retriever, embedder
 
 

@@ -29,7 +29,6 @@ goes to ``retrain_loop_warm.json``: the two files compare warm starts with train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -42,7 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-from bench_service import free_port  # noqa: E402
+from lib.results import Check, write_result  # noqa: E402
+from lib.service import free_port  # noqa: E402
 
 from knowmap.config import KnowMapConfig  # noqa: E402
 from knowmap.serve.client import KnowMapClient  # noqa: E402
@@ -224,17 +224,16 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     promoted = [c for c in cycles if c["promoted"]]
+    not_worse = sum(c["held_out"]["candidate"]["mean"] >= c["held_out"]["serving_before"]["mean"] for c in promoted)
+    failed = sum(c["requests_during_retrain"]["failed"] for c in cycles)
     checks = [
-        {"metric": "promoted_never_worse_on_held_out", "baseline": len(promoted),
-         "result": sum(c["held_out"]["candidate"]["mean"] >= c["held_out"]["serving_before"]["mean"]
-                       for c in promoted), "goal": "every promoted model", "met": all(
-             c["held_out"]["candidate"]["mean"] >= c["held_out"]["serving_before"]["mean"] for c in promoted)},
-        {"metric": "serving_held_out_never_falls", "baseline": baseline, "result": cycles[-1]["serving_after"],
-         "value": cycles[-1]["serving_after"] / baseline, "goal": "no cycle lowers it",
-         "met": all(c["serving_after"] >= c["serving_before"] - 1e-9 for c in cycles)},
-        {"metric": "requests_failed_during_retrain_and_swap", "baseline": 0,
-         "result": sum(c["requests_during_retrain"]["failed"] for c in cycles), "goal": "0",
-         "met": all(c["requests_during_retrain"]["failed"] == 0 for c in cycles)},
+        Check("promoted_never_worse_on_held_out", value=len(promoted) - not_worse, goal=0, direction="<=",
+              baseline=len(promoted), result=not_worse, note="promoted models worse than the one they replaced"),
+        Check("serving_held_out_never_falls", value=sum(c["serving_after"] < c["serving_before"] - 1e-9
+                                                        for c in cycles), goal=0, direction="<=",
+              baseline=baseline, result=cycles[-1]["serving_after"], note="cycles that lowered it"),
+        Check("requests_failed_during_retrain_and_swap", value=failed, goal=0, direction="<=", baseline=0,
+              result=failed),
     ]
     print(f"\n{'cycle':<7}{'promoted':>10}{'gate cand/serv':>18}{'held-out before':>17}{'candidate':>11}"
           f"{'after':>8}{'failed req':>12}{'seconds':>9}")
@@ -245,18 +244,17 @@ def main() -> None:
               f"{c['requests_during_retrain']['failed']:>12}{c['seconds']:>9.0f}")
     print(f"held-out serving model: baseline (base MiniLM) {baseline:.3f} -> {cycles[-1]['serving_after']:.3f} "
           f"(ratio {cycles[-1]['serving_after'] / baseline:.3f}); checks: "
-          + ", ".join(f"{c['metric']} {'met' if c['met'] else 'NOT met'}" for c in checks))
+          + ", ".join(f"{c.metric} {'met' if c.met else 'NOT met'}" for c in checks))
     result = {"metric": "serving_held_out_decision_support_ratio", "value": cycles[-1]["serving_after"] / baseline,
               "goal": "promoted never worse; serving never falls; 0 failed requests",
               "details": {"checks": checks, "baseline": baseline, "cycles": cycles, "build_episodes": build.episodes,
                           "tasks": tasks, "train_variations": args.train_variations,
                           "test_variations": args.test_variations, "step_limit": args.step_limit,
                           "epochs": args.epochs, "llm": llm_config.model, "warm_start": args.warm_start,
-                          "pipeline": {"hybrid": config.serve.hybrid, "rerank": config.serve.rerank},
+                          "pipeline": {"hybrid": config.retrieval.hybrid, "rerank": config.retrieval.rerank},
                           "seconds": time.perf_counter() - started,
                           "cpus": os.cpu_count()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     plot(cycles, baseline, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -11,7 +11,7 @@ the shared experiential-KB actor, searched in the collection of the embedder ver
 
 Concurrent retrieves are batched (``@serve.batch``, admitted while no batch runs, like the embedder's): a batch
 reads each env KB once, calls the model twice in all and the experiential-KB actor once (one multi-vector search),
-which on a busy replica costs less per request than one retrieve alone (README, "Retrieval service": "Measured").
+which on a busy replica costs less per request than one retrieve alone (docs/service-and-api.md, "Measured").
 
 Hot swap without failed requests: a batch embeds everything with the model that is current when it starts, and
 keeps that model alive until it ends even if a swap evicts it meanwhile; its experiential search goes to that
@@ -42,7 +42,7 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.errors import EpisodeConflictError, KnowMapError
+from knowmap.errors import EpisodeConflictError, KnowMapError, VersionNotIndexedError
 from knowmap.kb.storage import list_env_kbs
 from knowmap.kb.trajectory_store import (
     check_contribution,
@@ -159,9 +159,7 @@ class RetrievalBackend:
             if retriever is None:
                 retriever = Retriever(lambda texts: self._embedder.run(embedder, texts), env_facts=self._env_facts,
                                       experience_many=lambda searches: self._search(searches, path, embedder.version),
-                                      rerank=self._rerank, rerank_candidates=self._config.serve.rerank_candidates,
-                                      hybrid=self._config.serve.hybrid,
-                                      hybrid_candidates=self._config.serve.hybrid_candidates)
+                                      rerank=self._rerank, settings=self._config.retrieval)
                 self._retrievers[path] = retriever
             self._retrievers.move_to_end(path)
             while len(self._retrievers) > 3:
@@ -174,9 +172,7 @@ class RetrievalBackend:
         searches = [(vector, k, task, where or DEPLOYMENT_VIEW) for vector, k, task, where in searches]
         try:
             rows = ray.get(self._experience.search_vectors.remote(searches, version))
-        except KnowMapError as e:
-            if "ensure_index" not in str(e):
-                raise
+        except VersionNotIndexedError:
             # The experiential-KB actor restarted and holds only its configured version again: re-index, retry.
             ray.get(self._experience.ensure_index.remote(path))
             rows = ray.get(self._experience.search_vectors.remote(searches, version))
