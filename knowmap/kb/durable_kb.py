@@ -180,9 +180,10 @@ class DurableEnvironmentKB:
         return self._write([(record, lambda: self._kb.ingest_triples(step, checked, sets), digest)])
 
     def reset(self) -> None:
-        """Forget every fact (durably): the env instance starts again from step 0, e.g. a retried episode."""
+        """Forget every fact durably, bytes too (the log before it goes): the env starts again from step 0."""
         self._write([({"op": "reset"}, self._apply_reset, None)])
         self._snapshot_quietly()
+        (self.directory / PREVIOUS_LOG_NAME).unlink(missing_ok=True)  # kept only for resends, which a reset ends
 
     def snapshot(self) -> int:
         """Save a snapshot of every write so far and start a new log; returns its sequence number.

@@ -11,7 +11,9 @@ Rows are of two kinds, both tagged with their ``episode_id``:
 
 Adding a trajectory is idempotent by episode: its rows are upserted by stable ids, then any row of that episode that
 the new version no longer has (a retried episode that found fewer sub-goals) is deleted. The new rows are written
-before the stale ones go, so a reader never sees the episode missing.
+before the stale ones go, so a reader never sees the episode missing. The bytes of replaced and stale rows stay in
+the store's files until the next purge (:meth:`ExperienceKB.purge`, or Milvus' own compaction); deleting an episode
+purges, so its texts and vectors are gone from the files when :meth:`ExperienceKB.delete_episode` returns.
 """
 
 from __future__ import annotations
@@ -71,15 +73,22 @@ class ExperienceKB:
         keep = {row["id"] for row in rows}
         stale = [r["id"] for r in self.store.iterate(self.collection, {"episode_id": episode}) if r["id"] not in keep]
         if stale:
-            self.store.delete(self.collection, ids=stale)
+            self.store.delete(self.collection, ids=stale, purge=False)  # a replacement, not a deletion: no rewrite
         return written
 
     def delete_episode(self, episode_id: str) -> int:
-        """Delete every row of an episode (its sub-goals and its trajectory row); returns how many there were."""
+        """Delete every row of an episode (its sub-goals and its trajectory row) and purge them: their texts and
+        vectors are gone from the store's files when this returns (:meth:`VectorStore.purge`). Returns how many rows
+        there were."""
         found = self.count(episode_id=episode_id)
         if found:
             self.store.delete(self.collection, filter={"episode_id": episode_id})
         return found
+
+    def purge(self) -> None:
+        """Remove the bytes of every row deleted or replaced so far from the store's files (:meth:`VectorStore.purge`):
+        e.g. after re-adding episodes whose earlier rows held what must not stay on disk."""
+        self.store.purge(self.collection)
 
     def _write(self, rows: list[dict[str, Any]]) -> int:
         if not rows:

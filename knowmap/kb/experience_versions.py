@@ -195,9 +195,10 @@ class VersionedExperienceKB:
 
     def delete_episode(self, episode_id: str) -> int:
         """Delete an episode's rows from every collection of this KB in the store: the held versions and any older
-        one still on disk (a later re-index or rollback must not bring them back). Returns the rows deleted from
-        the current version. A re-index running meanwhile deletes them again from its copy when it ends."""
-        prefix = f"{self._config.store.collection_prefix}_"
+        one still on disk (a later re-index or rollback must not bring them back). Each collection that held them
+        is purged: when this returns, their texts and vectors are gone from the store's files. Returns the rows
+        deleted from the current version. A re-index running meanwhile deletes them again from its copy when it
+        ends."""
         with self._lock:
             self._deleted.add(episode_id)
             held = dict(self._kbs)
@@ -206,11 +207,34 @@ class VersionedExperienceKB:
         for version, kb in held.items():
             if version != current:
                 kb.delete_episode(episode_id)
-        names = {kb.collection for kb in held.values()}
-        for name in self._store.list_collections():
-            if name.startswith(prefix) and name not in names:
-                self._store.delete(name, filter={"episode_id": episode_id})
+        for name in self._older_collections(held):
+            self._store.delete(name, filter={"episode_id": episode_id})
         return found
+
+    def purge(self, replaced: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """Remove from the store's files the bytes of every row deleted or replaced so far, in every collection of
+        this KB, after re-adding the episodes ``replaced`` (e.g. without the facts of a deleted env): their rows in
+        older collections, which cannot be re-embedded without their model, are deleted first.
+
+        Returns:
+            ``{"collections": <how many were purged>, "seconds": <how long it took>}``.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            held = dict(self._kbs)
+        names = {kb.collection for kb in held.values()}
+        for name in self._older_collections(held):  # only those that held a replaced episode
+            if replaced and self._store.count(name, {"episode_id": list(replaced)}):
+                self._store.delete(name, filter={"episode_id": list(replaced)}, purge=False)
+                names.add(name)
+        for name in sorted(names):
+            self._store.purge(name)
+        return {"collections": len(names), "seconds": time.perf_counter() - started}
+
+    def _older_collections(self, held: dict[str, ExperienceKB]) -> list[str]:
+        """This KB's collections in the store that no held version names (older embedder versions)."""
+        prefix, names = f"{self._config.store.collection_prefix}_", {kb.collection for kb in held.values()}
+        return [n for n in self._store.list_collections() if n.startswith(prefix) and n not in names]
 
     def subgoals(self, episode_id: str) -> list[dict[str, Any]]:
         """The sub-goals the current version holds for an episode (with their reflections), in order."""

@@ -98,9 +98,12 @@ def check_deletion(paths: DataLayout, tenant: str, episode_id: str, contributor:
 
 
 def delete_trajectory(paths: DataLayout, episode_id: str) -> bool:
-    """Remove a stored trajectory's file (training never reads it again); False if there was none."""
+    """Remove a stored trajectory's file (training never reads it again), and the temporary file of a save that a
+    crash cut short: no copy of it stays under the data dir. False if there was no stored file."""
+    path = _path(paths, episode_id)
+    path.with_suffix(".json.tmp").unlink(missing_ok=True)
     try:
-        _path(paths, episode_id).unlink()
+        path.unlink()
     except FileNotFoundError:
         return False
     return True

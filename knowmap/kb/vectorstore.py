@@ -17,6 +17,7 @@ Milvus server; the code path is the same. Index and search design, measured here
   write (one process owns a Lite file, so nothing else writes it).
 * Milvus Lite scans its unflushed write buffer row by row in Python (~50 us per buffered row per search), so on
   Lite every write is flushed into indexed segments at once; a server seals segments itself.
+* A delete purges: when it returns, the deleted rows' texts and vectors are gone from the files (knowmap.kb.purge).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from knowmap.config import KnowMapConfig
 from knowmap.errors import VectorStoreError
+from knowmap.kb.purge import PURGE_SUFFIX, SwapGate, compact_and_wait, copy_live_rows, finish_interrupted_purge
 from knowmap.kb.store_rows import OUTPUT_FIELDS, VARCHAR_LIMITS, Hit, build_filter, clean_row
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class VectorStore:
         self._counts: dict[tuple[str, str], tuple[int | None, int]] = {}
         self._subsets: dict[tuple[str, str], tuple[int | None, list[str], np.ndarray]] = {}
         self._path = str(Path(self.uri).expanduser().resolve()) if self.is_lite else ""
+        self._gate = SwapGate()  # reads share it; a purge's drop-and-rename holds it alone
+        self._writing = threading.RLock()  # held by writes, and by a purge while it copies: no write is lost
         if self.is_lite:
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
             logger = logging.getLogger("pymilvus.client.iterator.query_iterator")
@@ -112,6 +116,8 @@ class VectorStore:
         """
         if not _NAME.match(name):
             raise VectorStoreError(f"invalid collection name {name!r}: use letters, digits and _, not first a digit")
+        with self._errors("finish an interrupted purge", name):
+            finish_interrupted_purge(self._cli, name)
         if not self.has_collection(name):
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=VARCHAR_LIMITS["id"])
@@ -134,9 +140,9 @@ class VectorStore:
             return bool(self._cli.has_collection(name))
 
     def list_collections(self) -> list[str]:
-        """Names of all collections, sorted."""
+        """Names of all collections, sorted (not the copies a purge is writing)."""
         with self._errors("list collections", ""):
-            return sorted(self._cli.list_collections())
+            return sorted(n for n in self._cli.list_collections() if not n.endswith(PURGE_SUFFIX))
 
     def drop_collection(self, name: str) -> None:
         """Drop the collection and its rows; no error if it does not exist."""
@@ -166,7 +172,7 @@ class VectorStore:
         """
         dim = self._open(name)[1]
         batch = list({row["id"]: row for row in (clean_row(r, dim) for r in rows)}.values())
-        with self._errors("upsert", name):
+        with self._writing, self._errors("upsert", name):
             for start in range(0, len(batch), 512):
                 self._cli.upsert(name, batch[start:start + 512])
             if self.is_lite and batch:
@@ -175,8 +181,10 @@ class VectorStore:
         self._maybe_use_graph_index(name)
         return len(batch)
 
-    def delete(self, name: str, ids: Sequence[str] | None = None, filter: Mapping[str, Any] | None = None) -> int:
-        """Delete rows by id or by filter (exactly one of them).
+    def delete(self, name: str, ids: Sequence[str] | None = None, filter: Mapping[str, Any] | None = None, *,
+               purge: bool = True) -> int:
+        """Delete rows by id or by filter (exactly one of them), and with ``purge`` (the default) :meth:`purge` the
+        collection, so that the rows' texts and vectors are gone from the store's files when this returns.
 
         Returns:
             the number of rows deleted (Milvus Lite reports the ids it was asked to delete).
@@ -187,22 +195,42 @@ class VectorStore:
         if (ids is None) == (not filter):
             raise VectorStoreError("delete() takes exactly one of ids=[...] or filter={...}; to delete every row, "
                                    "drop the collection")
-        if ids is not None and not ids:
-            return 0
+        if ids is not None and not ids or filter and purge and not self.count(name, filter):
+            return 0  # nothing to delete: no purge either
         self._open(name)
-        with self._errors("delete", name):
-            if ids is not None:
-                result = self._cli.delete(name, ids=list(ids))
-            else:
-                result = self._cli.delete(name, filter=build_filter(filter))
-            if self.is_lite:
-                self._cli.flush(name)
-        self._wrote()
+        with self._writing:
+            with self._errors("delete", name):
+                expr = {"ids": list(ids)} if ids is not None else {"filter": build_filter(filter)}
+                result = self._cli.delete(name, **expr)
+                if self.is_lite:
+                    self._cli.flush(name)
+            self._wrote()
+            if purge:
+                self.purge(name)
         return len(result) if isinstance(result, list) else int(result.get("delete_count", 0))
+
+    def purge(self, name: str) -> None:
+        """Make every delete and replacement so far physical: their rows' texts and vectors leave the store's files.
+        On Lite the collection is rewritten from its live rows (~1.5 ms a row), on a server compacted (this waits for
+        it; :mod:`knowmap.kb.purge`). Writes wait; reads go on but for the final swap (milliseconds). Raises
+        VectorStoreError if it fails (a rewrite cut short leaves the collection as it was)."""
+        with self._writing:
+            if not self.is_lite:
+                with self._errors("compact", name):
+                    compact_and_wait(self._cli, name)
+                return
+            copy = copy_live_rows(self, name, self._open(name)[1])
+            with self._gate.alone(), self._errors("swap in the purged copy", name):
+                self.drop_collection(name)  # Lite removes the collection's directory
+                self._cli.rename_collection(copy, name)
+                self._collections.pop(copy, None)
+                self._open(name)
+            self._wrote()
 
     def count(self, name: str, filter: Mapping[str, Any] | None = None) -> int:
         """Number of rows, or of rows matching ``filter`` (see :func:`build_filter`)."""
-        return self._count(name, build_filter(filter))
+        with self._gate.shared():
+            return self._count(name, build_filter(filter))
 
     def iterate(self, name: str, filter: Mapping[str, Any] | None = None, *, batch_size: int = 1000,
                 with_vectors: bool = False) -> Iterator[dict[str, Any]]:
@@ -212,12 +240,12 @@ class VectorStore:
             dicts with ``id`` and the other fields, plus ``vector`` (float32 array) if ``with_vectors``.
         """
         expr, fields = build_filter(filter), ["id", *OUTPUT_FIELDS, *(["vector"] if with_vectors else [])]
-        self._open(name)
-        with self._errors("iterate", name):
+        with self._gate.shared(), self._errors("iterate", name):
+            self._open(name)
             pages = self._cli.query_iterator(name, batch_size=batch_size, filter=expr, output_fields=fields)
         try:
-            while True:
-                with self._errors("iterate", name):
+            while True:  # the gate is held a page at a time: the iterator pages by id, so it survives a purge
+                with self._gate.shared(), self._errors("iterate", name):
                     page = pages.next()
                 if not page:
                     return
@@ -246,33 +274,35 @@ class VectorStore:
         Raises:
             VectorStoreError: a wrong shape or k, an invalid filter, or a Milvus failure.
         """
-        index, dim = self._open(name)
-        queries = np.asarray(vectors, dtype=np.float32)
-        queries = queries.reshape(1, -1) if queries.ndim == 1 else queries  # (n, dim)
-        if queries.ndim != 2 or queries.shape[1] != dim:
-            raise VectorStoreError(f"query vectors must have shape (n, {dim}) for {name!r}, got {queries.shape}")
-        if not 1 <= k <= MAX_TOP_K:
-            raise VectorStoreError(f"k must be between 1 and {MAX_TOP_K}, got {k}")
-        expr, ef = build_filter(filter), 0
-        if index == GRAPH_INDEX:
-            ef = max(self.hnsw_ef, k)
-            if expr:  # widen by the filter's selectivity, so the walk meets about ef matching rows
-                total, matching = self._count(name, "", cached=True), self._count(name, expr, cached=True)
-                ef = max(ef, math.ceil(ef * total / max(matching, 1)))
-                if ef > _GRAPH_EF_MAX and matching <= _EXACT_MAX_ROWS:  # scoring the few matching rows is cheaper
-                    return self._exact_search(name, queries, k, expr)
-                ef = min(ef, _GRAPH_EF_MAX)
-        results = self._search(name, queries, k, expr, ef=ef)
-        short, want = [i for i, hits in enumerate(results) if len(hits) < k], k
-        if short:  # the graph walk missed matching rows, or they are fewer than k
-            want = min(k, self._count(name, expr))
-            short = [i for i in short if len(results[i]) < want]
-        if short:
-            log.info("search %s: %d of %d queries short of %d hits; scoring the matching rows exactly", name,
-                     len(short), len(queries), want)
-            for i, hits in zip(short, self._exact_search(name, queries[short], k, expr), strict=True):
-                results[i] = hits
-        return results
+        with self._gate.shared():
+            index, dim = self._open(name)
+            queries = np.asarray(vectors, dtype=np.float32)
+            queries = queries.reshape(1, -1) if queries.ndim == 1 else queries  # (n, dim)
+            if queries.ndim != 2 or queries.shape[1] != dim:
+                raise VectorStoreError(f"query vectors must have shape (n, {dim}) for {name!r}, got "
+                                       f"{queries.shape}")
+            if not 1 <= k <= MAX_TOP_K:
+                raise VectorStoreError(f"k must be between 1 and {MAX_TOP_K}, got {k}")
+            expr, ef = build_filter(filter), 0
+            if index == GRAPH_INDEX:
+                ef = max(self.hnsw_ef, k)
+                if expr:  # widen by the filter's selectivity, so the walk meets about ef matching rows
+                    total, matching = self._count(name, "", cached=True), self._count(name, expr, cached=True)
+                    ef = max(ef, math.ceil(ef * total / max(matching, 1)))
+                    if ef > _GRAPH_EF_MAX and matching <= _EXACT_MAX_ROWS:  # scoring few matching rows is cheaper
+                        return self._exact_search(name, queries, k, expr)
+                    ef = min(ef, _GRAPH_EF_MAX)
+            results = self._search(name, queries, k, expr, ef=ef)
+            short, want = [i for i, hits in enumerate(results) if len(hits) < k], k
+            if short:  # the graph walk missed matching rows, or they are fewer than k
+                want = min(k, self._count(name, expr))
+                short = [i for i in short if len(results[i]) < want]
+            if short:
+                log.info("search %s: %d of %d queries short of %d hits; scoring the matching rows exactly", name,
+                         len(short), len(queries), want)
+                for i, hits in zip(short, self._exact_search(name, queries[short], k, expr), strict=True):
+                    results[i] = hits
+            return results
 
     def _search(self, name: str, queries: np.ndarray, k: int, expr: str, *, ef: int) -> list[list[Hit]]:
         params: dict[str, Any] = {"metric_type": METRIC, **({"params": {"ef": ef}} if ef else {})}
