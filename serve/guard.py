@@ -21,6 +21,8 @@ from knowmap.serve.metrics import record_request
 OPEN = {"/healthz", "/readyz"}
 DOCS = {"/docs", "/openapi.json"}
 DOCS_PREFIX = "/docs/"  # Swagger UI's own scripts and styles (nothing of this API): always open
+RETRY_AFTER_S = 1  # a 429's Retry-After: a request of this API takes milliseconds to a few seconds
+BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")  # UTF-8's, UTF-16's (and UTF-32 LE's, which starts alike)
 
 
 def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -31,17 +33,23 @@ def error_response(status: int, detail: ErrorDetail, headers: dict[str, str] | N
 
 class Guard:
     """Before any routing or body parsing: 401 without an accepted bearer key (all but /healthz, and the docs when
-    ``serve.public_docs``), else the key's tenant and role in ``request.state`` for the routes; 413 if the body is
-    over ``serve.max_body_bytes``, by its declared length and by the bytes actually received (a chunked upload
-    declares none), counted as they arrive, so an oversized body is never held whole; 408 (and the connection
-    closed) if the body stops arriving for ``serve.body_timeout_s``. Then the route runs under
-    ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504 (work a KB actor already took
-    on may still finish; a retry is safe: writes are idempotent, and a resent trajectory is accepted). Every
-    answer is counted in the service's metrics (:mod:`knowmap.serve.metrics`).
+    ``serve.public_docs``), else the key's tenant and role in ``request.state`` for the routes; 429 (with
+    ``Retry-After``) when the key already has ``serve.max_ongoing_per_key`` requests in flight in this replica, so
+    one key cannot hold more than its share of the replica's ``serve.max_ongoing_requests`` slots; 413 if the body
+    is over ``serve.max_body_bytes``, by its declared length and by the bytes actually received (a chunked upload
+    declares none), counted as they arrive, so an oversized body is never held whole; 408 if the whole body has not
+    arrived ``serve.body_timeout_s`` after the head (a deadline, not an idle timer: a byte every few seconds does
+    not extend it); 415 if the body is not UTF-8 JSON's encoding (a byte-order mark, NUL bytes of UTF-16/32, or
+    another declared charset: JSON decoders would accept them, the API does not). A refusal that leaves a body
+    unread closes the connection (``Connection: close``): the server never reads on through a body it refused.
+    Then the route runs under ``serve.request_timeout_s``: past it, the route is cancelled and the answer is 504
+    (work a KB actor already took on may still finish; a retry is safe: writes are idempotent, and a resent
+    trajectory is accepted). Every answer is counted in the service's metrics (:mod:`knowmap.serve.metrics`).
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.in_flight: dict[str, int] = {}  # requests from its head to its answer, per key, in this replica
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -65,18 +73,42 @@ class Guard:
         request = Request(scope)
         limits = request.app.state.config.serve
         rejection = self._check(request)
-        if rejection is None and request.url.path not in OPEN and not request.url.path.startswith(DOCS_PREFIX):
+        key = scope.get("state", {}).get("client") if rejection is None else None
+        if key is not None and self.in_flight.get(key, 0) >= limits.max_ongoing_per_key:
+            rejection = error_response(429, ErrorDetail(
+                type="rate_limited", code="too_many_requests", message=f"this key already has "
+                f"serve.max_ongoing_per_key ({limits.max_ongoing_per_key}) requests in flight; retry after one "
+                "finishes"), {"Retry-After": str(RETRY_AFTER_S)})
+        if rejection is not None:
+            await _unread_body_closes(rejection, request)(scope, receive, send)
+            return
+        if key is not None:
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            await self._read_and_run(request, limits, scope, receive, send)
+        finally:
+            if key is not None:
+                left = self.in_flight.pop(key) - 1
+                if left:
+                    self.in_flight[key] = left
+
+    async def _read_and_run(self, request: Request, limits: Any, scope: dict[str, Any], receive: Any,
+                            send: Any) -> None:
+        rejection = None
+        if request.url.path not in OPEN and not request.url.path.startswith(DOCS_PREFIX):
             try:
                 body = await _read_body(receive, limits.max_body_bytes, limits.body_timeout_s)
             except TimeoutError:
                 rejection = error_response(408, ErrorDetail(
-                    type="timeout", code="body_timeout", message=f"the request body stopped arriving for "
-                    f"serve.body_timeout_s ({limits.body_timeout_s} s); send the whole body at once"),
+                    type="timeout", code="body_timeout", message=f"the request body did not arrive whole within "
+                    f"serve.body_timeout_s ({limits.body_timeout_s} s) of its head; send it at once"),
                     {"Connection": "close"})
             else:
                 if body is None:
                     rejection = _too_large(f"more than {limits.max_body_bytes}", limits.max_body_bytes)
+                    rejection.headers["Connection"] = "close"  # the rest of the body is never read
                 else:
+                    rejection = _not_utf8(request, body)
                     receive = _replay(body, receive)
         if rejection is not None:
             await rejection(scope, receive, send)
@@ -129,24 +161,50 @@ def _too_large(size: str, limit: int) -> JSONResponse:
                                            f"serve.max_body_bytes ({limit})", code="body_too_large"))
 
 
-async def _read_body(receive: Any, limit: int, idle_s: float) -> bytes | None:
+async def _read_body(receive: Any, limit: int, deadline_s: float) -> bytes | None:
     """The whole request body, or None as soon as more than ``limit`` bytes have arrived.
 
     Raises:
-        TimeoutError: nothing arrived for ``idle_s`` while more was due.
+        TimeoutError: the body had not arrived whole ``deadline_s`` after this call began.
     """
     chunks, size = [], 0
-    while True:
-        message = await asyncio.wait_for(receive(), idle_s)
-        if message["type"] != "http.request":  # the client went away: what came is what there is
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        if not message.get("more_body", False):
-            break
+    async with asyncio.timeout(deadline_s):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: what came is what there is
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return None
+            if not message.get("more_body", False):
+                break
     return b"".join(chunks)
+
+
+def _not_utf8(request: Request, body: bytes) -> JSONResponse | None:
+    """415 ``utf8_required`` for a body that JSON decoders would read in another encoding than UTF-8: a byte-order
+    mark, NUL bytes (UTF-16 or UTF-32 without a mark; JSON text in UTF-8 escapes NUL), or a declared charset other
+    than utf-8. Bytes that are not UTF-8 at all fail JSON parsing: 422, like any malformed body."""
+    charset = ""
+    for param in request.headers.get("content-type", "").split(";")[1:]:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if not (body.startswith(BOMS) or b"\x00" in body or charset not in ("", "utf-8", "utf8")):
+        return None
+    return error_response(415, ErrorDetail(
+        type="invalid_request", code="utf8_required", message="request bodies must be JSON in UTF-8, without a "
+        "byte-order mark (this one " + (f"declares charset={charset}" if charset not in ("", "utf-8", "utf8")
+                                       else "is in UTF-16 or UTF-32, or starts with a byte-order mark") + ")"))
+
+
+def _unread_body_closes(response: JSONResponse, request: Request) -> JSONResponse:
+    """``response``, with ``Connection: close`` if the request may have a body that nobody will read."""
+    length = request.headers.get("content-length", "0").strip()
+    if "transfer-encoding" in request.headers or length not in ("", "0"):
+        response.headers["Connection"] = "close"
+    return response
 
 
 def _replay(body: bytes, receive: Any) -> Any:
