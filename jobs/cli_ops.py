@@ -172,13 +172,22 @@ def mcp_command(
     transport: Annotated[str, typer.Option(help="stdio, or streamable-http.")] = "stdio",
     host: Annotated[str, typer.Option(help="streamable-http: bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65_535, help="streamable-http: port (path /mcp).")] = 8765,
+    max_sessions: Annotated[int, typer.Option(min=1, max=10_000, help="streamable-http: MCP sessions open at once, "
+                                              "all keys together (503 past it).")] = 100,
+    sessions_per_key: Annotated[int, typer.Option(min=1, max=10_000, help="streamable-http: sessions open at once "
+                                                  "per API key (503 past it).")] = 10,
+    session_idle_s: Annotated[float, typer.Option(min=0.1, max=86_400, help="streamable-http: a session with no "
+                                                  "request in flight for this long is closed.")] = 60.0,
+    key_check_ttl_s: Annotated[float, typer.Option(min=0, max=3_600, help="streamable-http: how long a key the "
+                                                   "service accepted at `initialize` is trusted without asking "
+                                                   "again.")] = 60.0,
     config_file: ConfigOption = None, data_dir: DataDirOption = None,
 ) -> None:
     """An MCP server (tools: retrieve, add_observations, add_facts, facts, fact_history, list_envs, delete_env,
     contribute_trajectory, list_trajectories, delete_trajectory, embed, rerank, models) over a running retrieval
-    service."""
+    service. Over streamable-http, no session opens without a key the service accepts (docs/service-and-api.md)."""
     from knowmap.serve.auth import load_keys
-    from knowmap.serve.mcp_tools import build_mcp_server
+    from knowmap.serve.mcp_tools import SessionLimits, build_mcp_server, serve_http
 
     if transport not in ("stdio", "streamable-http"):
         raise KnowMapError(f"--transport must be stdio or streamable-http, got {transport!r}")
@@ -186,11 +195,14 @@ def mcp_command(
     if transport == "stdio" and not key:
         keys = load_keys(config, generate=False)[1]
         key = keys[0] if keys else ""
-    server = build_mcp_server(url or f"http://{config.serve.host}:{config.serve.port}", key or "")
+    url = url or f"http://{config.serve.host}:{config.serve.port}"
+    server = build_mcp_server(url, key or "")
     if transport == "stdio":
         server.run("stdio")
     else:
-        server.run("streamable-http", host=host, port=port)
+        serve_http(server, url, host, port, SessionLimits(
+            max_sessions=max_sessions, sessions_per_key=sessions_per_key, idle_s=session_idle_s,
+            key_check_ttl_s=key_check_ttl_s))
 
 
 def export_sft_command(

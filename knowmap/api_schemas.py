@@ -22,13 +22,16 @@ from knowmap.schemas import (
     ENV_ID_PATTERN,
     MAX_NAME,
     MAX_STEP,
+    MAX_STEPS,
     MAX_TEXT,
+    ActionType,
     Fact,
     KBKind,
     KnowledgeItem,
     Observation,
     RetrainStatus,
     Split,
+    StepRecord,
     Trajectory,
     TrajectorySource,
     Triple,
@@ -66,9 +69,61 @@ class _Request(BaseModel):
         return data
 
 
+# -- what a client sends inside a request: the domain types, refusing unknown fields ---------------------------
+# The domain types (knowmap.schemas) ignore unknown fields, so files written by another version still load; in a
+# request an unknown field is a client's mistake (an observation's misspelt ``lok``), answered 422, never dropped.
+_CLOSED = ConfigDict(extra="forbid")
+
+
+class SentObservation(Observation):
+    """An :class:`~knowmap.schemas.Observation` as a request carries it."""
+
+    model_config = _CLOSED
+
+
+class SentTriple(Triple):
+    """A :class:`~knowmap.schemas.Triple` as a request carries it."""
+
+    model_config = _CLOSED
+
+
+class SentActionType(ActionType):
+    model_config = _CLOSED
+
+
+class SentStep(StepRecord):
+    """A :class:`~knowmap.schemas.StepRecord` as a request carries it."""
+
+    model_config = _CLOSED
+    action_type: SentActionType | None = None
+
+
+class SentTrajectory(Trajectory):
+    """A :class:`~knowmap.schemas.Trajectory` as a request carries it."""
+
+    model_config = _CLOSED
+    steps: list[SentStep] = Field(default_factory=list, max_length=MAX_STEPS)
+
+
+_DOMAIN: dict[type[BaseModel], type[BaseModel]] = {SentObservation: Observation, SentTriple: Triple,
+                                                   SentActionType: ActionType, SentStep: StepRecord,
+                                                   SentTrajectory: Trajectory}
+
+
+def _domain(value: Any) -> Any:
+    """A validated ``Sent*`` value (or a list of them) as the domain type itself, without validating again: the
+    routes and KBs compare what they get with what they hold, and pydantic's ``==`` compares types."""
+    if isinstance(value, list):
+        return [_domain(v) for v in value] if value and type(value[0]) in _DOMAIN else value
+    base = _DOMAIN.get(type(value))
+    if base is None:
+        return value
+    return base.model_construct(_fields_set=value.model_fields_set, **{k: _domain(v) for k, v in value})
+
+
 # -- errors ----------------------------------------------------------------------------------------------------
 ErrorType = Literal["unauthorized", "forbidden", "invalid_request", "too_large", "not_found", "conflict",
-                    "unavailable", "timeout", "internal_error"]
+                    "unavailable", "timeout", "rate_limited", "internal_error"]
 
 
 class ErrorDetail(BaseModel):
@@ -170,21 +225,31 @@ class RetrieveResponse(BaseModel):
 
 # -- env KBs ---------------------------------------------------------------------------------------------------
 class ObservationsRequest(_Request):
-    observations: list[Observation] = Field(min_length=1, max_length=MAX_TEXTS, description="in step order; a "
-                                            "step may not go back; applied whole or not at all")
+    observations: list[SentObservation] = Field(min_length=1, max_length=MAX_TEXTS, description="in step order; a "
+                                                "step may not go back; applied whole or not at all")
+
+    @model_validator(mode="after")
+    def _as_domain(self) -> ObservationsRequest:
+        self.observations = _domain(self.observations)
+        return self
 
 
 class FactsRequest(_Request):
     """Structured facts observed at one step, for environments whose observations are not ScienceWorld text."""
 
     step: int = Field(ge=0, le=MAX_STEP, description="the env step they were observed at; never earlier than the last")
-    triples: list[Triple] = Field(min_length=1, max_length=MAX_TEXTS, description="(subject, relation, object); the "
-                                  "relation is one of the declared vocabulary: single-valued ones (location, "
-                                  "open_state, power_state, reading, temperature, state_of_matter, focus) hold one "
-                                  "object per subject, a new one closes the old; set-valued ones (contains, "
-                                  "connects_to, property) hold many")
+    triples: list[SentTriple] = Field(min_length=1, max_length=MAX_TEXTS, description="(subject, relation, object); "
+                                      "the relation is one of the declared vocabulary: single-valued ones (location, "
+                                      "open_state, power_state, reading, temperature, state_of_matter, focus) hold "
+                                      "one object per subject, a new one closes the old; set-valued ones (contains, "
+                                      "connects_to, property) hold many")
     full_sets: list[tuple[Subject, SetRelation]] = Field(default_factory=list, max_length=MAX_TEXTS, description=(
         "(subject, set-valued relation) pairs observed in full: their objects not in triples are closed"))
+
+    @model_validator(mode="after")
+    def _as_domain(self) -> FactsRequest:
+        self.triples = _domain(self.triples)
+        return self
 
 
 class ObservationsResponse(BaseModel):
@@ -214,7 +279,7 @@ class DeletedResponse(BaseModel):
 
 # -- trajectories ----------------------------------------------------------------------------------------------
 class TrajectoryRequest(_Request):
-    trajectory: Trajectory = Field(description="the finished episode; stored with source 'agent', its contributor "
+    trajectory: SentTrajectory = Field(description="the finished episode; stored with source 'agent', its contributor "
                                    "(the caller's key) and its episode id as a file name: `[A-Za-z0-9._-]{1,128}`")
     env_id: str | None = Field(default=None, pattern=ENV_ID_PATTERN, max_length=128, description="the env KB "
                                "the episode's observations went to: its facts are attached to the sub-goals")
@@ -229,6 +294,7 @@ class TrajectoryRequest(_Request):
             raise ValueError(f"trajectory.episode_id {episode[:40]!r} cannot name a stored trajectory: use 1 to 128 "
                              "characters from [A-Za-z0-9._-]")
         self.trajectory.episode_id = episode  # compared and stored trimmed and in lower case
+        self.trajectory = _domain(self.trajectory)
         return self
 
 
@@ -280,8 +346,9 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready", "not_ready"]
-    checks: dict[str, str] = Field(description="each check: 'ok' or 'failing: <why>' (embedder, reranker, "
-                                   "retriever's experience_kb, vector_store, env_kbs)")
+    checks: dict[str, str] = Field(description="each check: 'ok', 'failing: <why>', or 'not deployed' for an "
+                                   "optional part the service runs without (the reranker); checks: embedder, "
+                                   "reranker, the retriever's experience_kb, vector_store, env_kbs")
 
 
 # -- between deployments (Ray calls inside the service, not HTTP) ----------------------------------------------

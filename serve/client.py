@@ -5,19 +5,26 @@
 
 Every call returns a pydantic model (or numpy array) and raises :class:`ServiceError` with the server's typed
 error body on any non-2xx answer. One client keeps one HTTP connection pool; it is safe to share across threads.
+
+An env or episode id goes into a URL path: the client refuses, before any request, an id the API would refuse
+(:func:`path_id`: 1 to 128 characters of ``[A-Za-z0-9._-]``, not ``.`` or ``..``), and quotes it as one path
+segment, so no id (``../trajectories/x``, ``%2e%2e``, a NUL) can reach another route.
 """
 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import numpy as np
 import requests
 from pydantic import BaseModel
 
 from knowmap.api_schemas import (
+    ENV_ID_PATTERN,
     DeletedResponse,
     EmbeddingRequest,
     EmbeddingResponse,
@@ -41,11 +48,32 @@ from knowmap.api_schemas import (
     TrajectoryRequest,
     TrajectoryResponse,
 )
-from knowmap.errors import ServiceError
+from knowmap.errors import InvalidEnvIdError, ServiceError
 from knowmap.schemas import Fact, Observation, Split, Trajectory, TrajectorySource, Triple
 from knowmap.tenancy import Owner
 
 T = TypeVar("T", bound=BaseModel)
+_PATH_ID = re.compile(ENV_ID_PATTERN)
+
+
+def path_id(value: object, name: str = "env_id") -> str:
+    """``value`` as one URL path segment, if the API accepts it as an env or episode id.
+
+    Raises:
+        InvalidEnvIdError: ``value`` is not 1 to 128 characters of ``[A-Za-z0-9._-]``, or is ``.`` or ``..``
+            (the API answers 422 or 404 to those; they are refused here, before any request is sent).
+    """
+    if not isinstance(value, str) or not _PATH_ID.fullmatch(value) or value in (".", ".."):
+        shown = repr(value)[:60] if isinstance(value, str) else type(value).__name__
+        raise InvalidEnvIdError(f"{name} {shown} is not an id the API accepts: use 1 to 128 characters from "
+                                "[A-Za-z0-9._-], not '.' or '..'")
+    return quote(value, safe="")  # a no-op for the characters allowed; kept so no id ever spans two segments
+
+
+def _fields(value: BaseModel | Mapping[str, Any]) -> Any:
+    """A domain object or a mapping as the request models take it: a request refuses unknown fields, so a mapping
+    with a misspelt key fails here (pydantic's ValidationError), before it is sent."""
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 class KnowMapClient:
@@ -70,6 +98,14 @@ class KnowMapClient:
     def ready(self) -> ReadyResponse:
         """Readiness (``/readyz``): raises :class:`ServiceError` (503) naming the failing checks."""
         return self._call("GET", "/readyz", ReadyResponse)
+
+    def check_key(self) -> None:
+        """One cheap request that needs a key (the first env id of your tenant).
+
+        Raises:
+            ServiceError: 401 if the service does not accept the key; another status if it cannot answer.
+        """
+        self._call("GET", "/v1/envs", EnvsResponse, params={"limit": 1})
 
     def models(self) -> ModelsResponse:
         """The embedder and reranker versions serving now."""
@@ -110,26 +146,26 @@ class KnowMapClient:
     def add_observations(self, env_id: str, observations: Sequence[Observation | Mapping[str, Any]],
                          ) -> ObservationsResponse:
         """Feed observations (in step order) into the env KB of ``env_id``."""
-        body = ObservationsRequest(observations=[Observation.model_validate(o) for o in observations])
-        return self._call("POST", f"/v1/envs/{env_id}/observations", ObservationsResponse, body)
+        body = ObservationsRequest(observations=[_fields(o) for o in observations])
+        return self._call("POST", f"/v1/envs/{path_id(env_id)}/observations", ObservationsResponse, body)
 
     def add_facts(self, env_id: str, step: int, triples: Sequence[Triple | Mapping[str, Any]],
                   full_sets: Sequence[tuple[str, str]] = ()) -> ObservationsResponse:
         """Structured facts observed at ``step`` (relations of the declared vocabulary; ``full_sets``: (subject,
         set-valued relation) pairs seen in full, whose other objects are closed)."""
-        body = FactsRequest(step=step, triples=[Triple.model_validate(t) for t in triples],
+        body = FactsRequest(step=step, triples=[_fields(t) for t in triples],
                             full_sets=[tuple(p) for p in full_sets])  # type: ignore[misc]
-        return self._call("POST", f"/v1/envs/{env_id}/facts", ObservationsResponse, body)
+        return self._call("POST", f"/v1/envs/{path_id(env_id)}/facts", ObservationsResponse, body)
 
     def facts(self, env_id: str, as_of_step: int | None = None) -> list[Fact]:
         """Every fact that holds now (or held at ``as_of_step``), all pages."""
         params = {} if as_of_step is None else {"as_of_step": as_of_step}
-        return self._facts(f"/v1/envs/{env_id}/facts", params)
+        return self._facts(f"/v1/envs/{path_id(env_id)}/facts", params)
 
     def history(self, env_id: str, subject: str | None = None, relation: str | None = None) -> list[Fact]:
         """Every fact ever recorded (optionally of one subject/relation), all pages."""
         params = {k: v for k, v in (("subject", subject), ("relation", relation)) if v is not None}
-        return self._facts(f"/v1/envs/{env_id}/facts/history", params)
+        return self._facts(f"/v1/envs/{path_id(env_id)}/facts/history", params)
 
     def _facts(self, path: str, params: dict[str, Any]) -> list[Fact]:
         facts: list[Fact] = []
@@ -146,14 +182,14 @@ class KnowMapClient:
 
     def delete_env(self, env_id: str) -> DeletedResponse:
         """Delete the env KB and the facts it lent to your contributed trajectories' sub-goals."""
-        return self._call("DELETE", f"/v1/envs/{env_id}", DeletedResponse)
+        return self._call("DELETE", f"/v1/envs/{path_id(env_id)}", DeletedResponse)
 
     # -- experience -------------------------------------------------------------------------------------------
     def add_trajectory(self, trajectory: Trajectory | Mapping[str, Any], env_id: str | None = None,
                        overwrite: bool = False) -> TrajectoryResponse:
         """Contribute a finished trajectory to the experiential KB (stored with source ``agent``, seen by your
         tenant only); ``overwrite`` replaces your own stored one of the same episode id."""
-        body = TrajectoryRequest(trajectory=Trajectory.model_validate(trajectory), env_id=env_id, overwrite=overwrite)
+        body = TrajectoryRequest(trajectory=_fields(trajectory), env_id=env_id, overwrite=overwrite)
         return self._call("POST", "/v1/trajectories", TrajectoryResponse, body)
 
     def trajectories(self) -> list[TrajectoryInfo]:
@@ -162,7 +198,7 @@ class KnowMapClient:
 
     def delete_trajectory(self, episode_id: str) -> DeletedResponse:
         """Delete a trajectory you contributed, from every indexed version and the training store."""
-        return self._call("DELETE", f"/v1/trajectories/{episode_id}", DeletedResponse)
+        return self._call("DELETE", f"/v1/trajectories/{path_id(episode_id, 'episode_id')}", DeletedResponse)
 
     # -- plumbing ---------------------------------------------------------------------------------------------
     def _pages(self, path: str, model: type[BaseModel], field: str) -> list[Any]:

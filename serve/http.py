@@ -5,6 +5,8 @@ No ``from __future__ import annotations`` here: FastAPI resolves the dependencie
 """
 
 import logging
+import re
+import uuid
 from pathlib import PurePath
 from typing import Annotated, Any, NamedTuple
 
@@ -79,8 +81,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(500, ErrorDetail(type="internal_error", message=f"internal error ({type(exc).__name__}); "
-                                           "see the service log"))
+    return error_response(500, ErrorDetail(type="internal_error", message="internal error; the service log has "
+                                           "its cause"))
 
 
 app.add_middleware(Guard)
@@ -143,8 +145,10 @@ async def call(response: Any, tenant: str | None = None) -> Any:
     """Await a deployment call, mapping KnowMap errors (raised, or returned by the retriever) to HTTP ones; with
     ``tenant``, ids in messages read as the tenant sent them (``acme@env-1`` -> ``env-1``)."""
     def message(error: Exception) -> str:
-        cause = getattr(error, "cause", None) or error  # a RayTaskError carries the original exception as .cause
-        text = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        # The original exception's own text: a RayTaskError carries it as .cause, and its own text ends in the
+        # exception's module and class name, which are no business of a client.
+        cause = getattr(error, "cause", None) or error
+        text = str(cause).strip().splitlines()[-1] if str(cause).strip() else "the request cannot be done"
         return text.replace(f"{tenant}{SEPARATOR}", "") if tenant else text
 
     try:
@@ -153,7 +157,7 @@ async def call(response: Any, tenant: str | None = None) -> Any:
             raise result
         return result
     except RerankerUnavailableError as e:
-        raise APIError(409, "conflict", str(e).splitlines()[-1], code="no_reranker") from e
+        raise APIError(409, "conflict", message(e), code="no_reranker") from e
     except EnvNotFoundError as e:
         raise APIError(404, "not_found", message(e), code="unknown_env") from e
     except EpisodeNotFoundError as e:
@@ -177,3 +181,37 @@ def public_name(path: str) -> str:
 def named(models: ServingModels) -> ServingModels:
     return models.model_copy(update={"embedder": public_name(models.embedder),
                                      "reranker": public_name(models.reranker)})
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")  # what a client's X-Request-ID may be; others are replaced
+
+
+class RequestIdCheck:
+    """Every uvicorn server Serve starts echoes a request's ``X-Request-ID`` back and logs it (Serve's own
+    ``RequestIdMiddleware``, outside the app): measured before this, 3 kB with markup came back as sent. This
+    middleware, put outside Serve's by :func:`proxy_callback`, replaces an id that is longer than 128 characters,
+    holds any but ``[A-Za-z0-9._-]``, or comes twice, by a generated one (a UUID, as Serve makes for a request
+    without one); a valid id passes unchanged."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            sent = [v for k, v in scope["headers"] if k == b"x-request-id"]
+            if sent and (len(sent) > 1 or not REQUEST_ID.fullmatch(sent[0].decode("latin-1"))):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"x-request-id"]
+                scope = {**scope, "headers": [*headers, (b"x-request-id", str(uuid.uuid4()).encode("ascii"))]}
+        await self.app(scope, receive, send)
+
+
+def proxy_callback() -> list[Any]:
+    """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, set by
+    :func:`knowmap.serve.proxy.proxy_environment`): :func:`knowmap.serve.proxy.install`'s request-head timer, and
+    :class:`RequestIdCheck` around Serve's own middlewares (Serve wraps the ones a callback returns outside its
+    own)."""
+    from starlette.middleware import Middleware
+
+    from knowmap.serve.proxy import install
+
+    return [*install(), Middleware(RequestIdCheck)]
