@@ -1,12 +1,13 @@
 # The two commands of the README. Both work on a fresh machine: they create .venv, install, then run.
 #   make run   - set up and run the main job on embedded defaults (no keys, no network)
 #   make test  - set up and run the whole test suite
+#   make test-fast - the tests that need no Ray, no JVM, no model training (a few minutes on 2 cores)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup java lint bench clean
+.PHONY: run test test-fast setup java lint bench clean
 
 # The main job's quick preset (about 5-10 minutes on 2 cores); `knowmap run` without --quick is the full preset.
 run: setup
@@ -14,6 +15,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The markers that --fast leaves out are listed in tests/conftest.py (HEAVY_MARKERS) and pyproject.toml.
+test-fast: setup
+	$(BIN)/python -m pytest --fast
 
 setup: $(STAMP) java
 

@@ -1,12 +1,24 @@
-"""Shared fixtures. Models load once per test session: loading MiniLM takes seconds, encoding a sentence ms."""
+"""Shared fixtures and the test tiers. Models load once per test session: loading MiniLM takes seconds, encoding a
+sentence ms; Ray starts once per session (``ray_local``).
+
+Tiers: a test's markers say what it needs (``ray``, ``jvm``, ``training``, ``slow``, ``milvus_server``; see
+pyproject.toml). ``pytest --fast`` (``make test-fast``) runs every test that needs none of them, and refuses to let
+one of them start Ray or a ScienceWorld JVM all the same: the markers must match what the tests do. Tests under
+tests/ray and tests/serve (but :data:`RAY_FREE`) or using the ``ray_local`` or ``service`` fixture are marked ``ray``
+here. The tests that stop the session's Ray (the main job, the multi-node cluster) run last, so that no Ray has to
+start again after them.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,6 +38,102 @@ def _frontend_environment() -> dict[str, str]:
 
 
 os.environ.update(_frontend_environment())
+
+# What `--fast` leaves out: a marker per thing a fast test must not need.
+HEAVY_MARKERS = ("ray", "jvm", "training", "slow", "milvus_server")
+_RAY_FIXTURES = {"ray_local", "service"}  # fixtures that start the session's Ray (or need it running)
+_RAY_FOLDERS = ("tests/ray/", "tests/serve/")
+RAY_FREE = {"tests/serve/test_experience_versions.py"}  # the experiential-KB actor's plain class, in this process
+# Modules that stop the session's Ray to start their own (a user's `knowmap run`, a multi-node cluster), in the order
+# they run, after every other test.
+RUN_LAST = ("tests/integration/test_main_job.py", "tests/ray/test_multinode.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fast", action="store_true",
+                     help=f"the fast tier: only tests marked none of {', '.join(HEAVY_MARKERS)} (`make test-fast`)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(str(config.rootpath))
+
+    def where(item: pytest.Item) -> str:
+        path = Path(str(item.path))
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else ""
+
+    for item in items:
+        path = where(item)
+        if (_RAY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                or (path.startswith(_RAY_FOLDERS) and path not in RAY_FREE)):
+            item.add_marker(pytest.mark.ray)
+
+    def last(item: pytest.Item) -> int:
+        return RUN_LAST.index(where(item)) + 1 if where(item) in RUN_LAST else 0
+
+    items.sort(key=last)  # stable: everything else keeps its order
+    if config.getoption("fast"):
+        heavy = [item for item in items if any(item.get_closest_marker(m) for m in HEAVY_MARKERS)]
+        if heavy:
+            config.hook.pytest_deselected(items=heavy)
+            items[:] = [item for item in items if not any(item.get_closest_marker(m) for m in HEAVY_MARKERS)]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """In the fast tier, a test that starts Ray or a JVM fails with the marker it lacks (setup, call, teardown)."""
+    if not item.config.getoption("fast"):
+        yield
+        return
+    with ExitStack() as stack:
+        if "ray" in sys.modules:
+            stack.enter_context(_refusing(sys.modules["ray"], "init", item, "starts Ray", "ray"))
+        from knowmap.environment.sciworld import ScienceWorld
+
+        stack.enter_context(_refusing(ScienceWorld, "__init__", item, "starts a ScienceWorld JVM", "jvm"))
+        yield
+
+
+def _refusing(owner: Any, name: str, item: pytest.Item, what: str, marker: str) -> Any:
+    from unittest import mock
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        pytest.fail(f"{item.nodeid} {what} but is not marked `{marker}`: mark it (pytest.mark.{marker}), "
+                    "or give it a double", pytrace=False)
+
+    return mock.patch.object(owner, name, refuse)
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the whole session (2 CPUs, no dashboard), shared by the Ray and Serve tiers.
+
+    Tests that use it isolate their named actors with their own namespace (see ``make_config``). The modules that
+    stop it run last (:data:`RUN_LAST`).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        # "local": a Ray of this session's own, never one that another user's `ray start` left registered here.
+        _start_ray(lambda: ray.init(address="local", num_cpus=2, include_dashboard=False))
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _start_ray(start: Callable[[], object], attempts: int = 3) -> None:
+    """Start Ray, again if its raylet misses the fixed 30 s that Ray waits for it to register (seen on 2 busy
+    cores), after clearing what this process half started."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            start()
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for its own startup deadline
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            ray.shutdown()
+            time.sleep(5 * attempt)
 
 
 @pytest.fixture(scope="session")

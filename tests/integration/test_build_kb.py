@@ -15,7 +15,7 @@ from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.storage import list_env_kbs
 from knowmap.schemas import Trajectory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.jvm]
 TASKS = ["boil", "find-living-thing", "test-conductivity"]
 
 
@@ -62,6 +62,7 @@ def test_experience_kb_search_is_filtered_by_task(built) -> None:
         assert anywhere[0].provenance["task"] == "boil"
 
 
+@pytest.mark.ray  # its own Ray, in the CLI's process
 def test_cli_builds_through_the_ray_pool_and_rejects_bad_input(tmp_path) -> None:
     knowmap = [sys.executable, "-m", "knowmap.jobs.cli"]
     env = {**os.environ, "KNOWMAP_DATA_DIR": str(tmp_path)}

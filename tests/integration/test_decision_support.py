@@ -10,7 +10,7 @@ import pytest
 from knowmap.environment.episodes import collect_episodes
 from knowmap.evaluation.decision import decision_steps, evaluate_decision, experience_corpus
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.jvm]
 
 
 def test_annotated_replays_judge_every_step_by_its_gold_action(tmp_path: Path, embedder) -> None:

@@ -10,7 +10,7 @@ from knowmap.evaluation.fidelity_tally import Counts, FidelityTally, total
 from knowmap.kb.environment_kb import EnvironmentKB
 from knowmap.schemas import StepRecord, Trajectory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.jvm]
 
 
 def test_fidelity_of_two_short_episodes_against_the_real_tree() -> None:

@@ -45,7 +45,8 @@ def test_every_constraint_style_the_server_accepts_yields_a_choice(llm_config) -
 
 
 @pytest.mark.slow
-def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> None:
+@pytest.mark.jvm
+def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path, ray_local) -> None:
     import ray
 
     from knowmap.actors.env_kb import get_or_create_env_kb, retire_env_kb
@@ -55,9 +56,6 @@ def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> 
     config = load_config(data_dir=tmp_path, scienceworld={"step_limit": 4},
                          ray={"namespace": f"test-llm-{uuid.uuid4().hex[:8]}", "num_workers": 1},
                          llm=llm_config.model_dump(), agent={"k_experience": 2, "shortlist": 10})
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, namespace=config.ray.namespace)
     try:
         specs = [EpisodeSpec(task=TASK, variation=0, split="train", policy="expert"),
                  EpisodeSpec(task=TASK, variation=225, split="test", policy="llm-kb-base")]
@@ -104,5 +102,3 @@ def test_agent_episode_through_the_pool_feeds_both_kbs(llm_config, tmp_path) -> 
         retire_env_kb(agent.episode_id, config)
     finally:
         release_experience_kb(config)
-        if started:
-            ray.shutdown()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.ray, pytest.mark.jvm, pytest.mark.training]
 pytest.importorskip("llama_cpp", reason="the local-llm extra (llama-cpp-python) is not installed")
 
 

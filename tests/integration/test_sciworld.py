@@ -7,7 +7,7 @@ import pytest
 from knowmap.environment.sciworld import ScienceWorld
 from knowmap.errors import ScienceWorldError, UnknownTaskError, VariationOutOfRangeError
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.jvm]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from knowmap.agent.rollout import EpisodeSpec
 from knowmap.config import KnowMapConfig
 from knowmap.kb.durable_kb import DurableEnvironmentKB
 
-pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.jvm, pytest.mark.usefixtures("ray_local")]
 
 SPECS = [EpisodeSpec(task=t, variation=v) for t in ("find-living-thing", "use-thermometer") for v in (0, 1)]
 

@@ -15,7 +15,8 @@ import pytest
 from knowmap.config import load_config
 from knowmap.jobs.retrain import RetrainController
 
-pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.training, pytest.mark.jvm,
+              pytest.mark.usefixtures("ray_local")]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"
 
 

@@ -14,7 +14,8 @@ from knowmap.errors import KnowMapError
 from knowmap.jobs.training import evaluate_split, retrieval_table, train_retriever
 from knowmap.models.registry import read_latest
 
-pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.slow, pytest.mark.training, pytest.mark.jvm,
+              pytest.mark.usefixtures("ray_local")]
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "trajectories"
 
 

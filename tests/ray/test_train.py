@@ -24,7 +24,7 @@ from knowmap.train.loop import DistinctBatchSampler, seed_everything
 from knowmap.train.ray_run import METADATA_FILE, pairs_hash
 from knowmap.train.reranker_trainer import RerankerTask, train_reranker
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_local")]
+pytestmark = [pytest.mark.ray, pytest.mark.training, pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 OBJECTS = ["metal pot", "thermometer", "orange", "dove", "stove", "sink", "cupboard", "chair", "table", "lighter",
            "glass cup", "axe"]
@@ -49,12 +49,8 @@ def small_config(**overrides: object) -> TrainingConfig:
 
 
 @pytest.fixture(scope="module")
-def first_epoch(tmp_path_factory) -> tuple[Path, object]:
+def first_epoch(tmp_path_factory, ray_local) -> tuple[Path, object]:
     """One epoch of the embedder on 2 workers (module-scoped: several tests read its output)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
     out = tmp_path_factory.mktemp("embedder") / "model"
     return out, train_embedder(make_pairs(), base_model=default_embedder_path(), output_dir=str(out),
                                config=small_config())

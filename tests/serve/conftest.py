@@ -1,4 +1,4 @@
-"""Fixtures for the Serve tier: one local Ray and one running service per test module, on a free port.
+"""Fixtures for the Serve tier: one running service per test module on the session's Ray, on a free port.
 
 Models: the packaged MiniLM as embedder; ``model_dirs`` (tests/conftest.py) gives a second embedder version for hot
 swaps and a cross-encoder as reranker.
@@ -24,9 +24,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]) -> Iterator[dict]:
-    """A running service: ``{"url", "key", "config", "info"}``; Serve is shut down after the module."""
-    import ray
+def service(ray_local: None, tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]) -> Iterator[dict]:
+    """A running service on the session's Ray: ``{"url", "key", "config", "info"}``; Serve is shut down after the
+    module."""
     from ray import serve
 
     from knowmap.actors.experience import release_experience_kb
@@ -40,8 +40,6 @@ def service(tmp_path_factory: pytest.TempPathFactory, model_dirs: dict[str, str]
                                   "body_timeout_s": 2, "max_env_actors": 4,
                                   "api_keys": ["km-test-key-a", "km-test-key-b"],
                                   "keys": [{"key": k, "tenant": t, "role": r} for k, (t, r) in TENANT_KEYS.items()]})
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, namespace=namespace)
     info = start_service(config, embedder="", reranker=model_dirs["reranker"])
     yield {"url": info.url, "key": info.api_key, "other_key": "km-test-key-b", "config": config, "info": info}
     serve.shutdown()
