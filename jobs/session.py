@@ -34,7 +34,9 @@ def ray_session(config: KnowMapConfig, **init_kwargs: object) -> Iterator[None]:
             os.environ.update(proxy_environment(config))
         # The dashboard stays on: it serves the state API that Ray Train's controller polls (without it, the log
         # fills with "State API may be temporarily unavailable"), and users watch jobs there.
-        ray.init(address=config.ray.address or None, namespace=config.ray.namespace, log_to_driver=True,
+        # An empty address starts a Ray of our own: ``"local"``, since ``None`` joins whatever cluster
+        # ``ray start`` last registered on this machine (/tmp/ray/ray_current_cluster), another user's included.
+        ray.init(address=config.ray.address or "local", namespace=config.ray.namespace, log_to_driver=True,
                  **init_kwargs)  # type: ignore[arg-type]
     try:
         yield
