@@ -66,9 +66,14 @@ class ServeConfig(ConfigSection):
                           "observation or trajectory step may carry (ScienceWorld episodes have a few hundred)")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
                                     "whole request head this long after connecting (or after its next request's "
-                                    "first byte) is closed; read when Ray starts (knowmap.serve.proxy)")
-    body_timeout_s: float = Field(default=30.0, gt=0, le=600, description="a declared body that stops arriving "
-                                  "for this long is answered 408 and the connection closed")
+                                    "first byte) is answered 408 (HAProxy) or closed (uvicorn), whatever the pace "
+                                    "of its bytes: slow heads sent a byte every 10 s filled HAProxy's connection "
+                                    "limit without it; read when Ray starts (knowmap.serve.proxy)")
+    body_timeout_s: float = Field(default=30.0, gt=0, le=600, description="the whole request body must arrive "
+                                  "within this long of its head (not just some byte of it now and then: 70 bodies "
+                                  "sent a byte every 8 s held every slot of a replica without it); past it 408 "
+                                  "`body_timeout` and the connection closed. 30 s lets a 4 MiB body arrive at "
+                                  "140 kB/s")
     keep_alive_s: int = Field(default=5, ge=1, le=3_600, description="an idle keep-alive connection is closed "
                               "after this long")
     request_timeout_s: float = Field(default=120.0, gt=0, le=3_600, description="every request's deadline once "
@@ -98,9 +103,49 @@ class ServeConfig(ConfigSection):
                                         "once the model is idle: what a lone request pays, per model call. 0 still "
                                         "batches: requests that arrive while a batch runs join the next one")
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests in flight per replica")
+    max_ongoing_per_key: int = Field(default=16, ge=1, description="requests one API key may have in flight per "
+                                     "ingress replica, from its head to its answer; past it 429 `too_many_requests` "
+                                     "with Retry-After. A quarter of max_ongoing_requests by default, so one key "
+                                     "(slow bodies, or just many requests) leaves three quarters of the slots to "
+                                     "the others")
+    max_connections: int = Field(default=8_192, ge=64, le=1_000_000, description="HAProxy's connection limit per "
+                                 "node (RAY_SERVE_HAPROXY_MAXCONN; HAProxy needs 2.5 file descriptors a connection, "
+                                 "so it is lowered to what the node's hard limit allows): "
+                                 "connections past it wait unaccepted, innocent ones too. Ray's default, 4,096, was "
+                                 "filled by 4,200 slow heads; 8,192 holds the 5,000 the benchmark sends; read when "
+                                 "Ray starts (knowmap.serve.proxy)")
     frontend: Literal["haproxy", "serve-proxy"] = Field(
         default="haproxy", description="what takes HTTP connections: `haproxy` (Ray Serve's high-throughput mode: "
         "HAProxy on every node in front of replicas that serve HTTP themselves) or `serve-proxy` (Serve's Python "
         "proxy actor, which hands each request to a replica as an actor call); read when Ray starts "
         "(knowmap.serve.proxy)")
+    contribution_workers: int = Field(default=2, ge=1, le=64, description="experiential-KB writes "
+                                      "(contributions, deletions) that run at once per ingress replica, and threads "
+                                      "of the experiential-KB actor's write group. A tenant runs one write at a "
+                                      "time, so with 2 or more one busy tenant never holds them all: measured, 4 "
+                                      "parallel 2,000-step trajectories of one tenant behind one lock made another "
+                                      "tenant's 2-step one wait 120 s (issue 40); more than the cores only slices "
+                                      "them thinner")
+    contribution_queue_per_tenant: int = Field(default=4, ge=1, le=10_000, description="writes one tenant may have "
+                                               "queued or running per replica; one more is answered 429 with "
+                                               "Retry-After (the recent duration of its writes), not queued "
+                                               "without bound")
+    contribution_queue_total: int = Field(default=64, ge=1, le=100_000, description="writes all tenants may have "
+                                          "queued or running per replica (429 beyond); at least "
+                                          "contribution_queue_per_tenant")
+    contribution_timeout_s: float = Field(default=60.0, gt=0, le=3_600, description="a write not begun this long "
+                                          "after it arrived (waiting for its turn, segmenting) is cancelled and "
+                                          "answered 504: nothing is stored. A begun write is awaited to its end "
+                                          "(a 2,000-step one embeds in seconds to tens of seconds on 2 cores), so it "
+                                          "must be below request_timeout_s")
 
+    @model_validator(mode="after")
+    def _contribution_limits(self) -> ServeConfig:
+        if self.contribution_queue_total < self.contribution_queue_per_tenant:
+            raise ValueError(f"serve.contribution_queue_total ({self.contribution_queue_total}) must be at least "
+                             f"serve.contribution_queue_per_tenant ({self.contribution_queue_per_tenant})")
+        if self.contribution_timeout_s >= self.request_timeout_s:
+            raise ValueError(f"serve.contribution_timeout_s ({self.contribution_timeout_s}) must be below "
+                             f"serve.request_timeout_s ({self.request_timeout_s}): a begun write needs the rest of "
+                             "the request's time to finish")
+        return self
