@@ -8,10 +8,10 @@ with success and does nothing), and Lite's own compaction merges a segment only 
 bucket exist, so a deleted text stays for as long as no more writes come. Lite's ``drop_collection`` removes the
 collection's directory and ``rename_collection`` renames one, so :meth:`VectorStore.purge` rewrites a Lite
 collection: it copies the live rows into ``<name>__purge``, drops the collection and renames the copy to its name.
-The rewrite costs 2 to 5 ms per row on 2 cores (2,000 sub-goal rows with their meta plus 200 trajectory rows, 384-d:
-4.7 to 11.5 s while other jobs loaded the cores; ``tests/integration/test_purge.py`` prints it). On a Milvus server
-``purge`` runs the server's compaction and waits for it; the server's garbage collector then removes the old
-segment files after its ``dataCoord.gc.dropTolerance`` (see docs/service-and-api.md).
+The rewrite costs 1.5 to 5 ms per row on 2 cores (2,000 sub-goal rows with their meta plus 200 trajectory rows,
+384-d: 3.3 s, and 4.7 to 11.5 s while other jobs loaded the cores; ``tests/integration/test_purge.py`` prints it).
+On a Milvus server ``purge`` runs the server's compaction and waits for it; the server's garbage collector then
+removes the old segment files after its ``dataCoord.gc.dropTolerance`` (see docs/service-and-api.md).
 
 A purge is crash safe: the collection is dropped only once its copy is complete, so a copy found next to its
 collection is an unfinished one (dropped, :func:`finish_interrupted_purge`) and a copy without its collection is a
