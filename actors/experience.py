@@ -3,7 +3,8 @@
 Milvus Lite allows one process per database file, so every writer and reader goes through this actor (see
 :mod:`knowmap.kb.experience_versions` for what it holds and why adds survive a re-index). Re-indexing runs in its
 own thread (concurrency group ``reindex``) so searches and adds go on meanwhile; so does adding a trajectory
-(``contribute``: embedding a 2,000-step trajectory's sub-goals takes seconds, and readers must not wait on it).
+(``contribute``, ``serve.contribution_workers`` threads: embedding a 2,000-step trajectory's sub-goals takes
+seconds, and neither readers nor another tenant's write must wait on it).
 """
 
 from __future__ import annotations
@@ -39,8 +40,15 @@ class ExperienceKBActor(VersionedExperienceKB):
 
     @ray.method(concurrency_group="contribute")
     def delete_episode(self, episode_id: str) -> int:
-        """In the same thread as adds: a delete and an add (or overwrite) of one episode never interleave."""
+        """In the write group with adds; the service runs one write per tenant at a time (episode ids are scoped by
+        tenant), so a delete and an add (or overwrite) of one episode never interleave."""
         return super().delete_episode(episode_id)
+
+    @ray.method(concurrency_group="contribute")
+    def purge(self, replaced: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+        """In the write group with adds and deletes; an add waits while the vector store rewrites a collection, so
+        none lands in the copy being replaced."""
+        return super().purge(replaced)
 
 
 def experience_actor_name(config: KnowMapConfig) -> str:
@@ -60,7 +68,10 @@ def get_experience_kb(config: KnowMapConfig) -> ray.actor.ActorHandle:
     options = dict(name=experience_actor_name(config), namespace=config.ray.namespace, get_if_exists=True,
                    lifetime="detached", num_cpus=0, max_restarts=config.ray.max_restarts,
                    max_task_retries=config.ray.max_task_retries, max_concurrency=1)
-    actor = ray.remote(concurrency_groups={"reindex": 1, "contribute": 1})(ExperienceKBActor)
+    # One write thread per service write worker: the service runs a tenant's writes one at a time, so an add and a
+    # delete of one episode still never interleave, and another tenant's write is not queued behind them.
+    writers = config.serve.contribution_workers
+    actor = ray.remote(concurrency_groups={"reindex": 1, "contribute": writers})(ExperienceKBActor)
     return actor.options(**options).remote(config.model_dump(mode="json"))
 
 

@@ -65,6 +65,13 @@ class EnvKBClosedError(KnowMapError):
     """A write reached an env KB that was closed (its actor retired meanwhile): reopen it and send again."""
 
 
+class EnvKBMismatchError(KnowMapError):
+    """A call for one env reached an env-KB actor holding another (a rollout slot whose actor was replaced or
+    restarted): nothing was read or written; the episode is played again in a fresh slot."""
+
+    retryable = True
+
+
 class EpisodeConflictError(KnowMapError):
     """A contributed trajectory would overwrite an expert episode, another's, or (without ``overwrite``) one of its
     tenant's."""
@@ -154,3 +161,22 @@ def is_retryable(error: BaseException) -> bool:
     if isinstance(error, KnowMapError):
         return bool(error.retryable)
     return not isinstance(error, ValueError | TypeError)
+
+
+class ContributionQueueFullError(KnowMapError):
+    """The retrieval service holds as many queued or running writes (contributions, deletions) of this tenant, or
+    in all, as ``serve.contribution_queue_per_tenant`` / ``serve.contribution_queue_total`` allow: nothing was
+    done; send it again after ``retry_after_s`` seconds (the service answers 429 with ``Retry-After``)."""
+
+    retryable = True
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ContributionTimeoutError(KnowMapError):
+    """A write of the experiential KB was not begun before its deadline (``serve.contribution_timeout_s``) or its
+    request was answered meanwhile: nothing was stored (the service answers 504); send it again."""
+
+    retryable = True

@@ -5,7 +5,10 @@ an :class:`~knowmap.api_schemas.ErrorResponse` with the right status: 401 withou
 role may not do it (a read key writing) or another key's data (an overwrite or delete by a non-admin), 413 over a
 limit (texts per request, characters per text, body size), 422 for an invalid or malformed body (never 500), 404 for
 an env or episode id without data in the caller's tenant, 409 for a conflict (no reranker deployed, an episode id
-already stored), 503 while a KB actor is unavailable.
+already stored), 503 while a KB actor is unavailable. Writes of the experiential KB (contributions, deletions) are
+queued per tenant (:mod:`knowmap.serve.contribution_queue`): 429 with ``Retry-After`` when the tenant's queue is
+full, 504 ``contribution_timeout`` when one could not begin within ``serve.contribution_timeout_s`` (nothing
+stored).
 
 Tenants (:mod:`knowmap.tenancy`): every key belongs to a tenant, and every env id and episode id a route is sent is
 read in the caller's tenant's namespace, so another tenant's data is never found (404, never 403: its existence is
@@ -22,6 +25,7 @@ and under ``@serve.ingress`` string annotations of module-level aliases (``EnvId
 
 import asyncio
 import base64
+from collections.abc import Awaitable
 from pathlib import PurePath
 from typing import Annotated, Any
 
@@ -39,6 +43,7 @@ from knowmap.api_schemas import (
     EmbeddingResponse,
     EmbeddingUsage,
     EnvsResponse,
+    ErrorDetail,
     ErrorResponse,
     FactsRequest,
     FactsResponse,
@@ -59,10 +64,11 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.errors import APIError, InvalidEnvIdError
+from knowmap.errors import APIError, ContributionQueueFullError, ContributionTimeoutError, InvalidEnvIdError
 from knowmap.schemas import KnowledgeItem, Relation, RetrainStatus
 from knowmap.serve.auth import Grant
 from knowmap.serve.deployments import EmbedderModels
+from knowmap.serve.guard import error_response
 from knowmap.serve.http import (
     Authorized,
     EnvId,
@@ -96,6 +102,28 @@ def _as_seen(item: KnowledgeItem, tenant: str) -> KnowledgeItem:
 
 
 _SWAGGER_ASSETS = {"swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"}
+_WRITE_ANSWERS: dict[int | str, dict[str, Any]] = {
+    429: {"model": ErrorResponse, "description": "your tenant's write queue is full (serve.contribution_queue_per_"
+          "tenant) or the service's is: nothing was done; send it again after `Retry-After` seconds"},
+    504: {"model": ErrorResponse, "description": "the write could not begin within serve.contribution_timeout_s: "
+          "nothing was stored; send it again"}}
+
+
+async def _written(work: Awaitable[Any], tenant: str) -> Any:
+    """A write's answer (:meth:`RetrievalBackend._write`), mapped as :func:`call` maps any other; but a full write
+    queue is 429 with ``Retry-After``, and a write that did not begin by its deadline 504 (nothing stored): both are
+    returned as responses, for the route to return as they are."""
+    result = await work
+    if isinstance(result, ContributionQueueFullError):
+        return error_response(429, ErrorDetail(type="rate_limited", code="write_queue_full", message=str(result)),
+                              {"Retry-After": str(result.retry_after_s)})
+    if isinstance(result, ContributionTimeoutError):
+        return error_response(504, ErrorDetail(type="timeout", code="contribution_timeout", message=str(result)))
+
+    async def answered() -> Any:
+        return result
+
+    return await call(answered(), tenant)
 
 
 # Helpers the deployment calls are defined above it: Serve pickles the class when it is decorated.
@@ -151,11 +179,11 @@ class Ingress:
                             ("retriever", self.retriever.ready())):
             try:
                 answer = await asyncio.wait_for(probe, timeout=15)
-                checks.update(answer if name == "retriever" else {name: "ok" if answer or name == "reranker"
-                                                                  else "failing: no model"})
+                checks.update(answer if name == "retriever" else {name: "ok" if answer else "not deployed"
+                                                                  if name == "reranker" else "failing: no model"})
             except Exception as e:  # noqa: BLE001 - readiness reports any failure as a failed check
                 checks[name] = f"failing: {type(e).__name__}"
-        ready = all(v == "ok" for v in checks.values())
+        ready = all(v in ("ok", "not deployed") for v in checks.values())  # the reranker is optional
         return JSONResponse(ReadyResponse(status="ready" if ready else "not_ready", checks=checks).model_dump(),
                             status_code=200 if ready else 503)
 
@@ -273,13 +301,14 @@ class Ingress:
         return EnvsResponse(envs=names[:limit], next_after=names[limit - 1] if len(names) > limit else None)
 
     @app.delete("/v1/envs/{env_id}", response_model=DeletedResponse, dependencies=Writer, tags=["env KB"],
-                responses={404: {"model": ErrorResponse, "description": "no KB for this env id"}})
-    async def delete_env(self, env_id: EnvId, request: Request) -> DeletedResponse:
+                responses={404: {"model": ErrorResponse, "description": "no KB for this env id"}, **_WRITE_ANSWERS})
+    async def delete_env(self, env_id: EnvId, request: Request) -> DeletedResponse | JSONResponse:
         """Delete the env KB (its actor and files) and the facts it lent to your contributed trajectories' sub-goals
-        (they are segmented again without them)."""
+        (they are segmented again without them); queued with your tenant's other writes. When it answers 200, the
+        env's facts are in no file under the data dir: the vector store is purged before the answer."""
         tenant = caller(request).tenant
-        deleted = await call(self.retriever.delete_env(scoped(tenant, env_id), tenant), tenant)
-        return DeletedResponse(id=env_id, deleted=deleted)
+        deleted = await _written(self.retriever.delete_env(scoped(tenant, env_id), tenant), tenant)
+        return deleted if isinstance(deleted, JSONResponse) else DeletedResponse(id=env_id, deleted=deleted)
 
     @app.post("/v1/envs/{env_id}/observations", response_model=ObservationsResponse, dependencies=Writer,
               tags=["env KB"])
@@ -331,11 +360,16 @@ class Ingress:
     @app.post("/v1/trajectories", response_model=TrajectoryResponse, dependencies=Writer,
               tags=["experience KB"], responses={409: {"model": ErrorResponse,
                                                        "description": "the episode id is an expert's, another "
-                                                       "owner's, or already stored (send overwrite)"}})
-    async def trajectories(self, body: TrajectoryRequest, request: Request) -> TrajectoryResponse:
+                                                       "owner's, or already stored (send overwrite)"},
+                                                 **_WRITE_ANSWERS})
+    async def trajectories(self, body: TrajectoryRequest, request: Request) -> TrajectoryResponse | JSONResponse:
         """Contribute a finished trajectory: segmented into sub-goals, added to the experiential KB (seen by your
         tenant only), and kept in the training store under the caller's key. Episode ids are trimmed and lower-cased;
-        replacing a stored one needs ``overwrite`` and the key that contributed it (or an admin key)."""
+        replacing a stored one needs ``overwrite`` and the key that contributed it (or an admin key).
+
+        A 200 means stored. Your tenant's writes run one at a time, beside other tenants' (never behind them):
+        429 with ``Retry-After`` if your tenant already has ``serve.contribution_queue_per_tenant`` writes queued
+        or running, 504 if this one could not begin within ``serve.contribution_timeout_s`` (nothing stored)."""
         steps = body.trajectory.steps
         if len(steps) > self.config.serve.max_trajectory_steps:
             raise APIError(413, "too_large", f"{len(steps)} steps; at most serve.max_trajectory_steps "
@@ -350,8 +384,8 @@ class Ingress:
         trajectory = body.trajectory.model_copy(update={
             "episode_id": scoped(who.tenant, body.trajectory.episode_id), "tenant": who.tenant,
             "contributor": who.client, "env_id": scoped(who.tenant, body.env_id) if body.env_id else ""})
-        return await call(self.retriever.add_trajectory(body.model_copy(update={"trajectory": trajectory}),
-                                                        who.admin), who.tenant)
+        return await _written(self.retriever.add_trajectory(body.model_copy(update={"trajectory": trajectory}),
+                                                            who.admin), who.tenant)
 
     @app.get("/v1/trajectories", response_model=TrajectoriesResponse, dependencies=Authorized,
              tags=["experience KB"])
@@ -368,14 +402,15 @@ class Ingress:
 
     @app.delete("/v1/trajectories/{episode_id}", response_model=DeletedResponse, dependencies=Writer,
                 tags=["experience KB"], responses={404: {"model": ErrorResponse, "description": "no contribution "
-                                                         "of your tenant has this episode id"}})
-    async def delete_trajectory(self, episode_id: EnvId, request: Request) -> DeletedResponse:
+                                                         "of your tenant has this episode id"}, **_WRITE_ANSWERS})
+    async def delete_trajectory(self, episode_id: EnvId, request: Request) -> DeletedResponse | JSONResponse:
         """Delete a contributed trajectory (only the key that contributed it, or an admin key): its sub-goals in
-        every indexed embedder version, and its file in the training store, so no later retrain reads it."""
+        every indexed embedder version, and its file in the training store, so no later retrain reads it. When it
+        answers 200, its texts and vectors are in no file under the data dir: the vector store is purged first."""
         who, episode = caller(request), normalise_episode_id(episode_id)
-        deleted = await call(self.retriever.delete_trajectory(scoped(who.tenant, episode), who.tenant,
-                                                              who.client, who.admin), who.tenant)
-        return DeletedResponse(id=episode, deleted=deleted)
+        deleted = await _written(self.retriever.delete_trajectory(scoped(who.tenant, episode), who.tenant,
+                                                                  who.client, who.admin), who.tenant)
+        return deleted if isinstance(deleted, JSONResponse) else DeletedResponse(id=episode, deleted=deleted)
 
 
 __all__ = ["APIError", "Ingress", "InvalidEnvIdError", "app", "require_key"]

@@ -16,7 +16,12 @@ which on a busy replica costs less per request than one retrieve alone (docs/ser
 Hot swap without failed requests: a batch embeds everything with the model that is current when it starts, and
 keeps that model alive until it ends even if a swap evicts it meanwhile; its experiential search goes to that
 model's collection (a swap indexes the new one before the replicas switch). A request thus never mixes vectors of
-two models, and fact vectors are cached per model."""
+two models, and fact vectors are cached per model.
+
+Writes of the experiential KB (contributions, deletions) go through a :class:`ContributionQueue`: per-tenant
+queues served by ``serve.contribution_workers`` threads, a tenant's writes one at a time, no lock across
+segmentation or embedding; a full queue is a :class:`ContributionQueueFullError` (429), a write not begun by
+``serve.contribution_timeout_s`` (or whose request was answered) stores nothing (504). See that module."""
 
 from __future__ import annotations
 
@@ -42,7 +47,13 @@ from knowmap.api_schemas import (
     TrajectoryResponse,
 )
 from knowmap.config import KnowMapConfig
-from knowmap.errors import EpisodeConflictError, KnowMapError, VersionNotIndexedError
+from knowmap.errors import (
+    ContributionQueueFullError,
+    ContributionTimeoutError,
+    EpisodeConflictError,
+    KnowMapError,
+    VersionNotIndexedError,
+)
 from knowmap.kb.storage import list_env_kbs
 from knowmap.kb.trajectory_store import (
     check_contribution,
@@ -54,6 +65,7 @@ from knowmap.kb.trajectory_store import (
 from knowmap.models.embedder import Embedder
 from knowmap.models.retrieval import RetrieveArgs, Retriever
 from knowmap.schemas import Fact, KnowledgeItem, Subgoal, Trajectory
+from knowmap.serve.contribution_queue import ContributionQueue, Ticket
 from knowmap.serve.deployments import EmbedderModels, IdleGate
 from knowmap.serve.envs import EnvActors
 from knowmap.serve.metrics import record_batch, record_kb_size
@@ -97,7 +109,9 @@ class RetrievalBackend:
         self._stats = {"retrieve_batches": 0, "retrieve_requests": 0}
         self._envs = EnvActors(self._config)
         self._reranker_version: str | None = None
-        self._contributing = threading.Lock()  # contributions and deletions, one at a time (per replica)
+        limits = self._config.serve
+        self._writes = ContributionQueue(limits.contribution_workers, limits.contribution_queue_per_tenant,
+                                         limits.contribution_queue_total)
 
     async def _run(self, fn: Callable[[], T]) -> T | KnowMapError:
         """``fn()`` in a thread of this backend's pool; a refusal of what the client sent comes back as a
@@ -106,6 +120,40 @@ class RetrievalBackend:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
         except (KnowMapError, ValueError) as e:
             return _refusal(e)  # type: ignore[return-value]
+
+    async def _write(self, tenant: str, work: Callable[[Ticket], T]) -> T | KnowMapError:
+        """``work(ticket)`` in the tenant's lane of the write queue; it calls ``ticket.begin_write()`` before it
+        stores anything. Comes back as :meth:`_run`'s does, or as a ContributionQueueFullError (the queue is full,
+        nothing done) or ContributionTimeoutError (not begun by the deadline: nothing stored).
+
+        If this coroutine is cancelled (the request's own deadline, or the client went away), a job that has not
+        begun its write is taken back and stores nothing; one that has is awaited, and its outcome returned, so
+        that no answer ever says "not stored" about a write that lands."""
+        try:
+            ticket = self._writes.submit(tenant, work, self._config.serve.contribution_timeout_s)
+        except ContributionQueueFullError as e:
+            return e
+        done = asyncio.wrap_future(ticket.future)
+        try:
+            try:
+                return await asyncio.wait_for(asyncio.shield(done), ticket.remaining_s())
+            except TimeoutError:
+                if self._writes.cancel(ticket):
+                    return ContributionTimeoutError(
+                        f"the write did not begin within serve.contribution_timeout_s "
+                        f"({self._config.serve.contribution_timeout_s} s): nothing was stored; send it again "
+                        "later (Retry-After), or a smaller one")
+                return await done  # its write has begun: wait for it and say what happened
+            except asyncio.CancelledError:
+                if self._writes.cancel(ticket):
+                    raise
+                return await done
+        except (KnowMapError, ValueError) as e:
+            return _refusal(e)  # type: ignore[return-value]
+
+    def write_queue(self) -> dict[str, Any]:
+        """This replica's write queue: jobs running, waiting, and held per tenant."""
+        return self._writes.stats()
 
     # -- retrieval -------------------------------------------------------------------------------------------
     async def retrieve(self, request: RetrieveRequest, where: dict[str, Any] | None = None,
@@ -248,36 +296,43 @@ class RetrievalBackend:
         Raises:
             EnvNotFoundError: no KB exists for ``env_id``.
         """
-        def run() -> dict[str, int]:
-            with self._contributing:
-                removed = self._envs.remove(env_id)
-                rewritten = 0
-                for trajectory in contributions(self._config.paths, tenant):
-                    if trajectory.env_id == env_id:
-                        rewritten += self._store_trajectory(trajectory.model_copy(update={"env_id": ""}))[0]
+        def run(ticket: Ticket) -> dict[str, int]:
+            ticket.begin_write()  # from here on it runs to its end: an env removed must not keep lending facts
+            removed = self._envs.remove(env_id)
+            rewritten, episodes = 0, []
+            for trajectory in contributions(self._config.paths, tenant):
+                if trajectory.env_id == env_id:
+                    rewritten += self._store_trajectory(trajectory.model_copy(update={"env_id": ""}))[0]
+                    episodes.append(trajectory.episode_id)
+            if episodes:  # their replaced rows held the env's facts: purge them from the store's files
+                ray.get(self._experience.purge.remote(episodes))
             return {"files": removed, "subgoals_rewritten": rewritten}
-        return await self._run(run)
+        return await self._write(tenant, run)
 
     # -- trajectories ----------------------------------------------------------------------------------------
     async def add_trajectory(self, request: TrajectoryRequest, admin: bool = False) -> TrajectoryResponse:
         """Segment a contributed trajectory into sub-goals and store it (source ``agent``) in the training store
         (where retraining reads it) and in every version of the experiential KB. The ingress has set its stored
-        episode id, tenant, contributor and env id (:mod:`knowmap.tenancy`)."""
-        def run() -> TrajectoryResponse:
+        episode id, tenant, contributor and env id (:mod:`knowmap.tenancy`).
+
+        It runs in the tenant's lane of the write queue (one write of a tenant at a time, so the check and the write
+        of an episode are not interleaved with another's); it stores nothing if it cannot begin its write within
+        ``serve.contribution_timeout_s``."""
+        def run(ticket: Ticket) -> TrajectoryResponse:
             trajectory = request.trajectory.model_copy(update={"source": "agent"})
             episode = trajectory.episode_id
             if ray.get(self._experience.count.remote(episode_id=episode, source="expert")):
                 raise EpisodeConflictError(f"episode id {episode!r} is an expert episode; contribute under "
                                            "another id")
-            with self._contributing:  # the check and the write of one episode are not interleaved with another's
-                check_contribution(self._config.paths, trajectory, overwrite=request.overwrite, admin=admin)
-                subgoals, rows = self._store_trajectory(trajectory)
+            check_contribution(self._config.paths, trajectory, overwrite=request.overwrite, admin=admin)
+            goals = self._segment(trajectory)
+            ticket.begin_write()
+            subgoals, rows = self._store_trajectory(trajectory, goals)
             return TrajectoryResponse(episode_id=unscoped(trajectory.tenant, episode), subgoals=subgoals, rows=rows)
-        return await self._run(run)
+        return await self._write(request.trajectory.tenant, run)
 
-    def _store_trajectory(self, trajectory: Trajectory) -> tuple[int, int]:
-        """Save to the training store first (a crash before the rows leaves a file that a delete still finds),
-        then replace the episode's rows in the experiential KB; returns (sub-goals, rows)."""
+    def _segment(self, trajectory: Trajectory) -> list[Subgoal]:
+        """The trajectory's sub-goals (source ``agent``), with the facts of its env KB if it has one."""
         if trajectory.env_id and self._envs.exists(trajectory.env_id):
             goals = [Subgoal.model_validate(g) for g in
                      self._env_call(trajectory.env_id, "segment", trajectory.model_dump())]
@@ -285,7 +340,12 @@ class RetrievalBackend:
             from knowmap.kb.segmentation import SubgoalSegmenter
 
             goals = SubgoalSegmenter().segment(trajectory)
-        goals = [g.model_copy(update={"source": "agent"}) for g in goals]
+        return [g.model_copy(update={"source": "agent"}) for g in goals]
+
+    def _store_trajectory(self, trajectory: Trajectory, goals: list[Subgoal] | None = None) -> tuple[int, int]:
+        """Save to the training store first (a crash before the rows leaves a file that a delete still finds),
+        then replace the episode's rows in the experiential KB; returns (sub-goals, rows)."""
+        goals = self._segment(trajectory) if goals is None else goals
         save_trajectory(self._config.paths, trajectory)
         rows = ray.get(self._experience.add_trajectory.remote(trajectory.model_dump(),
                                                               [g.model_dump() for g in goals]))
@@ -300,12 +360,12 @@ class RetrievalBackend:
             EpisodeNotFoundError: no contribution of the tenant has this id.
             ForbiddenError: another key contributed it and the caller is not an admin.
         """
-        def run() -> dict[str, int]:
-            with self._contributing:
-                check_deletion(self._config.paths, tenant, episode_id, contributor, admin)
-                rows = ray.get(self._experience.delete_episode.remote(episode_id))
-                return {"rows": rows, "files": int(delete_trajectory(self._config.paths, episode_id))}
-        return await self._run(run)
+        def run(ticket: Ticket) -> dict[str, int]:
+            check_deletion(self._config.paths, tenant, episode_id, contributor, admin)
+            ticket.begin_write()
+            rows = ray.get(self._experience.delete_episode.remote(episode_id))
+            return {"rows": rows, "files": int(delete_trajectory(self._config.paths, episode_id))}
+        return await self._write(tenant, run)
 
     async def contributions(self, tenant: str) -> list[Trajectory]:
         """The trajectories ``tenant`` contributed, by stored episode id."""
