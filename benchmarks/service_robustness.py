@@ -16,10 +16,25 @@ Against a service on 127.0.0.1 (a local Ray, data in a temporary directory), eac
    ``serve.max_trajectory_steps`` trajectory whose score rises at every step (observations filling the body
    limit) is contributed. Goal: p99 during <= 3 x steady p50.
 6. **Log per 4xx**: bytes and lines the service's logs grow per refused request, against per accepted one.
+7. **All attacks at once** (issue 40): ``--slow-headers`` (5,000) connections sending a head a byte every 10 s (no
+   key), 200 bodies sent a byte every 8 s (a read key of another tenant) and 8 parallel maximum-size
+   contributions (a write key of a third tenant), each kept up round after round, while an innocent client
+   times ``/v1/retrieve`` and small contributions (kept-alive) and ``/healthz`` and embeddings (a new
+   connection each). Goal: 0 innocent requests failed; retrieve p99 during the attack <= 3 x steady p50, with
+   the steady p99 / p50 of the same run beside it (the machine's own tail: a ceiling no attack-free run beats).
+8. **Deadlines**: every slow head, connection that sent nothing and half head (against
+   ``serve.header_timeout_s``) and every slow body (against ``serve.body_timeout_s``) closed within 1 s of its
+   deadline. Goal: 0 held longer.
+9. **Deletion**: a unique marker's bytes in the data dir after ``DELETE /v1/trajectories/{id}`` returned.
+   Goal: 0 (seconds the DELETE took beside it).
+10. **MCP**: sessions opened by anonymous ``initialize`` requests; hostile ids (``../trajectories/x``) that reach
+    a URL of the typed client the MCP tools call. Goal: 0 and 0.
 
-Prints a table and writes ``benchmarks/results/service_robustness.json``.
+The service runs with the configured defaults (head 10 s, body 30 s) unless ``--header-timeout-s`` /
+``--body-timeout-s`` say otherwise, behind ``--frontend`` (``haproxy``, the default deployment, or
+``serve-proxy``). Prints a table and writes ``benchmarks/results/service_robustness.json``.
 
-    .venv/bin/python benchmarks/service_robustness.py [--trials 3] [--fuzz-examples 25] [--out PATH]
+    .venv/bin/python benchmarks/service_robustness.py [--frontend serve-proxy] [--slow-headers 5000] [--out PATH]
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -36,13 +52,17 @@ from typing import Any
 
 import ray
 import requests
+from lib.attack_rows import all_at_once, attack_checks, head_deadlines, print_attack_rows, raise_descriptor_limit
 from lib.results import Check, write_result
 from lib.service import FIXTURES, local_service, pct
+from lib.service_probes import deletion, hostile_ids, mcp_door
 
 from knowmap.config import KnowMapConfig
+from knowmap.config.service import ServeConfig
 from knowmap.serve.client import KnowMapClient
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "service_robustness.json"
+SERVE_DEFAULTS = ServeConfig.model_fields
 BAD = {"input": ["\ud800"]}  # json.dumps escapes it: valid JSON, not Unicode
 
 
@@ -282,12 +302,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--fuzz-examples", type=int, default=25, help="schemathesis examples per operation")
-    parser.add_argument("--steady", type=int, default=150, help="retrieves timed before the contribution")
+    parser.add_argument("--steady", type=int, default=150, help="retrieves timed before a contribution or attack")
+    parser.add_argument("--frontend", choices=["haproxy", "serve-proxy"], default="haproxy",
+                        help="serve.frontend: what takes the connections")
+    parser.add_argument("--header-timeout-s", type=float, default=SERVE_DEFAULTS["header_timeout_s"].default)
+    parser.add_argument("--body-timeout-s", type=float, default=SERVE_DEFAULTS["body_timeout_s"].default)
+    parser.add_argument("--slow-headers", type=int, default=5000, help="slow heads at once, no key")
+    parser.add_argument("--slow-bodies", type=int, default=200, help="slow bodies at once, one key")
+    parser.add_argument("--parallel", type=int, default=8, help="maximum-size contributions at once, another tenant")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds the innocent client is timed under attack")
+    parser.add_argument("--idle-connections", type=int, default=500, help="connections that send nothing (and as "
+                        "many half heads)")
+    parser.add_argument("--mcp-attempts", type=int, default=300, help="anonymous MCP initialize requests")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
 
     started = time.perf_counter()
-    with local_service("robust-bench", header_timeout_s=5, body_timeout_s=5, keep_alive_s=5) as (config, info):
+    descriptors = raise_descriptor_limit()
+    keys = {"innocent": "km-" + secrets.token_urlsafe(24), "slow": "km-" + secrets.token_urlsafe(24),
+            "attacker": "km-" + secrets.token_urlsafe(24)}
+    with local_service("robust-bench", frontend=args.frontend, header_timeout_s=args.header_timeout_s,
+                       body_timeout_s=args.body_timeout_s, keep_alive_s=5, api_keys=[keys["innocent"]],
+                       keys=[{"key": keys["slow"], "tenant": "slowpoke", "role": "read"},
+                             {"key": keys["attacker"], "tenant": "heavy", "role": "write"}]) as (config, info):
         service = Service(info.url, info.api_key)
         populate(service)
         print("mixed batches ...", flush=True)
@@ -301,6 +338,16 @@ def main() -> None:
         readers = readers_during_contribution(service, config, args.steady)
         print("log growth per request ...", flush=True)
         logs = log_per_request(service, 200)
+        print(f"all attacks at once ({args.slow_headers} slow heads, {args.slow_bodies} slow bodies, "
+              f"{args.parallel} maximum-size contributions) ...", flush=True)
+        attack = all_at_once(info.url, keys, config, args)
+        print("head deadlines: connections that send nothing, half heads ...", flush=True)
+        heads = head_deadlines(info.url, config, args.idle_connections)
+        print("deletion, MCP ...", flush=True)
+        forget = deletion(info.url, keys["innocent"], config.data_dir)
+        ids = hostile_ids(info.url, keys["innocent"], "bench-" + json.loads(
+            (FIXTURES / "trajectories" / "boil-0.json").read_text())["episode_id"])
+        door = mcp_door(info.url, keys["innocent"], args.mcp_attempts)
 
     ratio = readers["during_p99_ms"] / readers["steady_p50_ms"]
     checks = [
@@ -336,10 +383,15 @@ def main() -> None:
           f"{logs['refused']['bytes_per_request']:>10.0f}"
           f"{logs['refused']['bytes_per_request'] / max(1.0, logs['accepted']['bytes_per_request']):>8.2f}"
           f"  lines {logs['accepted']['lines_per_request']:.2f} -> {logs['refused']['lines_per_request']:.2f}")
+    more = attack_checks(attack, heads, forget, ids, door)
+    print_attack_rows(more, attack, heads, forget, door)
     result = {"metric": "normal_requests_failed_by_other_clients", "value": mixed["mixed_failed"]
-              + fuzz["normal"]["failed"], "goal": 0,
-              "details": {"checks": checks, "mixed_batches": mixed, "fuzz": fuzz, "body_limits": limits,
-                          "timeouts": held, "readers": readers, "logs": logs,
+              + fuzz["normal"]["failed"] + more[0].value, "goal": 0,
+              "details": {"checks": checks + more, "mixed_batches": mixed, "fuzz": fuzz, "body_limits": limits,
+                          "timeouts": held, "readers": readers, "logs": logs, "all_attacks": attack,
+                          "head_deadlines": heads, "deletion": forget, "hostile_ids": ids, "mcp": door,
+                          "frontend": args.frontend, "serve": config.serve.model_dump(mode="json", exclude={
+                              "api_keys", "keys"}), "descriptor_limit": descriptors,
                           "seconds": time.perf_counter() - started, "load_average": os.getloadavg(),
                           "cpus": os.cpu_count()}}
     write_result(args.out, result)

@@ -14,6 +14,7 @@ small contributions with nothing else running. Imported as ``lib.contribution_at
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -68,7 +69,8 @@ def _small(episode_id: str) -> dict[str, Any]:
 def contribution_attack(url: str, innocent_key: str, attacker_key: str, *, parallel: int = 8, max_steps: int = 2000,
                         max_body_bytes: int = 4 << 20, max_text_chars: int = 8192, steady_n: int = 30,
                         small_n: int = 5, window_s: float = 60.0, lead_s: float = 3.0, timeout_s: float = 600.0,
-                        run_id: str | None = None) -> dict[str, Any]:
+                        run_id: str | None = None,
+                        alongside: contextlib.AbstractContextManager[Any] | None = None) -> dict[str, Any]:
     """Time tenant A's small contributions and retrieves, alone and while tenant B sends ``parallel`` maximum-size
     contributions at once (and again as each is answered).
 
@@ -82,6 +84,8 @@ def contribution_attack(url: str, innocent_key: str, attacker_key: str, *, paral
         lead_s: how long B's first bodies go ahead before A starts measuring (they are read, parsed, segmented).
         timeout_s: a client's timeout per request.
         run_id: makes episode ids unique across runs against one service (default: the time).
+        alongside: more attacks, entered when B's starts (after the baseline) and left when B's has ended, so A
+            is timed under all of them at once (e.g. :class:`lib.slow_clients.SlowClients`).
 
     Returns:
         ``steady_*`` and ``attack_*`` latencies of A (ms: retrieve p50/p99, each small contribution), A's failures
@@ -140,7 +144,7 @@ def contribution_attack(url: str, innocent_key: str, attacker_key: str, *, paral
             stop.wait(wait)
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(parallel) as pool:
+    with alongside or contextlib.nullcontext(), ThreadPoolExecutor(parallel) as pool:
         attackers = [pool.submit(attack, t) for t in range(parallel)]
         time.sleep(lead_s)
         during_small: list[tuple[bool, float, int]] = []
