@@ -31,8 +31,10 @@ from knowmap.kb.durable_kb import DurableEnvironmentKB
 from knowmap.kb.storage import list_env_kbs, validate_env_id
 from knowmap.schemas import Observation, Trajectory, Triple
 
-__all__ = ["EnvKBActor", "env_kb_actor_name", "create_env_kb_slot", "env_kb_directory", "get_or_create_env_kb",
-           "list_env_kbs", "reset_env_kb", "retire_env_kb"]
+SLOT_LOCK_TIMEOUT_S = 60.0  # a rollout slot waits this long for an episode's KB held by a dying slot
+
+__all__ = ["SLOT_LOCK_TIMEOUT_S", "EnvKBActor", "env_kb_actor_name", "create_env_kb_slot", "env_kb_directory",
+           "get_or_create_env_kb", "list_env_kbs", "reset_env_kb", "retire_env_kb"]
 
 
 class EnvKBActor:
@@ -42,11 +44,19 @@ class EnvKBActor:
         env_id: the environment instance; 1 to 128 characters from ``[A-Za-z0-9._-]``.
         directory: the root of all env KBs (``<data_dir>/env_kb``, absolute).
         snapshot_every: writes between snapshots.
+        lock_timeout_s: how long opening a KB waits for another process to release it.
     """
 
-    def __init__(self, env_id: str, directory: str, snapshot_every: int = 200) -> None:
-        self._directory, self._snapshot_every = directory, snapshot_every
-        self._kb = DurableEnvironmentKB(env_id, directory, snapshot_every=snapshot_every)
+    def __init__(self, env_id: str, directory: str, snapshot_every: int = 200, lock_timeout_s: float = 10.0) -> None:
+        self._directory, self._snapshot_every, self._lock_timeout_s = directory, snapshot_every, lock_timeout_s
+        self._kb = self._open(env_id)
+
+    @ray.method(max_task_retries=0)
+    def begin(self, env_id: str) -> None:
+        """Hold ``env_id``'s KB and forget its facts, in one call: a rollout slot's episode (or a retried one)
+        starts its env KB from step 0."""
+        self.switch(env_id)
+        self._kb.reset()
 
     @ray.method(max_task_retries=0)
     def switch(self, env_id: str) -> None:
@@ -59,7 +69,11 @@ class EnvKBActor:
         if self._kb.env_id == env_id and not self._kb.stats()["closed"]:
             return
         self._kb.close()
-        self._kb = DurableEnvironmentKB(env_id, self._directory, snapshot_every=self._snapshot_every)
+        self._kb = self._open(env_id)
+
+    def _open(self, env_id: str) -> DurableEnvironmentKB:
+        return DurableEnvironmentKB(env_id, self._directory, snapshot_every=self._snapshot_every,
+                                    lock_timeout_s=self._lock_timeout_s)
 
     @ray.method(max_task_retries=0)  # writes are resent in order by the writer (see the module docstring)
     def ingest(self, observation: Observation | Mapping[str, Any]) -> int:
@@ -155,15 +169,21 @@ def get_or_create_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any])
 def create_env_kb_slot(env_id: str, config: KnowMapConfig) -> ray.actor.ActorHandle:
     """An unnamed env-KB actor owned by the calling actor (a rollout agent), holding ``env_id`` first.
 
-    It shares its owner's fate and moves from episode to episode with :meth:`EnvKBActor.switch`; while an
+    It shares its owner's fate and moves from episode to episode with :meth:`EnvKBActor.begin`; while an
     episode runs, its KB is held (locked) here, and afterwards :func:`get_or_create_env_kb` serves it by id.
+    It is never restarted: Ray restarts an actor by running its constructor again, which would reopen the *first*
+    episode's KB while its owner goes on writing the current one (measured: a later batch landed in the first
+    episode's KB and ``close`` reported that KB's stats). A slot that dies fails its episode's calls instead, and
+    the owner starts a fresh slot for the retry (:class:`knowmap.actors.kb_handles.RayEnvKBSlot`). Opening an
+    episode's KB waits up to :data:`SLOT_LOCK_TIMEOUT_S` for a retried episode's previous slot to release it: Ray
+    ends the slot of an agent that died asynchronously, which on busy cores can take longer than a few seconds.
     """
     _require_ray()
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     return ray.remote(EnvKBActor).options(
-        num_cpus=config.ray.env_kb_num_cpus, max_restarts=config.ray.max_restarts, scheduling_strategy=here,
-        max_task_retries=config.ray.max_task_retries, max_concurrency=1,
-    ).remote(validate_env_id(env_id), str(env_kb_directory(config)), config.ray.env_kb_snapshot_every)
+        num_cpus=config.ray.env_kb_num_cpus, max_restarts=0, scheduling_strategy=here, max_concurrency=1,
+    ).remote(validate_env_id(env_id), str(env_kb_directory(config)), config.ray.env_kb_snapshot_every,
+             SLOT_LOCK_TIMEOUT_S)
 
 
 def retire_env_kb(env_id: str, config: KnowMapConfig | Mapping[str, Any],

@@ -4,8 +4,11 @@
 config), it opens handles inside the actor that uses it. Its env KB slot is an env-KB actor next to the agent,
 switched from episode to episode (an actor per episode would cost a worker process each); observations are sent
 without waiting (pipelined), in batches of up to :data:`INGEST_BATCH` (one call and one ``fsync`` each; a read
-of the KB waits for what was sent before it), and :meth:`RayEnvKBSlot.flush` waits for every acknowledgement. An
-env-KB actor that died (and may be out of restarts) is killed for good, and the next episode starts a fresh one.
+of the KB waits for what was sent before it), and :meth:`RayEnvKBSlot.flush` waits for every acknowledgement.
+Ray runs one caller's calls to one actor in order, and only while that actor lives: a failed episode's slot
+settles before the episode is retried elsewhere (:meth:`RayEnvKBSlot.discard`), and a slot is never restarted
+(:func:`~knowmap.actors.env_kb.create_env_kb_slot`); an env-KB actor that died is killed for good, and the next
+episode starts a fresh one.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from knowmap.actors.env_kb import create_env_kb_slot
+from knowmap.actors.env_kb import SLOT_LOCK_TIMEOUT_S, create_env_kb_slot
 from knowmap.actors.experience import get_experience_kb
 from knowmap.config import KnowMapConfig
 from knowmap.schemas import Fact, KnowledgeItem, Observation, Subgoal, Trajectory
@@ -26,6 +29,7 @@ from knowmap.tenancy import DEPLOYMENT_VIEW
 
 T = TypeVar("T")
 INGEST_BATCH = 16  # observations per ingest call: one Ray call and one fsync for up to this many agent steps
+SETTLE_TIMEOUT_S = 2 * SLOT_LOCK_TIMEOUT_S  # a failed episode's slot runs what it was sent within this
 
 
 class RayEnvKBSlot:
@@ -41,9 +45,9 @@ class RayEnvKBSlot:
         self._pending, self._held = [], []
         if self._handle is None:
             self._handle = create_env_kb_slot(env_id, self._config)
-        # Not awaited: the actor runs calls in order, so the ingests behind them land in the new KB; a failure
-        # surfaces at the next read or flush (a read waits for every write sent before it).
-        self._pending = self._call(lambda h: [h.switch.remote(env_id), h.reset.remote()])
+        # Not awaited: the actor runs this caller's calls in order, so the ingests behind it land in the new KB; a
+        # failure surfaces at the next read or flush (a read waits for every write sent before it).
+        self._pending = self._call(lambda h: [h.begin.remote(env_id)])
 
     def ingest(self, observation: Observation) -> None:
         self._held.append(observation.model_dump())
@@ -78,7 +82,32 @@ class RayEnvKBSlot:
         return self._call(lambda h: ray.get(h.close.remote()))
 
     def discard(self) -> None:
-        self._pending, self._held = [], []
+        """After a failed episode: drop its unsent observations, wait until the slot has run every call the
+        episode sent, and release its KB, so that its retry (on whichever agent) finds it settled.
+
+        Ray orders calls per caller *and actor* only: nothing orders this slot's calls after those of the slot
+        that plays the retry. Keeping the KB held until this slot's next episode made a retry on another agent
+        wait for the lock and fail; releasing it without waiting let the failed attempt's pipelined ``begin`` (a
+        reset) and batches run after the retry and land in its finished KB (both reproduced by
+        ``tests/ray/test_kb_slot.py``). A slot that does not settle within :data:`SETTLE_TIMEOUT_S` (or has died)
+        is killed for good.
+        """
+        pending, self._pending, self._held = self._pending, [], []
+        if self._handle is None:
+            return
+        closed = self._handle.close.remote()
+        calls = [*pending, closed]
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=SETTLE_TIMEOUT_S)
+        try:
+            if len(ready) < len(calls):
+                raise TimeoutError(f"the env-KB slot did not settle within {SETTLE_TIMEOUT_S} s")
+            ray.get(closed)
+        except (RayActorError, TimeoutError):
+            with contextlib.suppress(Exception):
+                ray.kill(self._handle, no_restart=True)
+            self._handle = None
+        except Exception:  # noqa: BLE001 - the failed episode's own error (a refused write): already reported
+            pass
 
     def _call(self, fn: Callable[[ray.actor.ActorHandle], T]) -> T:
         if self._handle is None:

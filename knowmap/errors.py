@@ -65,13 +65,6 @@ class EnvKBClosedError(KnowMapError):
     """A write reached an env KB that was closed (its actor retired meanwhile): reopen it and send again."""
 
 
-class EnvKBMismatchError(KnowMapError):
-    """A call for one env reached an env-KB actor holding another (a rollout slot whose actor was replaced or
-    restarted): nothing was read or written; the episode is played again in a fresh slot."""
-
-    retryable = True
-
-
 class EpisodeConflictError(KnowMapError):
     """A contributed trajectory would overwrite an expert episode, another's, or (without ``overwrite``) one of its
     tenant's."""
