@@ -181,6 +181,7 @@ def test_searches_and_counts_go_on_while_a_purge_swaps_the_collection(tmp_path: 
         assert errors == [] and reads[0] > 0
 
 
+@pytest.mark.slow
 def test_purge_of_a_realistic_kb_takes_seconds(tmp_path: Path) -> None:
     """2,000 sub-goal rows (200 episodes of 10 sub-goals, with their meta) and one episode deleted: the purge's
     time is what a DELETE adds on Milvus Lite; it must stay under the bound the API docs state."""

@@ -23,7 +23,7 @@ from knowmap.kb.vectorstore import VectorStore
 from knowmap.models.embedder import Embedder
 from tests.stores import server_database
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # 2,880 MiniLM-embedded rows in 4 stores: ~1 min
 
 OBJECTS = ["metal pot", "wooden table", "thermometer", "orange juice", "ice cube", "lighter", "battery", "red wire",
            "light bulb", "flower pot", "seed", "apple", "banana", "glass cup", "stove", "freezer", "sink", "bowl",
