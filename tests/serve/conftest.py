@@ -6,21 +6,15 @@ swaps and a cross-encoder as reranker.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import pytest
 
 from knowmap.config import KnowMapConfig
+from tests.ports import free_port
 
 TENANT_KEYS = {"km-acme-write": ("acme", "write"), "km-acme-write-2": ("acme", "write"),
                "km-acme-read": ("acme", "read"), "km-acme-admin": ("acme", "admin"), "km-beta-write": ("beta", "write")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ stored.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,17 +18,12 @@ import pytest
 import requests
 
 from knowmap.config import KnowMapConfig
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 ACME, BETA = "km-acme-write", "km-beta-write"
 KEYS = [{"key": ACME, "tenant": "acme", "role": "write"}, {"key": BETA, "tenant": "beta", "role": "write"}]
 LARGE_STEPS = 1_200  # the score rises at every step: 1,199 sub-goals to segment and embed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     data_dir = tmp_path_factory.mktemp("contribution-data")
     namespace = f"serve-test-{data_dir.name}"
     config = KnowMapConfig(data_dir=data_dir, ray={"namespace": namespace},
-                           serve={"port": _free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25,
+                           serve={"port": free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25,
                                   "contribution_queue_per_tenant": 2, "contribution_timeout_s": 8,
                                   "keys": KEYS})
     if not ray.is_initialized():

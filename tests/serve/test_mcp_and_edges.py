@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import requests
 from knowmap.config import KnowMapConfig
 from knowmap.errors import InvalidEnvIdError
 from knowmap.serve.client import KnowMapClient
+from tests.ports import free_port, wait_for_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 WRITER, READER, OTHER = "km-acme-write", "km-acme-read", "km-beta-write"
@@ -37,12 +37,6 @@ HOSTILE = ["../x", "..", ".", "%2e%2e/x", "x/../../y", "", "a" * 129, "x\x00y", 
            "\uff0e\uff0e", "../trajectories/victim", "%2F", "acme@victim-env"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     from ray import serve
@@ -53,7 +47,7 @@ def service(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     data_dir = tmp_path_factory.mktemp("mcp-data")
     namespace = f"serve-test-{data_dir.name}"
     config = KnowMapConfig(data_dir=data_dir, ray={"namespace": namespace},
-                           serve={"port": _free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25,
+                           serve={"port": free_port(), "ingress_num_cpus": 0.5, "reranker_num_cpus": 0.25,
                                   "keys": KEYS})
     info = start_service(config, embedder="", reranker="")
     writer = KnowMapClient(info.url, WRITER)
@@ -133,7 +127,7 @@ def test_mcp_over_http_needs_an_accepted_key_and_bounds_sessions(service: dict, 
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
     knowmap = str(Path(sys.executable).with_name("knowmap"))
     server = subprocess.Popen([knowmap, "mcp", "--url", service["url"], "--data-dir", str(tmp_path), "--transport",
@@ -155,13 +149,7 @@ def test_mcp_over_http_needs_an_accepted_key_and_bounds_sessions(service: dict, 
             return [(r.is_error, " ".join(getattr(c, "text", "") for c in r.content)) for r in results]
 
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_port(port)
         for key in (None, "km-not-a-key"):  # refused at initialize, the key judged by the service
             r = initialize(key)
             assert r.status_code == 401 and "mcp-session-id" not in r.headers, r.text

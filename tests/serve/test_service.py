@@ -18,6 +18,7 @@ import requests
 
 from knowmap.errors import ServiceError
 from knowmap.serve.client import KnowMapClient
+from tests.ports import free_port, wait_for_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration]
 FIXTURES = Path(__file__).parents[1] / "fixtures"
@@ -542,7 +543,6 @@ def test_overwrite_needs_the_flag_and_the_owner_and_a_delete_is_final(service: d
 def test_mcp_tools_over_stdio_and_streamable_http_act_as_the_callers_key(service: dict, tmp_path: Path) -> None:
     """The official SDK's client against `knowmap mcp` (a subprocess each way) in front of the running service."""
     import asyncio
-    import socket
     import subprocess
     import sys
 
@@ -575,9 +575,7 @@ def test_mcp_tools_over_stdio_and_streamable_http_act_as_the_callers_key(service
             assert bad.is_error
 
     asyncio.run(over_stdio())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([knowmap, *base, "--transport", "streamable-http", "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -590,13 +588,7 @@ def test_mcp_tools_over_stdio_and_streamable_http_act_as_the_callers_key(service
                                                                 "observations": _records("boil")[4:5]}))
 
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for_port(port)
         facts, write = asyncio.run(over_http("km-acme-read"))  # the caller's key: acme's env, read-only
         assert not facts.is_error and facts.structured_content["result"]
         assert write.is_error and "403: " in text(write)
