@@ -179,8 +179,7 @@ class Retriever:
         """
         hybrid = self.settings.hybrid if hybrid is None else hybrid
         rerank = self.settings.rerank if rerank is None else rerank
-        if rerank and self.rerank is None:
-            raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
+        self._check_rerank(rerank)
         asking = [n for n, (_, texts) in enumerate(requests) if texts]
         corpora = {id(requests[n][1]): list(requests[n][1]) for n in asking}  # requests often share one corpus
         queries: Any = []
@@ -249,7 +248,10 @@ class Retriever:
         unknown = sorted(set(request.kbs) - set(KB_KINDS))
         if unknown:
             raise KnowMapError(f"unknown KB kind(s) {unknown}; allowed: {list(KB_KINDS)}")
-        if request.rerank and self.rerank is None:
+        self._check_rerank(request.rerank)
+
+    def _check_rerank(self, rerank: bool) -> None:
+        if rerank and self.rerank is None:
             raise KnowMapError("reranking was asked for but no reranker is configured (models.reranker)")
 
     def _hybrid(self, request: RetrieveArgs) -> bool:
