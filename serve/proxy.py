@@ -66,7 +66,8 @@ def proxy_environment(config: KnowMapConfig) -> dict[str, str]:
     HTTP server of Serve's to time out request heads. With HAProxy, writes :func:`haproxy_wrapper` too."""
     env = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": CALLBACK, TIMEOUT_VARIABLE: str(config.serve.header_timeout_s)}
     haproxy = config.serve.frontend == "haproxy"
-    env.update({"RAY_SERVE_ENABLE_HA_PROXY": str(int(haproxy)), "RAY_SERVE_THROUGHPUT_OPTIMIZED": str(int(haproxy))})
+    env.update({"RAY_SERVE_ENABLE_HA_PROXY": str(int(haproxy)), "RAY_SERVE_THROUGHPUT_OPTIMIZED": str(int(haproxy)),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(config.serve.drain_s)})
     if haproxy:
         # The throughput mode would also run handle routers on the caller's event loop, which leaves a handle
         # unusable from plain threads (the retrieval backend's worker threads call the reranker, the CLI waits

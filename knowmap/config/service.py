@@ -74,6 +74,11 @@ class ServeConfig(ConfigSection):
                                   "sent a byte every 8 s held every slot of a replica without it); past it 408 "
                                   "`body_timeout` and the connection closed. 30 s lets a 4 MiB body arrive at "
                                   "140 kB/s")
+    drain_s: float = Field(default=30.0, ge=0, le=600, description="a stopping ingress replica (a `knowmap serve "
+                           "stop`, a code upgrade, a scale-down) keeps answering this long, so that HAProxy's health "
+                           "checks take it out of rotation before it refuses connections; every stop waits it out. "
+                           "Ray's RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S (default 30 s; the HAProxy frontend "
+                           "only); read when Ray starts (knowmap.serve.proxy)")
     keep_alive_s: int = Field(default=5, ge=1, le=3_600, description="an idle keep-alive connection is closed "
                               "after this long")
     request_timeout_s: float = Field(default=120.0, gt=0, le=3_600, description="every request's deadline once "

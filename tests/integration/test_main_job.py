@@ -25,7 +25,8 @@ def test_quick_run_writes_a_complete_report(tmp_path: Path) -> None:
         ray.shutdown()
     knowmap = Path(sys.executable).with_name("knowmap")
     done = subprocess.run([str(knowmap), "run", "--quick", "--data-dir", str(tmp_path)], capture_output=True,
-                          text=True, timeout=1500, env={**os.environ, "RAY_DEDUP_LOGS": "1"})
+                          text=True, timeout=1500,
+                          env={**os.environ, "RAY_DEDUP_LOGS": "1", "KNOWMAP_SERVE__DRAIN_S": "1"})
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
     out = done.stdout
     report_md = tmp_path / "report" / "report.md"

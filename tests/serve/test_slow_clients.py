@@ -91,5 +91,6 @@ def test_one_key_gets_429_past_its_share_and_utf16_bodies_get_415(service: dict)
     # The other key: the held requests keep the first key's share until the server sees them go (at worst the
     # body deadline), so a request on that key right after the close may still, rightly, be 429
     utf16 = requests.post(url + "/v1/embeddings", data='{"input": ["x"]}'.encode("utf-16"), timeout=30,
-                          headers={"Authorization": f"Bearer {service['other_key']}", "Content-Type": "application/json"})
+                          headers={"Authorization": f"Bearer {service['other_key']}",
+                                   "Content-Type": "application/json"})
     assert utf16.status_code == 415 and utf16.json()["error"]["code"] == "utf8_required"

@@ -179,8 +179,9 @@ def test_ray_is_pointed_at_the_wrapper_that_runs_the_hardened_haproxy(tmp_path: 
     from knowmap.serve.proxy import TIMEOUT_VARIABLE, proxy_environment
 
     monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
-    env = proxy_environment(KnowMapConfig(serve={"header_timeout_s": 3, "max_connections": 5000}))
+    env = proxy_environment(KnowMapConfig(serve={"header_timeout_s": 3, "max_connections": 5000, "drain_s": 1}))
     assert env["RAY_SERVE_HAPROXY_MAXCONN"] == "5000" and env[TIMEOUT_VARIABLE] == "3.0"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1.0"  # every stop of an ingress waits it out
     wrapper = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
     config = tmp_path / "haproxy.cfg"
     config.write_text(_ray_haproxy_config(tmp_path))
