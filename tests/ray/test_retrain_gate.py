@@ -24,8 +24,10 @@ def test_gate_rejects_a_worse_model_and_promotes_a_better_one(tmp_path: Path) ->
     (tmp_path / "trajectories").mkdir()
     for path in FIXTURES.glob("*.json"):
         shutil.copy(path, tmp_path / "trajectories" / path.name)
-    base = dict(data_dir=tmp_path, retrain={"every": 1, "gate_tasks": ["boil"], "gate_variations": 1,
-                                            "reranker": False})
+    # The gate judges on find-living-thing's first dev variation (a short task) with the train sub-goals of one
+    # variation per task as the experiential KB: small, and enough to tell a collapsed model from a sane one.
+    base = dict(data_dir=tmp_path, scienceworld={"variations": 1},
+                retrain={"every": 1, "gate_tasks": ["find-living-thing"], "gate_variations": 1, "reranker": False})
     swaps: list[str] = []
 
     def controller(lr: float) -> RetrainController:
