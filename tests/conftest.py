@@ -39,6 +39,10 @@ def _frontend_environment() -> dict[str, str]:
 
 
 os.environ.update(_frontend_environment())
+# Ray Train's controller checks its workers every 2 s and its preemption watcher every 5 s: each of the suite's ten
+# short training runs waited out those polls after its last epoch (about 3 s a run measured here).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
 
 # What `--fast` leaves out: a marker per thing a fast test must not need.
 HEAVY_MARKERS = ("ray", "jvm", "training", "slow", "milvus_server")
