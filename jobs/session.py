@@ -17,7 +17,7 @@ import ray
 
 from knowmap.actors.experience import release_experience_kb
 from knowmap.config import KnowMapConfig
-from knowmap.serve.proxy import proxy_environment
+from knowmap.serve.proxy import check_ports_free, proxy_environment
 
 
 @contextlib.contextmanager
@@ -31,6 +31,7 @@ def ray_session(config: KnowMapConfig, **init_kwargs: object) -> Iterator[None]:
     started = not ray.is_initialized()
     if started:
         if not config.ray.address:  # the processes of a Ray started here inherit it (serve.proxy: head timeout)
+            check_ports_free(config)
             os.environ.update(proxy_environment(config))
         # The dashboard stays on: it serves the state API that Ray Train's controller polls (without it, the log
         # fills with "State API may be temporarily unavailable"), and users watch jobs there.

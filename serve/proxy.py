@@ -20,8 +20,9 @@ ingress (:class:`knowmap.serve.guard.Guard`: a whole-body deadline and a per-key
   4,200 such sockets filled HAProxy's connection limit and ``/healthz`` timed out. So Ray is pointed
   (``RAY_SERVE_HAPROXY_BINARY_PATH``) at :func:`haproxy_wrapper`, a two-line script that runs
   :func:`exec_haproxy`: it rewrites the config Ray just wrote (:func:`harden_haproxy_config`: the head deadline;
-  the admin socket mode 0600 instead of 0666 at admin level; the statistics page, port 8404, and the Prometheus
-  exporter, port 9101, bound to 127.0.0.1 instead of every interface) and then becomes the real HAProxy
+  the admin socket mode 0600 instead of 0666 at admin level; the statistics page (``serve.haproxy_stats_port``,
+  8404) and the Prometheus exporter (``serve.haproxy_metrics_port``, 9101) bound to 127.0.0.1 instead of every
+  interface) and then becomes the real HAProxy
   (``execv``: same pid, same arguments, so Ray's reloads and pid checks see HAProxy). A template that no longer
   has a line to rewrite stops HAProxy from starting, with the reason on its stderr, rather than run without the
   deadline. ``timeout client`` stays Ray's setting (:func:`client_timeout`), and ``serve.max_connections`` is
@@ -74,6 +75,8 @@ def proxy_environment(config: KnowMapConfig) -> dict[str, str]:
         # for swaps): keep routers on their own loop, Serve's default.
         env.update({"RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S": str(client_timeout(config)),
                     "RAY_SERVE_HAPROXY_MAXCONN": str(max_connections(config)),
+                    "RAY_SERVE_HAPROXY_STATS_PORT": str(config.serve.haproxy_stats_port),
+                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.serve.haproxy_metrics_port),
                     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
                     "RAY_SERVE_HAPROXY_BINARY_PATH": str(haproxy_wrapper())})
         chosen = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")
@@ -82,6 +85,30 @@ def proxy_environment(config: KnowMapConfig) -> dict[str, str]:
         elif os.environ.get(BINARY_VARIABLE):
             env[BINARY_VARIABLE] = os.environ[BINARY_VARIABLE]
     return env
+
+
+def check_ports_free(config: KnowMapConfig) -> None:
+    """Before a local Ray starts: HAProxy's statistics and metrics ports must be free on this machine, or HAProxy
+    would not start (and the service with it) because another service here holds them.
+
+    Raises:
+        ConfigError: one is in use, naming the setting that moves it.
+    """
+    import socket
+
+    from knowmap.errors import ConfigError
+
+    if config.serve.frontend != "haproxy":
+        return
+    for key in ("haproxy_stats_port", "haproxy_metrics_port"):
+        port = getattr(config.serve, key)
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as HAProxy binds: a listener refuses it
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as e:
+                raise ConfigError(f"serve.{key} {port} is in use on this machine (another KnowMap service?): set "
+                                  f"serve.{key} (KNOWMAP_SERVE__{key.upper()}) to a free port ({e.strerror})") from None
 
 
 def client_timeout(config: KnowMapConfig) -> int:

@@ -30,12 +30,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Whichever test starts Ray, its Serve frontend is the default one (knowmap.serve.proxy) and times out request
 # heads after 2 s here (HAProxy: stalled clients after 3 s, past the Serve tier's 2 s body timeout). A stopping
-# ingress replica drains for 1 s instead of Ray's 30 s: every Serve shutdown waited the whole 30 s.
+# ingress replica drains for 1 s instead of Ray's 30 s: every Serve shutdown waited the whole 30 s. HAProxy's
+# statistics and metrics take free ports, so that the suite runs beside a service on the default ones.
 def _frontend_environment() -> dict[str, str]:
     from knowmap.config import KnowMapConfig
     from knowmap.serve.proxy import proxy_environment
+    from tests.ports import free_port
 
-    return proxy_environment(KnowMapConfig(serve={"header_timeout_s": 2, "body_timeout_s": 2, "drain_s": 1}))
+    stats = free_port()
+    metrics = next(port for port in iter(free_port, None) if port != stats)
+    return proxy_environment(KnowMapConfig(serve={"header_timeout_s": 2, "body_timeout_s": 2, "drain_s": 1,
+                                                  "haproxy_stats_port": stats, "haproxy_metrics_port": metrics}))
 
 
 os.environ.update(_frontend_environment())

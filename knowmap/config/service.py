@@ -124,6 +124,11 @@ class ServeConfig(ConfigSection):
         "HAProxy on every node in front of replicas that serve HTTP themselves) or `serve-proxy` (Serve's Python "
         "proxy actor, which hands each request to a replica as an actor call); read when Ray starts "
         "(knowmap.serve.proxy)")
+    haproxy_stats_port: int = Field(default=8404, ge=1, le=65_535, description="HAProxy's statistics page, on "
+                                    "127.0.0.1 of every node (RAY_SERVE_HAPROXY_STATS_PORT); a second service on "
+                                    "one machine needs ports of its own; read when Ray starts")
+    haproxy_metrics_port: int = Field(default=9101, ge=1, le=65_535, description="HAProxy's Prometheus exporter, on "
+                                      "127.0.0.1 of every node (RAY_SERVE_HAPROXY_METRICS_PORT); read when Ray starts")
     contribution_workers: int = Field(default=2, ge=1, le=64, description="experiential-KB writes "
                                       "(contributions, deletions) that run at once per ingress replica, and threads "
                                       "of the experiential-KB actor's write group. A tenant runs one write at a "
@@ -145,7 +150,12 @@ class ServeConfig(ConfigSection):
                                           "must be below request_timeout_s")
 
     @model_validator(mode="after")
-    def _contribution_limits(self) -> ServeConfig:
+    def _limits(self) -> ServeConfig:
+        ports = {"serve.port": self.port, "serve.haproxy_stats_port": self.haproxy_stats_port,
+                 "serve.haproxy_metrics_port": self.haproxy_metrics_port}
+        if len(set(ports.values())) < len(ports):
+            raise ValueError("serve.port, serve.haproxy_stats_port and serve.haproxy_metrics_port must differ, got "
+                             + ", ".join(f"{k}={v}" for k, v in ports.items()))
         if self.contribution_queue_total < self.contribution_queue_per_tenant:
             raise ValueError(f"serve.contribution_queue_total ({self.contribution_queue_total}) must be at least "
                              f"serve.contribution_queue_per_tenant ({self.contribution_queue_per_tenant})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_rays_haproxy_config_gets_a_head_deadline_a_private_socket_and_local_sta
     defaults = lines[lines.index("defaults"):]
     assert "timeout http-request 2500ms" in defaults[:defaults.index("frontend prometheus")]
     assert any(line.startswith("stats socket") and " mode 600 level admin" in line for line in lines)
-    assert "bind 127.0.0.1:9101" in lines and "bind 127.0.0.1:8404" in lines
+    stats, metrics = os.environ["RAY_SERVE_HAPROXY_STATS_PORT"], os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    assert f"bind 127.0.0.1:{metrics}" in lines and f"bind 127.0.0.1:{stats}" in lines  # the suite's (conftest)
     assert "bind *:8123" in lines  # the port clients use keeps the configured host
     config = tmp_path / "hardened.cfg"
     config.write_text(hardened)
@@ -182,6 +184,7 @@ def test_ray_is_pointed_at_the_wrapper_that_runs_the_hardened_haproxy(tmp_path: 
     env = proxy_environment(KnowMapConfig(serve={"header_timeout_s": 3, "max_connections": 5000, "drain_s": 1}))
     assert env["RAY_SERVE_HAPROXY_MAXCONN"] == "5000" and env[TIMEOUT_VARIABLE] == "3.0"
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1.0"  # every stop of an ingress waits it out
+    assert (env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]) == ("8404", "9101")
     wrapper = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
     config = tmp_path / "haproxy.cfg"
     config.write_text(_ray_haproxy_config(tmp_path))
@@ -195,3 +198,27 @@ def test_ray_is_pointed_at_the_wrapper_that_runs_the_hardened_haproxy(tmp_path: 
     assert run.returncode == 1 and "not starting HAProxy" in run.stderr
     assert proxy_environment(KnowMapConfig(serve={"frontend": "serve-proxy"})).get(
         "RAY_SERVE_HAPROXY_BINARY_PATH") is None
+
+
+def test_haproxy_ports_are_settings_and_a_busy_one_is_refused_before_ray_starts() -> None:
+    import socket
+
+    from knowmap.errors import ConfigError
+    from knowmap.serve.proxy import check_ports_free, proxy_environment
+    from tests.ports import free_port
+
+    with socket.socket() as held:  # another service's HAProxy, listening on what this config asks for
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy, free = held.getsockname()[1], free_port()
+        config = KnowMapConfig(serve={"haproxy_stats_port": free, "haproxy_metrics_port": busy})
+        env = proxy_environment(config)
+        assert (env["RAY_SERVE_HAPROXY_STATS_PORT"], env["RAY_SERVE_HAPROXY_METRICS_PORT"]) == (str(free), str(busy))
+        with pytest.raises(ConfigError, match=f"serve.haproxy_metrics_port {busy} is in use.*"
+                                              "KNOWMAP_SERVE__HAPROXY_METRICS_PORT"):
+            check_ports_free(config)
+        check_ports_free(config.model_copy(update={"serve": config.serve.model_copy(
+            update={"frontend": "serve-proxy"})}))  # no HAProxy, no ports of its own
+    check_ports_free(config)  # free again once the other service is gone
+    with pytest.raises(ValueError, match="must differ"):
+        KnowMapConfig(serve={"haproxy_stats_port": 9000, "haproxy_metrics_port": 9000})
