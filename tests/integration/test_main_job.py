@@ -1,8 +1,8 @@
 """`knowmap run --quick` end to end, as a user runs it: real Ray, ScienceWorld, Ray Train, Serve, llama.cpp.
 
 One run checks that every stage ran and that every section of the report is filled from what the run measured. It
-runs the quick preset on one of its two tasks (every stage, half the episodes: about 5 minutes on 2 idle cores
-instead of 10).
+runs the quick preset on one of its two tasks (every stage, half the episodes: about 6 minutes on 2 cores instead
+of 10).
 """
 
 from __future__ import annotations
