@@ -186,7 +186,7 @@ def main() -> None:
     started = time.perf_counter()
     cycles: list[dict[str, Any]] = []
     try:
-        with ray_session(config), llm_endpoint(config.llm, log_path=str(tmp / "llm.log")) as llm_config:
+        with ray_session(config, serving=True), llm_endpoint(config.llm, log_path=str(tmp / "llm.log")) as llm_config:
             print("building the KBs from gold replays ...", flush=True)
             build = build_knowledge_bases(config, num_workers=1)
             info = start_service(config, embedder="", reranker="")

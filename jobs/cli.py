@@ -271,7 +271,7 @@ def serve_command(
     if detach and not config.ray.address:
         raise KnowMapError("--detach needs a cluster (ray.address, e.g. KNOWMAP_RAY__ADDRESS=auto): a local Ray "
                            "stops when this command ends")
-    with ray_session(config):
+    with ray_session(config, serving=True):
         if config.ray.address and APP_NAME in serve.status().applications:
             result = swap_models(config, embedder=embedder, reranker=reranker)
             typer.echo(f"swapped in {result['seconds']:.1f} s: embedder {result['embedder']['version']}, "

@@ -143,7 +143,7 @@ def run_main_job(config: KnowMapConfig, options: RunOptions,
     echo = console.echo
     stage = _Stages(report, echo)
     started = time.perf_counter()
-    with ray_session(config):
+    with ray_session(config, serving=True):
         try:
             with stage("build") as go:
                 if go:

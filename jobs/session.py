@@ -21,17 +21,23 @@ from knowmap.serve.proxy import check_ports_free, proxy_environment
 
 
 @contextlib.contextmanager
-def ray_session(config: KnowMapConfig, **init_kwargs: object) -> Iterator[None]:
+def ray_session(config: KnowMapConfig, *, serving: bool = False, **init_kwargs: object) -> Iterator[None]:
     """Ray for the block: started or joined on entry, released on exit if this call started it.
 
     Args:
         config: ``ray.address`` and ``ray.namespace`` say where and under which namespace.
+        serving: the block starts the service; a local Ray is then refused if HAProxy's ports are taken
+            (:func:`knowmap.serve.proxy.check_ports_free`).
         **init_kwargs: passed to ``ray.init`` (``num_cpus`` for benchmarks).
+
+    Raises:
+        ConfigError: ``serving`` and another service on this machine holds HAProxy's statistics or metrics port.
     """
     started = not ray.is_initialized()
     if started:
         if not config.ray.address:  # the processes of a Ray started here inherit it (serve.proxy: head timeout)
-            check_ports_free(config)
+            if serving:
+                check_ports_free(config)
             os.environ.update(proxy_environment(config))
         # The dashboard stays on: it serves the state API that Ray Train's controller polls (without it, the log
         # fills with "State API may be temporarily unavailable"), and users watch jobs there.

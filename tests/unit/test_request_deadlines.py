@@ -200,10 +200,14 @@ def test_ray_is_pointed_at_the_wrapper_that_runs_the_hardened_haproxy(tmp_path: 
         "RAY_SERVE_HAPROXY_BINARY_PATH") is None
 
 
-def test_haproxy_ports_are_settings_and_a_busy_one_is_refused_before_ray_starts() -> None:
+def test_haproxy_ports_are_settings_and_a_busy_one_is_refused_before_ray_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import socket
 
+    import ray
+
     from knowmap.errors import ConfigError
+    from knowmap.jobs.session import ray_session
     from knowmap.serve.proxy import check_ports_free, proxy_environment
     from tests.ports import free_port
 
@@ -217,6 +221,10 @@ def test_haproxy_ports_are_settings_and_a_busy_one_is_refused_before_ray_starts(
         with pytest.raises(ConfigError, match=f"serve.haproxy_metrics_port {busy} is in use.*"
                                               "KNOWMAP_SERVE__HAPROXY_METRICS_PORT"):
             check_ports_free(config)
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh `knowmap serve` process
+        monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started although a port was taken"))
+        with pytest.raises(ConfigError, match="haproxy_metrics_port"), ray_session(config, serving=True):
+            pass
         check_ports_free(config.model_copy(update={"serve": config.serve.model_copy(
             update={"frontend": "serve-proxy"})}))  # no HAProxy, no ports of its own
     check_ports_free(config)  # free again once the other service is gone
