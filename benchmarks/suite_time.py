@@ -17,6 +17,7 @@ running on the machine:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -89,8 +90,6 @@ def main() -> int:
                 "machine": f"{os.cpu_count()} cores", "python": sys.version.split()[0]}
     result: dict[str, Any] = {"metric": "full_suite_seconds_max", "protocol": protocol, "full": [], "fast": None}
     if args.out.is_file():  # resume a cut run of the same commit and settings
-        import json
-
         earlier = json.loads(args.out.read_text())
         if earlier.get("protocol") == protocol:
             result.update(full=earlier.get("full", []), fast=earlier.get("fast"))
